@@ -1,0 +1,333 @@
+"""Crystals from CDVAE CSV files or folders of CIFs, as tensors: parsing, caching, bad-row report.
+
+A CSV has one crystal per row in a `cif` column (other columns are kept as metadata); a
+folder holds one crystal per `.cif` file. Every structure is parsed by pymatgen, optionally
+reduced to its primitive cell, Niggli-reduced, and stored as atom types, fractional
+coordinates and the six lattice parameters. A row that cannot be used is skipped and
+reported with its row number (or file name) and the reason; it never fails the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_geometric.data import Data
+from tqdm.auto import tqdm
+
+from equicsp.cache import cache_dir, cache_key, save_atomically
+
+PREPROCESS_VERSION = 1
+MAX_ATOMIC_NUMBER = 100  # the denoiser's embedding table has one row per Z = 1 .. 100
+BUNDLED_PREFIX = "bundled:"
+SPLITS = ("train", "val", "test")
+csv.field_size_limit(sys.maxsize)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used at all (missing, or no usable row)."""
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    max_atoms: int = 20
+    niggli: bool = True
+    primitive: bool = False
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    row: int  # 0-based data row of a CSV (header excluded), or index in the sorted CIF folder
+    source: str  # "row 17" or the CIF file name
+    reason: str
+
+
+@dataclass
+class DataReport:
+    path: str
+    total: int
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+    @property
+    def kept(self) -> int:
+        return self.total - len(self.skipped)
+
+    def summary(self) -> str:
+        line = f"{self.path}: {self.kept} of {self.total} crystals usable"
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for skipped in self.skipped:
+                kind = skipped.reason.split(":")[0]
+                reasons[kind] = reasons.get(kind, 0) + 1
+            line += ", skipped " + ", ".join(f"{count} ({kind})" for kind, count in sorted(reasons.items()))
+        return line
+
+    def to_json(self) -> str:
+        return json.dumps({"path": self.path, "total": self.total, "kept": self.kept,
+                           "skipped": [asdict(s) for s in self.skipped]}, indent=1)
+
+
+@dataclass(frozen=True)
+class ParsedCrystal:
+    atom_types: list[int]
+    frac_coords: list[list[float]]
+    lengths: list[float]
+    angles: list[float]
+
+
+def parse_cif(text: str, options: PreprocessOptions) -> ParsedCrystal:
+    """One CIF -> a reduced crystal; raises ValueError with the reason when it is unusable."""
+    from pymatgen.core import Structure
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structure = Structure.from_str(text, fmt="cif")
+    except Exception as error:  # pymatgen raises many types for a malformed CIF
+        raise ValueError(f"unparsable CIF: {type(error).__name__}: {error}".strip()) from None
+    if not structure.is_ordered:
+        raise ValueError("disordered: partial occupancies are not supported")
+    unknown = sorted({str(site.specie) for site in structure
+                      if getattr(site.specie, "Z", 0) < 1 or site.specie.Z > MAX_ATOMIC_NUMBER})
+    if unknown:
+        raise ValueError(f"unknown element: {', '.join(unknown)}")
+    if not np.all(np.isfinite(structure.lattice.abc + structure.lattice.angles)) or not structure.volume > 0:
+        raise ValueError(f"non-finite lattice: {structure.lattice.parameters}")
+    if options.primitive:
+        structure = structure.get_primitive_structure()
+    if options.niggli:
+        structure = structure.get_reduced_structure(reduction_algo="niggli")
+    if len(structure) > options.max_atoms:
+        raise ValueError(f"too large: {len(structure)} atoms > max_atoms {options.max_atoms}")
+    return ParsedCrystal(
+        atom_types=[site.specie.Z for site in structure],
+        frac_coords=(structure.frac_coords % 1.0).tolist(),
+        lengths=list(structure.lattice.abc),
+        angles=list(structure.lattice.angles),
+    )
+
+
+def _parse_chunk(texts: list[str], options: PreprocessOptions) -> list[ParsedCrystal | str]:
+    results: list[ParsedCrystal | str] = []
+    for text in texts:
+        try:
+            results.append(parse_cif(text, options))
+        except ValueError as error:
+            results.append(str(error))
+    return results
+
+
+@dataclass
+class RawRecords:
+    """What a source file holds before parsing: CIF texts, their labels and metadata."""
+
+    cifs: list[str]
+    sources: list[str]
+    metadata: list[dict[str, str]]
+    missing: list[SkippedRow]  # rows without a usable cif cell
+
+
+def read_records(path: Path) -> RawRecords:
+    if path.is_dir():
+        files = sorted(path.glob("*.cif"))
+        return RawRecords([f.read_text(errors="replace") for f in files], [f.name for f in files],
+                          [{"file": f.name} for f in files], [])
+    records = RawRecords([], [], [], [])
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "cif" not in reader.fieldnames:
+            raise DatasetError(f"{path}: no 'cif' column (columns: {reader.fieldnames})")
+        for row_number, row in enumerate(reader):
+            text = row.pop("cif", None)
+            if not text:
+                records.missing.append(SkippedRow(row_number, f"row {row_number}", "unparsable CIF: empty cif cell"))
+                text = ""
+            records.cifs.append(text)
+            records.sources.append(f"row {row_number}")
+            records.metadata.append({key or "index": value or "" for key, value in row.items()})
+    return records
+
+
+def _content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(path.glob("*.cif")) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode() if path.is_dir() else b"")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def parse_records(records: RawRecords, options: PreprocessOptions, workers: int | None = None,
+                  show_progress: bool = True) -> list[ParsedCrystal | str]:
+    """Parse every CIF, in parallel processes when there are many."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    texts = records.cifs
+    if workers <= 1 or len(texts) < 200:
+        return _parse_chunk(texts, options)
+    chunk = max(16, math.ceil(len(texts) / (workers * 8)))
+    chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+    results: list[ParsedCrystal | str] = []
+    with ProcessPoolExecutor(workers) as pool:
+        progress = tqdm(total=len(texts), desc="parsing CIFs", unit="crystal", disable=not show_progress)
+        for parsed in pool.map(_parse_chunk, chunks, [options] * len(chunks)):
+            results.extend(parsed)
+            progress.update(len(parsed))
+        progress.close()
+    return results
+
+
+class CrystalDataset(torch.utils.data.Dataset):
+    """Crystals as flat tensors; item i is a PyG Data with atom_types, frac_coords, lengths, angles."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: list[dict[str, str]], report: DataReport):
+        self.atom_types = tensors["atom_types"]  # (total_atoms,)
+        self.frac_coords = tensors["frac_coords"]  # (total_atoms, 3)
+        self.lengths = tensors["lengths"]  # (M, 3) Angstrom
+        self.angles = tensors["angles"]  # (M, 3) degrees
+        self.num_atoms = tensors["num_atoms"]  # (M,)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.num_atoms.cumsum(0)])
+        self.metadata = metadata
+        self.report = report
+
+    def __len__(self) -> int:
+        return self.num_atoms.shape[0]
+
+    def __getitem__(self, index: int) -> Data:
+        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        return Data(atom_types=self.atom_types[start:stop], frac_coords=self.frac_coords[start:stop],
+                    lengths=self.lengths[index:index + 1], angles=self.angles[index:index + 1],
+                    num_atoms=stop - start, num_nodes=stop - start, index=index)
+
+    @property
+    def max_atoms(self) -> int:
+        return int(self.num_atoms.max())
+
+    def subset(self, indices: list[int]) -> "CrystalDataset":
+        items = [self[i] for i in indices]
+        return CrystalDataset(stack_crystals(items), [self.metadata[i] for i in indices], self.report)
+
+
+def stack_crystals(items: list[Data]) -> dict[str, torch.Tensor]:
+    return {
+        "atom_types": torch.cat([item.atom_types for item in items]),
+        "frac_coords": torch.cat([item.frac_coords for item in items]),
+        "lengths": torch.cat([item.lengths for item in items]),
+        "angles": torch.cat([item.angles for item in items]),
+        "num_atoms": torch.tensor([item.atom_types.shape[0] for item in items], dtype=torch.long),
+    }
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A user path, or `bundled:NAME[/FILE]` for the sample shipped with the package."""
+    text = str(path)
+    if text.startswith(BUNDLED_PREFIX):
+        return Path(str(resources.files("equicsp") / "sample_data" / text[len(BUNDLED_PREFIX):]))
+    return Path(text).expanduser()
+
+
+def load_crystals(path: str | Path, options: PreprocessOptions = PreprocessOptions(), use_cache: bool = True,
+                  workers: int | None = None, show_progress: bool = True) -> CrystalDataset:
+    """A CSV file or CIF folder -> CrystalDataset, from the cache when this content was seen before."""
+    resolved = resolve_path(path)
+    if not resolved.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    key = cache_key("crystals", PREPROCESS_VERSION, _content_hash(resolved), asdict(options))
+    cached = cache_dir() / "crystals" / f"{key}.pt"
+    if use_cache and cached.exists():
+        stored = torch.load(cached, weights_only=True)
+        report = DataReport(str(path), stored["total"], [SkippedRow(*s) for s in stored["skipped"]])
+        return CrystalDataset(stored["tensors"], stored["metadata"], report)
+
+    records = read_records(resolved)
+    parsed = parse_records(records, options, workers, show_progress)
+    report = DataReport(str(path), len(parsed))
+    kept: list[ParsedCrystal] = []
+    metadata: list[dict[str, str]] = []
+    for row, (result, source, meta) in enumerate(zip(parsed, records.sources, records.metadata)):
+        if isinstance(result, str):
+            report.skipped.append(SkippedRow(row, source, result))
+        else:
+            kept.append(result)
+            metadata.append({**meta, "source": source})
+    if not kept:
+        detail = f" (first reason: {report.skipped[0].source}: {report.skipped[0].reason})" if report.skipped else ""
+        raise DatasetError(f"{path}: no usable crystal in {report.total} rows{detail}")
+    tensors = {
+        "atom_types": torch.tensor([z for c in kept for z in c.atom_types], dtype=torch.long),
+        "frac_coords": torch.tensor([x for c in kept for x in c.frac_coords], dtype=torch.float32),
+        "lengths": torch.tensor([c.lengths for c in kept], dtype=torch.float32),
+        "angles": torch.tensor([c.angles for c in kept], dtype=torch.float32),
+        "num_atoms": torch.tensor([len(c.atom_types) for c in kept], dtype=torch.long),
+    }
+    if use_cache:
+        save_atomically({"tensors": tensors, "metadata": metadata, "total": report.total,
+                         "skipped": [[s.row, s.source, s.reason] for s in report.skipped]}, cached)
+    return CrystalDataset(tensors, metadata, report)
+
+
+def split_csv(source: Path, out_dir: Path, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+              limit: int | None = None, seed: int = 0) -> dict[str, int]:
+    """Shuffle the rows of a CDVAE CSV (optionally keep `limit`) into train/val/test CSVs."""
+    with open(source, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        rows = list(reader)
+    random.Random(seed).shuffle(rows)
+    rows = rows[:limit] if limit else rows
+    total = sum(fractions)
+    train_end = round(len(rows) * fractions[0] / total)
+    val_end = train_end + round(len(rows) * fractions[1] / total)
+    parts = {"train": rows[:train_end], "val": rows[train_end:val_end], "test": rows[val_end:]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        with open(out_dir / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(part)
+    return {name: len(part) for name, part in parts.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m equicsp.data", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    split = commands.add_parser("split", help="shuffle a CDVAE CSV into train/val/test CSVs")
+    split.add_argument("source", type=Path)
+    split.add_argument("--out", type=Path, required=True)
+    split.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2))
+    split.add_argument("--limit", type=int, default=None, help="keep this many rows after shuffling")
+    split.add_argument("--seed", type=int, default=0)
+    check = commands.add_parser("check", help="parse a CSV or CIF folder and report unusable rows")
+    check.add_argument("path")
+    check.add_argument("--max-atoms", type=int, default=PreprocessOptions.max_atoms)
+    check.add_argument("--report", type=Path, help="write the machine-readable report (JSON) here")
+    args = parser.parse_args(argv)
+    if args.command == "split":
+        counts = split_csv(args.source, args.out, tuple(args.fractions), args.limit, args.seed)
+        print(", ".join(f"{name}: {count}" for name, count in counts.items()))
+    else:
+        try:
+            dataset = load_crystals(args.path, PreprocessOptions(max_atoms=args.max_atoms))
+        except DatasetError as error:
+            raise SystemExit(f"error: {error}") from None
+        print(dataset.report.summary())
+        for skipped in dataset.report.skipped:
+            print(f"  {skipped.source}: {skipped.reason}")
+        if args.report:
+            args.report.write_text(dataset.report.to_json())
+
+
+if __name__ == "__main__":
+    main()

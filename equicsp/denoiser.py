@@ -1,0 +1,182 @@
+"""CSPNet, the denoiser (METHOD.md: Denoiser), and its Frame-Average wrapper.
+
+Message passing over the fully connected graph of each crystal, self edges included:
+m_ij = phi_m(h_i, h_j, l, FT(w(x_j - x_i))), h_i += phi_h(h_i, mean_j m_ij), pre-layer-norm.
+
+Two exact rewrites make it cheaper than the reference code without changing the function:
+- phi_m's first Linear acts on a concatenation, so it is a sum of per-part Linears; the
+  h_i and h_j parts are applied per atom (N rows) and gathered, not per edge (sum N^2 rows).
+- FT(d) = [sin(2 pi k d), cos(2 pi k d)] and w(x_i - x_j) = 1 - w(x_j - x_i) flips the sine
+  and keeps the cosine, so the Fourier part of every layer is computed once per forward, for
+  unordered pairs i < j only; edge (j, i) reuses it with the sine part negated, and a self edge
+  (d = 0) is a constant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch_geometric.utils import scatter
+
+from equicsp.config import ModelConfig
+from equicsp.data import MAX_ATOMIC_NUMBER
+from equicsp.lattice import NUM_PERMUTATIONS, inverse_permutation_index, permute_columns, permute_lattice
+from equicsp.schedules import wrap
+
+
+@dataclass
+class DenoiserOutput:
+    lattice_noise: torch.Tensor  # (B, 6) eps_hat_l
+    coord_noise: torch.Tensor  # (N, 3) xhat: the CoM-free noise n~, normalised
+    coord_score: torch.Tensor  # (N, 3) shat: the score target, normalised
+
+
+@dataclass(frozen=True)
+class CrystalGraph:
+    """Fully connected directed edges of each crystal, i-major, plus the unordered pairs i < j.
+
+    Built by index arithmetic from the atom counts alone: no loop over crystals.
+    """
+
+    source: torch.Tensor  # (E,) atom i of edge (i, j); messages are averaged onto i
+    target: torch.Tensor  # (E,) atom j
+    edge_crystal: torch.Tensor  # (E,)
+    pair_source: torch.Tensor  # (P,) i of each pair i < j
+    pair_target: torch.Tensor  # (P,) j
+    edge_slot: torch.Tensor  # (E,) row of the Fourier table: pair p (i<j), P + p (i>j), 2P (self)
+
+    @classmethod
+    def fully_connected(cls, num_atoms: torch.Tensor) -> "CrystalGraph":
+        device = num_atoms.device
+        num_crystals = num_atoms.shape[0]
+        atom_offsets = torch.cumsum(num_atoms, 0) - num_atoms  # (B,)
+        edges_per_crystal = num_atoms * num_atoms
+        edge_offsets = torch.cumsum(edges_per_crystal, 0) - edges_per_crystal
+        edge_crystal = torch.repeat_interleave(torch.arange(num_crystals, device=device), edges_per_crystal)
+        local = torch.arange(edge_crystal.shape[0], device=device) - edge_offsets[edge_crystal]
+        n = num_atoms[edge_crystal]
+        local_i, local_j = local // n, local % n
+        base = atom_offsets[edge_crystal]
+        upper = local_i < local_j
+        pair_id = torch.cumsum(upper.long(), 0) - 1  # pair index of each upper edge
+        transpose = edge_offsets[edge_crystal] + local_j * n + local_i  # edge index of (j, i)
+        num_pairs = int(upper.sum())
+        slot = torch.where(upper, pair_id, num_pairs + pair_id[transpose])
+        slot = torch.where(local_i == local_j, torch.full_like(slot, 2 * num_pairs), slot)
+        return cls(source=base + local_i, target=base + local_j, edge_crystal=edge_crystal,
+                   pair_source=(base + local_i)[upper], pair_target=(base + local_j)[upper], edge_slot=slot)
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) integer timesteps -> (B, dim) [sin, cos] at geometric frequencies (DiffCSP's)."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, device=timesteps.device) * (-math.log(10000) / max(half - 1, 1)))
+    angles = timesteps.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class CSPLayer(nn.Module):
+    def __init__(self, hidden: int, fourier_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        # The first Linear of phi_m, split by the parts of its input (h_i, h_j, l, FT).
+        self.edge_source = nn.Linear(hidden, hidden)
+        self.edge_target = nn.Linear(hidden, hidden, bias=False)
+        self.edge_lattice = nn.Linear(6, hidden, bias=False)
+        self.edge_fourier = nn.Linear(fourier_dim, hidden, bias=False)
+        self.edge_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.node_mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+
+    def forward(self, h: torch.Tensor, lattice: torch.Tensor, edge_fourier: torch.Tensor,
+                graph: CrystalGraph) -> torch.Tensor:
+        normed = self.norm(h)
+        pre = (self.edge_source(normed).index_select(0, graph.source)
+               + self.edge_target(normed).index_select(0, graph.target)
+               + self.edge_lattice(lattice).index_select(0, graph.edge_crystal)
+               + edge_fourier)  # (E, hidden)
+        messages = self.edge_out(pre)
+        aggregated = scatter(messages, graph.source, dim=0, dim_size=h.shape[0], reduce="mean")
+        return h + self.node_mlp(torch.cat([normed, aggregated], dim=-1))
+
+
+class CSPNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        hidden, k = config.hidden_dim, config.num_freqs
+        self.atom_embedding = nn.Embedding(MAX_ATOMIC_NUMBER + 1, hidden)
+        self.input_mlp = nn.Linear(hidden + config.time_dim, hidden)
+        self.register_buffer("frequencies", 2 * math.pi * torch.arange(k, dtype=torch.float32), persistent=False)
+        self.layers = nn.ModuleList([CSPLayer(hidden, 6 * k) for _ in range(config.num_layers)])
+        self.final_norm = nn.LayerNorm(hidden)
+        self.lattice_head = nn.Linear(hidden, 6, bias=False)
+        self.coord_head = nn.Linear(hidden, 3, bias=False)
+        self.score_head = nn.Linear(hidden, 3, bias=False)
+
+    def fourier_tables(self, frac_coords: torch.Tensor, graph: CrystalGraph) -> torch.Tensor:
+        """(2P + 1, L * hidden): each layer's FT projection for i<j pairs, i>j pairs and self edges."""
+        k = self.config.num_freqs
+        weight = torch.cat([layer.edge_fourier.weight for layer in self.layers], dim=0)  # (L*h, 6K)
+        sin_weight, cos_weight = weight[:, :3 * k], weight[:, 3 * k:]
+        distance = wrap(frac_coords[graph.pair_target] - frac_coords[graph.pair_source])  # (P, 3)
+        angles = (distance.unsqueeze(-1) * self.frequencies).flatten(1)  # (P, 3K), axis-major
+        sin_part = angles.sin() @ sin_weight.T.to(angles.dtype)
+        cos_part = angles.cos() @ cos_weight.T.to(angles.dtype)
+        self_edge = cos_weight.sum(-1).to(cos_part.dtype)[None]  # d = 0: sin = 0, cos = 1
+        return torch.cat([cos_part + sin_part, cos_part - sin_part, self_edge], dim=0)
+
+    def forward(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor,
+                timesteps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor) -> DenoiserOutput:
+        """atom_types (N,), frac_coords (N, 3), lattice (B, 6) projected, timesteps (B,), batch (N,), num_atoms (B,)."""
+        graph = CrystalGraph.fully_connected(num_atoms)
+        hidden = self.config.hidden_dim
+        time = sinusoidal_embedding(timesteps, self.config.time_dim)[batch]
+        h = self.input_mlp(torch.cat([self.atom_embedding(atom_types), time], dim=-1))
+        tables = self.fourier_tables(frac_coords, graph).index_select(0, graph.edge_slot)  # (E, L*h)
+        for index, layer in enumerate(self.layers):
+            h = layer(h, lattice, tables[:, index * hidden:(index + 1) * hidden], graph)
+        h = self.final_norm(h)
+        crystal_h = scatter(h, batch, dim=0, dim_size=num_atoms.shape[0], reduce="mean")
+        return DenoiserOutput(self.lattice_head(crystal_h).float(), self.coord_head(h).float(),
+                              self.score_head(h).float())
+
+
+class FrameAveraged(nn.Module):
+    """Average P^-1 phi(P M) over the six axis permutations: exactly permutation-equivariant.
+
+    The six permuted copies go through the network as one batch.
+    """
+
+    def __init__(self, network: CSPNet):
+        super().__init__()
+        self.network = network
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.network.config
+
+    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms) -> DenoiserOutput:
+        num_crystals, total_atoms = num_atoms.shape[0], atom_types.shape[0]
+        device = lattice.device
+        perms = torch.arange(NUM_PERMUTATIONS, device=device).repeat_interleave(num_crystals)  # (6B,)
+        copies = torch.arange(NUM_PERMUTATIONS, device=device)
+        stacked_batch = (batch[None, :] + copies[:, None] * num_crystals).flatten()  # (6N,)
+        out = self.network(
+            atom_types.repeat(NUM_PERMUTATIONS),
+            permute_columns(frac_coords.repeat(NUM_PERMUTATIONS, 1), perms, stacked_batch),
+            permute_lattice(lattice.repeat(NUM_PERMUTATIONS, 1), perms),
+            timesteps.repeat(NUM_PERMUTATIONS), stacked_batch, num_atoms.repeat(NUM_PERMUTATIONS))
+        inverse = inverse_permutation_index(perms)
+        lattice_noise = permute_lattice(out.lattice_noise, inverse).view(NUM_PERMUTATIONS, num_crystals, 6)
+        coord = permute_columns(out.coord_noise, inverse, stacked_batch).view(NUM_PERMUTATIONS, total_atoms, 3)
+        score = permute_columns(out.coord_score, inverse, stacked_batch).view(NUM_PERMUTATIONS, total_atoms, 3)
+        return DenoiserOutput(lattice_noise.mean(0), coord.mean(0), score.mean(0))
+
+
+def build_denoiser(model: ModelConfig, frame_average: bool) -> nn.Module:
+    network = CSPNet(model)
+    return FrameAveraged(network) if frame_average else network
+

@@ -1,0 +1,220 @@
+"""The CSP evaluation protocol (METHOD.md: Evaluation): validity, match rate, RMSE, best of k.
+
+A prediction counts only when both it and the ground truth are valid (SMACT charge
+neutral composition, every interatomic distance > 0.5 A, volume > 0.1 A^3) and pymatgen's
+StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3) finds an rms distance.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import threading
+import warnings
+from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+MIN_DISTANCE = 0.5  # Angstrom
+MIN_VOLUME = 0.1  # Angstrom^3
+MATCHER_TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)
+# pymatgen's Niggli reduction can loop for minutes on an extreme sampled lattice.
+MATCH_TIMEOUT_S = 20.0
+
+
+class MatchTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise MatchTimeout after `seconds` of wall time (SIGALRM; a no-op off the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise MatchTimeout(f"no answer within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass(frozen=True)
+class CrystalArrays:
+    """A crystal as plain arrays: cheap to send to a worker process."""
+
+    atom_types: tuple[int, ...]
+    frac_coords: tuple[tuple[float, float, float], ...]
+    lengths: tuple[float, float, float]
+    angles: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, atom_types, frac_coords, lengths, angles) -> "CrystalArrays":
+        as_list = lambda values: np.asarray(values, dtype=float).tolist()  # noqa: E731
+        return cls(tuple(int(z) for z in np.asarray(atom_types).tolist()),
+                   tuple(tuple(row) for row in as_list(frac_coords)),
+                   tuple(as_list(lengths)), tuple(as_list(angles)))
+
+    def to_structure(self):
+        from pymatgen.core import Lattice, Structure
+
+        return Structure(Lattice.from_parameters(*self.lengths, *self.angles), list(self.atom_types),
+                         list(self.frac_coords), coords_are_cartesian=False)
+
+
+@dataclass
+class CrystalResult:
+    index: int
+    formula: str
+    num_atoms: int
+    matched: bool
+    rms: float  # nan when not matched
+    best_sample: int  # -1 when not matched
+    valid_samples: int
+    num_samples: int
+    reason: str  # "" when matched
+
+
+@lru_cache(maxsize=65536)
+def composition_valid(atom_types: tuple[int, ...]) -> bool:
+    """SMACT charge neutrality + Pauling test, with SMACT's original (2014) oxidation states as CDVAE."""
+    from pymatgen.core import Composition, Element
+    from smact.screening import smact_validity
+
+    composition = Composition({Element.from_Z(z): atom_types.count(z) for z in set(atom_types)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(smact_validity(composition, oxidation_states_set="smact14"))
+
+
+def structure_problem(structure) -> str:
+    """"" for a structurally valid crystal, else why not."""
+    if not math.isfinite(structure.volume) or structure.volume <= MIN_VOLUME:
+        return f"volume {structure.volume:.3g} A^3 <= {MIN_VOLUME}"
+    if len(structure) > 1:
+        distances = structure.distance_matrix + np.eye(len(structure)) * 1e6
+        closest = float(distances.min())
+        if closest <= MIN_DISTANCE:
+            return f"atoms {closest:.2f} A apart (<= {MIN_DISTANCE})"
+    return ""
+
+
+def validity_problem(crystal: CrystalArrays) -> str:
+    """"" when the crystal is valid (composition and structure), else the reason."""
+    if not composition_valid(tuple(sorted(crystal.atom_types))):
+        return "composition not SMACT-valid"
+    if not all(math.isfinite(v) for v in crystal.lengths + crystal.angles):
+        return "non-finite lattice"
+    try:
+        return structure_problem(crystal.to_structure())
+    except Exception as error:  # a degenerate lattice pymatgen cannot build
+        return f"invalid lattice: {error}"
+
+
+def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalResult:
+    """Best-of-k match of the predictions for one ground truth."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    index, truth, predictions = job
+    formula = _formula(truth.atom_types) if truth.atom_types else ""
+    result = CrystalResult(index, formula, len(truth.atom_types), False, math.nan, -1, 0, len(predictions), "")
+    problem = validity_problem(truth)
+    if problem:
+        result.reason = f"ground truth invalid: {problem}"
+        return result
+    if not predictions:
+        result.reason = "no sample"
+        return result
+    matcher = StructureMatcher(**MATCHER_TOLERANCES)
+    truth_structure = truth.to_structure()
+    reasons = []
+    for sample, prediction in enumerate(predictions):
+        problem = validity_problem(prediction)
+        if problem:
+            reasons.append(problem)
+            continue
+        result.valid_samples += 1
+        try:
+            with warnings.catch_warnings(), time_limit(MATCH_TIMEOUT_S):
+                warnings.simplefilter("ignore")
+                rms = matcher.get_rms_dist(prediction.to_structure(), truth_structure)
+        except Exception as error:  # e.g. Niggli reduction of an extreme sampled lattice
+            reasons.append(f"matcher failed: {type(error).__name__}: {error}")
+            continue
+        if rms is not None and (not result.matched or rms[0] < result.rms):
+            result.matched, result.rms, result.best_sample = True, float(rms[0]), sample
+    if not result.matched:
+        if not result.valid_samples:
+            result.reason = f"no valid sample: {reasons[0]}"
+        else:
+            result.reason = "no match within tolerance" + (f" ({reasons[-1]})" if reasons else "")
+    return result
+
+
+def _formula(atom_types: tuple[int, ...]) -> str:
+    from pymatgen.core import Composition, Element
+
+    return Composition({Element.from_Z(z): atom_types.count(z) for z in set(atom_types)}).reduced_formula
+
+
+@dataclass
+class MatchSummary:
+    match_rate: float
+    rmse: float  # nan when nothing matched
+    num_crystals: int
+    num_matched: int
+    num_samples: int
+    valid_rate: float  # fraction of predictions that are valid
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def summarise(results: list[CrystalResult]) -> MatchSummary:
+    matched = [r.rms for r in results if r.matched]
+    total_samples = sum(r.num_samples for r in results)
+    valid = sum(r.valid_samples for r in results)
+    return MatchSummary(match_rate=len(matched) / max(len(results), 1),
+                        rmse=float(np.mean(matched)) if matched else math.nan,
+                        num_crystals=len(results), num_matched=len(matched),
+                        num_samples=max((r.num_samples for r in results), default=0),
+                        valid_rate=valid / total_samples if total_samples else 0.0)
+
+
+def evaluate_matches(truths: list[CrystalArrays], predictions: list[list[CrystalArrays]],
+                     processes: int | None = None, indices: list[int] | None = None,
+                     show_progress: bool = True) -> list[CrystalResult]:
+    """Match every ground truth against its k predictions, in parallel worker processes."""
+    if len(truths) != len(predictions):
+        raise ValueError(f"{len(truths)} ground truths but {len(predictions)} prediction lists")
+    indices = list(range(len(truths))) if indices is None else indices
+    jobs = list(zip(indices, truths, predictions))
+    processes = processes or os.cpu_count() or 1
+    progress = dict(total=len(jobs), desc="matching", unit="crystal", disable=not show_progress)
+    if processes <= 1 or len(jobs) < 2:
+        return [match_one(job) for job in tqdm(jobs, **progress)]
+    chunk = max(1, min(32, len(jobs) // (processes * 4)))
+    with ProcessPoolExecutor(processes) as pool:
+        return list(tqdm(pool.map(match_one, jobs, chunksize=chunk), **progress))
+
+
+def write_results_csv(results: list[CrystalResult], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(results[0]).keys()) if results else ["index"])
+        writer.writeheader()
+        for result in results:
+            writer.writerow(asdict(result))

@@ -1,0 +1,55 @@
+"""Periodic statistics of fractional coordinates: circular mean, CoM-free noise, PM derivative.
+
+All functions work per crystal and per axis on flat (N, 3) tensors with a (N,) batch vector.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch_geometric.utils import scatter
+
+from equicsp.schedules import wrap
+
+TWO_PI = 2 * math.pi
+
+
+def circular_mean(x: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
+    """(B, 3) circular mean in [0, 1) of each crystal's (N, 3) fractional values, per axis."""
+    angle = TWO_PI * x
+    mean_sin = scatter(torch.sin(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
+    mean_cos = scatter(torch.cos(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
+    return wrap(torch.atan2(mean_sin, mean_cos) / TWO_PI)
+
+
+def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
+    """n~ = w(n - mu): the noise with its periodic centre of mass removed (METHOD.md).
+
+    Invariant under n -> n + tau for any per-crystal shift tau, hence under periodic
+    translations of X_0. A one-atom crystal has n~ = 0 exactly (set here, not left to
+    rounding).
+    """
+    centred = wrap(noise - circular_mean(noise, batch, num_crystals)[batch])
+    atoms_per_crystal = torch.bincount(batch, minlength=num_crystals)
+    single_atom = (atoms_per_crystal == 1)[batch].unsqueeze(-1)
+    return torch.where(single_atom, torch.zeros_like(centred), centred)
+
+
+def pm_corrected_score(score: torch.Tensor, predicted_noise: torch.Tensor, batch: torch.Tensor,
+                       num_crystals: int) -> torch.Tensor:
+    """Chain rule from the score in n~ to the score in X (METHOD.md: probabilistic model).
+
+    With theta_i = 2 pi n~_i, u = mean sin, v = mean cos and
+    g_i = (v cos theta_i + u sin theta_i) / ((u^2 + v^2) N), returns s_i - g_i sum_j s_j:
+    g_i is d mu / d n_i, the derivative of the circular mean that n~ subtracts.
+    """
+    theta = TWO_PI * predicted_noise.clamp(-0.5, 0.5)
+    sin, cos = torch.sin(theta), torch.cos(theta)
+    u = scatter(sin, batch, dim=0, dim_size=num_crystals, reduce="mean")
+    v = scatter(cos, batch, dim=0, dim_size=num_crystals, reduce="mean")
+    atoms = torch.bincount(batch, minlength=num_crystals).to(score.dtype).unsqueeze(-1)
+    resultant = ((u * u + v * v) * atoms).clamp_min(torch.finfo(score.dtype).tiny)
+    g = (v[batch] * cos + u[batch] * sin) / resultant[batch]
+    score_sum = scatter(score, batch, dim=0, dim_size=num_crystals, reduce="sum")
+    return score - g * score_sum[batch]

@@ -1,0 +1,134 @@
+"""Predictor-corrector sampling (METHOD.md: Sampling), batched, seeded per crystal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from equicsp.config import Config
+from equicsp.diffusion import Diffusion
+from equicsp.lattice import unproject_lattice
+from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
+from equicsp.objective import autocast
+from equicsp.periodic import pm_corrected_score
+from equicsp.schedules import wrap
+
+# Noise streams of one step, so corrector, predictor and lattice never share a draw.
+_CORRECTOR, _PREDICTOR, _LATTICE, _INITIAL_COORDS, _INITIAL_LATTICE = range(5)
+
+
+@dataclass
+class SampledCrystal:
+    composition_index: int
+    sample_index: int
+    atom_types: torch.Tensor  # (n,)
+    frac_coords: torch.Tensor  # (n, 3)
+    lengths: torch.Tensor  # (3,)
+    angles: torch.Tensor  # (3,) degrees
+
+
+def timestep_sequence(timesteps: int, num_steps: int) -> list[int]:
+    """T .. 1 descending; num_steps < T picks evenly spaced timesteps (always T and 1)."""
+    if num_steps in (0, timesteps):
+        return list(range(timesteps, 0, -1))
+    chosen = torch.linspace(timesteps, 1, num_steps).round().long().unique(sorted=True).flip(0)
+    return [int(t) for t in chosen]
+
+
+class Sampler:
+    def __init__(self, denoiser: nn.Module, diffusion: Diffusion, config: Config,
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
+        self.denoiser = denoiser.eval()
+        self.diffusion = diffusion
+        self.schedule = diffusion.schedule
+        self.config = config
+        self.device = torch.device(device)
+        self.precision = precision
+
+    def score(self, atom_types, frac_coords, lattice, t, batch, num_atoms):
+        """eps_hat_l and the coordinate score s_corr in X (unnormalised, PM-corrected when on)."""
+        num_crystals = num_atoms.shape[0]
+        timesteps = torch.full((num_crystals,), t, device=self.device, dtype=torch.long)
+        with autocast(self.device, self.precision):
+            out = self.denoiser(atom_types, frac_coords, lattice, timesteps, batch, num_atoms)
+        atom_counts, atom_t = num_atoms[batch], timesteps[batch]
+        target = self.diffusion.target
+        score = out.coord_score * target.score_scale(atom_counts, atom_t)[:, None]
+        if self.config.objective.prob_model:
+            predicted_noise = out.coord_noise * target.noise_scale(atom_counts, atom_t)[:, None]
+            score = pm_corrected_score(score, predicted_noise, batch, num_crystals)
+        return out.lattice_noise, score
+
+    def lattice_step(self, lattice, lattice_noise, t: int, s: int, z):
+        """DDPM from t to s < t; for s = t - 1 this is METHOD.md's step, otherwise its strided form."""
+        alpha_bars = self.schedule.alpha_bars
+        alpha_ts = alpha_bars[t] / alpha_bars[s]
+        beta_ts = 1 - alpha_ts
+        mean = (lattice - beta_ts / (1 - alpha_bars[t]).sqrt() * lattice_noise) / alpha_ts.sqrt()
+        if s == 0:
+            return mean
+        std = (beta_ts * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()
+        return mean + std * z
+
+    @torch.no_grad()
+    def sample_batch(self, atom_types: torch.Tensor, num_atoms: torch.Tensor, keys: torch.Tensor, seed: int,
+                     progress: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) atom types, (B,) atom counts, (B,) keys -> ((N, 3) X_0, (B, 6) projected lattice)."""
+        device, dtype = self.device, torch.float32
+        atom_types, num_atoms, keys = atom_types.to(device), num_atoms.to(device), keys.to(device)
+        self.diffusion.check_atom_counts(num_atoms)
+        batch = torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms)
+        per_atom = atom_keys(keys, batch, num_atoms)
+        x = keyed_uniform(per_atom, 3, seed, 0, _INITIAL_COORDS, dtype)
+        lattice = keyed_normal(keys, 6, seed, 0, _INITIAL_LATTICE, dtype)
+        sigmas = self.schedule.sigmas
+        step_lr = self.config.sampler.step_lr
+        sequence = timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps)
+        for index, t in enumerate(sequence):
+            s = sequence[index + 1] if index + 1 < len(sequence) else 0
+            sigma_t, sigma_s = sigmas[t], sigmas[s]
+            # Corrector: Langevin at sigma_t; the lattice stays.
+            _, score = self.score(atom_types, x, lattice, t, batch, num_atoms)
+            step = step_lr * (sigma_t / sigmas[1]) ** 2
+            z = keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
+            x = wrap(x - step * score + (2 * step).sqrt() * z)
+            # Predictor: reverse-diffusion step for X, DDPM step for l.
+            lattice_noise, score = self.score(atom_types, x, lattice, t, batch, num_atoms)
+            variance_drop = sigma_t**2 - sigma_s**2
+            z = keyed_normal(per_atom, 3, seed, t, _PREDICTOR, dtype)
+            x = wrap(x - variance_drop * score + (sigma_s**2 * variance_drop / sigma_t**2).sqrt() * z)
+            lattice = self.lattice_step(lattice, lattice_noise, t, s, keyed_normal(keys, 6, seed, t, _LATTICE, dtype))
+            if progress is not None:
+                progress.update(1)
+        return x, lattice
+
+    def sample(self, compositions: list[torch.Tensor], num_samples: int = 1, seed: int = 0,
+               indices: list[int] | None = None, show_progress: bool = True) -> list[SampledCrystal]:
+        """num_samples crystals per composition (a (n,) tensor of atomic numbers).
+
+        indices are the compositions' positions in the whole set (default 0 .. len - 1): a
+        crystal's noise depends on (seed, index, sample number) only, never on batching.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, not {num_samples}")
+        indices = list(range(len(compositions))) if indices is None else list(indices)
+        jobs = [(position, sample) for position in range(len(compositions)) for sample in range(num_samples)]
+        batch_size = self.config.sampler.batch_size
+        batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+        steps = len(timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps))
+        results: list[SampledCrystal] = []
+        with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=not show_progress) as progress:
+            for jobs_in_batch in batches:
+                types = [compositions[p].long() for p, _ in jobs_in_batch]
+                num_atoms = torch.tensor([len(t) for t in types], dtype=torch.long)
+                keys = sample_keys(torch.tensor([indices[p] for p, _ in jobs_in_batch], dtype=torch.long),
+                                   torch.tensor([j for _, j in jobs_in_batch], dtype=torch.long))
+                x, lattice = self.sample_batch(torch.cat(types), num_atoms, keys, seed, progress)
+                lengths, angles = unproject_lattice(lattice.float().cpu())
+                for (position, sample), coords, length, angle, atoms in zip(
+                        jobs_in_batch, x.cpu().split(num_atoms.tolist()), lengths, angles, types):
+                    results.append(SampledCrystal(indices[position], sample, atoms, coords, length, angle))
+        return results

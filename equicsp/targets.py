@@ -1,0 +1,76 @@
+"""Coordinate training targets, one class per choice of the paper's Table 2.
+
+Each maps the sampled noise n to the two normalised targets (the score head's and the
+n~ head's), and tells the sampler how to undo the normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from equicsp.config import ObjectiveConfig
+from equicsp.periodic import TWO_PI, com_free_noise
+from equicsp.schedules import NoiseSchedule, wrap_centered, wrapped_normal_score
+from equicsp.von_mises import VonMisesTables
+
+
+@dataclass
+class CoordinateTargets:
+    score: torch.Tensor  # (N, 3) for the score head
+    noise: torch.Tensor  # (N, 3) for the n~ head
+
+
+class RawNoiseTarget:
+    """DiffCSP: the wrapped-normal score of the noise itself, normalised by E[s^2](t)."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+
+    def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
+        sigma = self.schedule.sigmas[timesteps][:, None]
+        return CoordinateTargets(
+            score=wrapped_normal_score(noise, sigma) / self.score_scale(atom_counts, timesteps)[:, None],
+            noise=wrap_centered(noise) / self.noise_scale(atom_counts, timesteps)[:, None])
+
+    def score_scale(self, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """(N,) sqrt(E[s^2]) per atom, given each atom's crystal size and timestep."""
+        return self.schedule.score_norms[timesteps].sqrt()
+
+    def noise_scale(self, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.schedule.noise_norms[timesteps].sqrt()
+
+
+class ComFreeTarget:
+    """EquiCSP: targets from n~ = w(n - mu); von Mises score, or the wrapped-normal one without VM."""
+
+    def __init__(self, schedule: NoiseSchedule, tables: VonMisesTables, von_mises: bool):
+        self.schedule = schedule
+        self.tables = tables
+        self.von_mises = von_mises
+        self.score_norms = tables.von_mises_score_norm if von_mises else tables.wrapped_normal_score_norm
+
+    def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
+        centred = wrap_centered(com_free_noise(noise, batch, num_crystals))  # (N, 3) in [-0.5, 0.5)
+        if self.von_mises:
+            kappa = self.tables.kappa[atom_counts, timesteps][:, None]
+            raw_score = kappa * torch.sin(TWO_PI * centred) * TWO_PI  # METHOD.md: minus the VM score
+        else:
+            raw_score = wrapped_normal_score(centred, self.schedule.sigmas[timesteps][:, None])
+        return CoordinateTargets(score=raw_score / self.score_scale(atom_counts, timesteps)[:, None],
+                                 noise=centred / self.noise_scale(atom_counts, timesteps)[:, None])
+
+    def score_scale(self, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.score_norms[atom_counts, timesteps].sqrt()
+
+    def noise_scale(self, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.tables.noise_norm[atom_counts, timesteps].sqrt()
+
+
+def build_target(objective: ObjectiveConfig, schedule: NoiseSchedule, tables: VonMisesTables | None):
+    if not objective.com_free_noise:
+        return RawNoiseTarget(schedule)
+    if tables is None:
+        raise ValueError("CoM-free targets need von Mises tables")
+    return ComFreeTarget(schedule, tables, objective.von_mises)
