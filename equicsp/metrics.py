@@ -27,6 +27,9 @@ MIN_VOLUME = 0.1  # Angstrom^3
 MATCHER_TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)
 # pymatgen's Niggli reduction can loop for minutes on an extreme sampled lattice.
 MATCH_TIMEOUT_S = 20.0
+MAX_CELL_LENGTH = 1000.0  # Angstrom
+MAX_CELL_ELONGATION = 100.0
+MAX_CELL_FLATNESS = 1000.0
 
 
 class MatchTimeout(Exception):
@@ -124,6 +127,28 @@ def validity_problem(crystal: CrystalArrays) -> str:
         return f"invalid lattice: {error}"
 
 
+def extreme_lattice_problem(crystal: CrystalArrays) -> str:
+    """Why a valid crystal's cell is too degenerate to hand to StructureMatcher, or "".
+
+    pymatgen's Niggli reduction can run for hours (inside numpy, where no signal interrupts
+    it) on a very long or very flat sampled cell. Such a cell (over 1000 A, or a hundred times
+    longer or a thousand times flatter than its atoms' spacing) is reported as not matched
+    without asking the matcher.
+    """
+    a, b, c = crystal.lengths
+    alpha, beta, gamma = np.radians(crystal.angles)
+    cosines = np.cos([alpha, beta, gamma])
+    volume = a * b * c * math.sqrt(max(1 - (cosines**2).sum() + 2 * cosines.prod(), 0.0))
+    spacing = (volume / len(crystal.atom_types)) ** (1 / 3)
+    if max(a, b, c) > MAX_CELL_LENGTH:
+        return f"cell length {max(a, b, c):.3g} A > {MAX_CELL_LENGTH} A"
+    if max(a, b, c) > MAX_CELL_ELONGATION * spacing:
+        return f"cell length {max(a, b, c):.3g} A > {MAX_CELL_ELONGATION} x atomic spacing {spacing:.3g} A"
+    if a * b * c > MAX_CELL_FLATNESS * volume:
+        return f"cell flatter than abc / V = {MAX_CELL_FLATNESS}"
+    return ""
+
+
 def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalResult:
     """Best-of-k match of the predictions for one ground truth."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -146,6 +171,10 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
             reasons.append(problem)
             continue
         result.valid_samples += 1
+        extreme = extreme_lattice_problem(prediction)
+        if extreme:
+            reasons.append(f"not matched: {extreme}")
+            continue
         try:
             with warnings.catch_warnings(), time_limit(MATCH_TIMEOUT_S):
                 warnings.simplefilter("ignore")

@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Every test session gets its own preprocessing / von Mises cache."""
+    os.environ["EQUICSP_CACHE_DIR"] = str(tmp_path_factory.mktemp("equicsp-cache"))
+    yield
+
+
+@pytest.fixture
+def tiny_csv() -> Path:
+    return FIXTURES / "perov_tiny.csv"
+
+
+@pytest.fixture
+def tiny_dataset(tiny_csv):
+    from equicsp.data import load_crystals
+
+    return load_crystals(tiny_csv, show_progress=False)
+
+
+def random_batch(num_atoms: list[int], seed: int = 0, dtype=torch.float64):
+    """A random batch of crystals with the given atom counts (PyG-like attributes)."""
+    from types import SimpleNamespace
+
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(num_atoms)
+    total = int(counts.sum())
+    return SimpleNamespace(
+        num_atoms=counts,
+        batch=torch.repeat_interleave(torch.arange(len(num_atoms)), counts),
+        atom_types=torch.randint(1, 90, (total,), generator=generator),
+        frac_coords=torch.rand(total, 3, generator=generator, dtype=dtype),
+        lengths=3 + 3 * torch.rand(len(num_atoms), 3, generator=generator, dtype=dtype),
+        angles=60 + 60 * torch.rand(len(num_atoms), 3, generator=generator, dtype=dtype),
+    )

@@ -1,0 +1,128 @@
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch_geometric.utils import scatter
+
+from equicsp.config import ModelConfig
+from equicsp.denoiser import CSPNet, CrystalGraph, FrameAveraged, sinusoidal_embedding
+from equicsp.lattice import permute_columns, permute_lattice, project_lattice
+from equicsp.schedules import wrap
+from conftest import random_batch
+
+SMALL = ModelConfig(num_layers=2, hidden_dim=32, num_freqs=8, time_dim=16)
+
+
+def inputs(counts, seed=0):
+    batch = random_batch(counts, seed, dtype=torch.float64)
+    lattice = project_lattice(batch.lengths, batch.angles)
+    timesteps = torch.randint(1, 1000, (len(counts),), generator=torch.Generator().manual_seed(seed))
+    return batch, lattice, timesteps
+
+
+def run(model, batch, lattice, timesteps, coords=None, types=None):
+    return model(batch.atom_types if types is None else types, batch.frac_coords if coords is None else coords,
+                 lattice, timesteps, batch.batch, batch.num_atoms)
+
+
+def network(seed=0, config=SMALL):
+    torch.manual_seed(seed)
+    return CSPNet(config).double()
+
+
+def test_edges_are_all_ordered_pairs_of_each_crystal():
+    counts = torch.tensor([1, 3, 2])
+    graph = CrystalGraph.fully_connected(counts)
+    expected = {(i, j) for start, n in ((0, 1), (1, 3), (4, 2)) for i in range(start, start + n) for j in range(start, start + n)}
+    assert set(zip(graph.source.tolist(), graph.target.tolist())) == expected
+    assert len(graph.source) == len(expected)
+    assert set(zip(graph.pair_source.tolist(), graph.pair_target.tolist())) == {(i, j) for i, j in expected if i < j}
+
+
+def naive_forward(model: CSPNet, atom_types, frac_coords, lattice, timesteps, batch, num_atoms):
+    """METHOD.md's CSPNet written the direct way: per-edge features and one concatenated Linear."""
+    graph = CrystalGraph.fully_connected(num_atoms)
+    k = torch.arange(model.config.num_freqs, dtype=frac_coords.dtype)
+    time = sinusoidal_embedding(timesteps, model.config.time_dim).to(frac_coords.dtype)[batch]
+    h = model.input_mlp(torch.cat([model.atom_embedding(atom_types), time], -1))
+    distance = wrap(frac_coords[graph.target] - frac_coords[graph.source])
+    angles = (2 * math.pi * distance[:, :, None] * k).flatten(1)
+    fourier = torch.cat([angles.sin(), angles.cos()], -1)
+    for layer in model.layers:
+        normed = layer.norm(h)
+        weight = torch.cat([layer.edge_source.weight, layer.edge_target.weight, layer.edge_lattice.weight,
+                            layer.edge_fourier.weight], 1)
+        edge_in = torch.cat([normed[graph.source], normed[graph.target], lattice[graph.edge_crystal], fourier], -1)
+        messages = layer.edge_out(edge_in @ weight.T + layer.edge_source.bias)
+        aggregated = scatter(messages, graph.source, 0, dim_size=h.shape[0], reduce="mean")
+        h = h + layer.node_mlp(torch.cat([normed, aggregated], -1))
+    h = model.final_norm(h)
+    pooled = scatter(h, batch, 0, dim_size=num_atoms.shape[0], reduce="mean")
+    return model.lattice_head(pooled), model.coord_head(h), model.score_head(h)
+
+
+def test_fast_forward_equals_the_direct_formula():
+    model = network()
+    batch, lattice, timesteps = inputs([1, 4, 7, 2])
+    fast = run(model, batch, lattice, timesteps)
+    lattice_out, coord_out, score_out = naive_forward(model, batch.atom_types, batch.frac_coords, lattice, timesteps,
+                                                      batch.batch, batch.num_atoms)
+    torch.testing.assert_close(fast.lattice_noise, lattice_out.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.coord_noise, coord_out.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.coord_score, score_out.float(), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(counts=st.lists(st.integers(1, 7), min_size=1, max_size=4), seed=st.integers(0, 1000))
+def test_output_follows_the_atom_order(counts, seed):
+    """Reordering atoms inside crystals reorders the per-atom outputs and leaves the lattice output."""
+    model = network()
+    batch, lattice, timesteps = inputs(counts, seed)
+    out = run(model, batch, lattice, timesteps)
+    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed + i)) + start
+                       for i, (start, n) in enumerate(zip(torch.cumsum(batch.num_atoms, 0) - batch.num_atoms, counts))])
+    shuffled = run(model, batch, lattice, timesteps, coords=batch.frac_coords[order], types=batch.atom_types[order])
+    torch.testing.assert_close(shuffled.lattice_noise, out.lattice_noise, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shuffled.coord_score, out.coord_score[order], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shuffled.coord_noise, out.coord_noise[order], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_output_is_invariant_to_periodic_translation(seed):
+    model = network()
+    batch, lattice, timesteps = inputs([3, 5], seed)
+    shift = torch.rand(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))[batch.batch]
+    out = run(model, batch, lattice, timesteps)
+    moved = run(model, batch, lattice, timesteps, coords=wrap(batch.frac_coords + shift))
+    torch.testing.assert_close(moved.coord_score, out.coord_score, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(moved.lattice_noise, out.lattice_noise, rtol=1e-4, atol=1e-5)
+
+
+def permuted_outputs(model, batch, lattice, timesteps, permutation):
+    per_crystal = permutation.expand(batch.num_atoms.shape[0])
+    out = run(model, batch, lattice, timesteps)
+    moved = run(model, batch, permute_lattice(lattice, per_crystal), timesteps,
+                coords=permute_columns(batch.frac_coords, per_crystal, batch.batch))
+    expected_lattice = permute_lattice(out.lattice_noise, per_crystal)
+    expected_score = permute_columns(out.coord_score, per_crystal, batch.batch)
+    return moved, expected_lattice, expected_score
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), permutation=st.integers(1, 5))
+def test_frame_average_is_exactly_permutation_equivariant(seed, permutation):
+    model = FrameAveraged(network(seed))
+    batch, lattice, timesteps = inputs([2, 5, 3], seed)
+    moved, expected_lattice, expected_score = permuted_outputs(model, batch, lattice, timesteps, torch.tensor(permutation))
+    torch.testing.assert_close(moved.lattice_noise, expected_lattice, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(moved.coord_score, expected_score, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_cspnet_is_not_permutation_equivariant():
+    model = network()
+    batch, lattice, timesteps = inputs([2, 5, 3])
+    for permutation in range(1, 6):
+        moved, expected_lattice, _ = permuted_outputs(model, batch, lattice, timesteps, torch.tensor(permutation))
+        assert (moved.lattice_noise - expected_lattice).abs().max() > 1e-3
