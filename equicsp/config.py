@@ -57,6 +57,7 @@ class SamplerConfig:
     step_lr: float = 5e-6
     num_steps: int = 0  # 0: every timestep; fewer: evenly spaced ones
     batch_size: int = 256
+    clip_lattice: bool = True  # clamp the implied clean lattice to physical cells (see Sampler.lattice_step)
 
 
 @dataclass(frozen=True)

@@ -140,8 +140,10 @@ class CSPNet(nn.Module):
             h = layer(h, lattice, tables[:, index * hidden:(index + 1) * hidden], graph)
         h = self.final_norm(h)
         crystal_h = scatter(h, batch, dim=0, dim_size=num_atoms.shape[0], reduce="mean")
-        return DenoiserOutput(self.lattice_head(crystal_h).float(), self.coord_head(h).float(),
-                              self.score_head(h).float())
+        # Heads leave autocast's bf16 as float32; a float64 model stays float64.
+        out_dtype = torch.promote_types(frac_coords.dtype, torch.float32)
+        return DenoiserOutput(self.lattice_head(crystal_h).to(out_dtype), self.coord_head(h).to(out_dtype),
+                              self.score_head(h).to(out_dtype))
 
 
 class FrameAveraged(nn.Module):

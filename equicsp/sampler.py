@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from equicsp.config import Config
 from equicsp.diffusion import Diffusion
-from equicsp.lattice import unproject_lattice
+from equicsp.lattice import project_lattice, unproject_lattice
 from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
 from equicsp.objective import autocast
 from equicsp.periodic import pm_corrected_score
@@ -30,6 +30,13 @@ class SampledCrystal:
     angles: torch.Tensor  # (3,) degrees
 
 
+def physical_lattice_bounds(device: torch.device) -> torch.Tensor:
+    """(2, 6) lower / upper projected parameters: lengths 1 .. 100 A, angles 10 .. 170 degrees."""
+    lengths = torch.tensor([[1.0] * 3, [100.0] * 3])
+    angles = torch.tensor([[10.0] * 3, [170.0] * 3])
+    return project_lattice(lengths, angles).to(device)
+
+
 def timestep_sequence(timesteps: int, num_steps: int) -> list[int]:
     """T .. 1 descending; num_steps < T picks evenly spaced timesteps (always T and 1)."""
     if num_steps in (0, timesteps):
@@ -47,6 +54,7 @@ class Sampler:
         self.config = config
         self.device = torch.device(device)
         self.precision = precision
+        self.lattice_bounds = physical_lattice_bounds(self.device)
 
     def score(self, atom_types, frac_coords, lattice, t, batch, num_atoms):
         """eps_hat_l and the coordinate score s_corr in X (unnormalised, PM-corrected when on)."""
@@ -63,11 +71,21 @@ class Sampler:
         return out.lattice_noise, score
 
     def lattice_step(self, lattice, lattice_noise, t: int, s: int, z):
-        """DDPM from t to s < t; for s = t - 1 this is METHOD.md's step, otherwise its strided form."""
+        """DDPM from t to s < t: METHOD.md's step for s = t - 1, its strided form otherwise.
+
+        Written through the implied clean lattice l0_hat = (l_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
+        and the Gaussian posterior q(l_s | l_t, l0_hat), which is the same step algebraically.
+        With sampler.clip_lattice, l0_hat is first clamped to physical cells (DDPM's
+        clip-denoised): at t = T the step multiplies any error in eps_hat by 1 / sqrt(1 - 0.9999)
+        = 100, and an imperfect model's lattice would otherwise leave every physical range.
+        """
         alpha_bars = self.schedule.alpha_bars
         alpha_ts = alpha_bars[t] / alpha_bars[s]
         beta_ts = 1 - alpha_ts
-        mean = (lattice - beta_ts / (1 - alpha_bars[t]).sqrt() * lattice_noise) / alpha_ts.sqrt()
+        clean = (lattice - (1 - alpha_bars[t]).sqrt() * lattice_noise) / alpha_bars[t].sqrt()
+        if self.config.sampler.clip_lattice:
+            clean = torch.maximum(torch.minimum(clean, self.lattice_bounds[1]), self.lattice_bounds[0])
+        mean = (alpha_bars[s].sqrt() * beta_ts * clean + alpha_ts.sqrt() * (1 - alpha_bars[s]) * lattice) / (1 - alpha_bars[t])
         if s == 0:
             return mean
         std = (beta_ts * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()

@@ -43,3 +43,19 @@ def random_batch(num_atoms: list[int], seed: int = 0, dtype=torch.float64):
         lengths=3 + 3 * torch.rand(len(num_atoms), 3, generator=generator, dtype=dtype),
         angles=60 + 60 * torch.rand(len(num_atoms), 3, generator=generator, dtype=dtype),
     )
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path, tiny_csv) -> Path:
+    """A dataset folder whose train, val and test splits are all the eight tiny crystals."""
+    import shutil
+
+    folder = tmp_path / "tiny_data"
+    folder.mkdir()
+    for split in ("train", "val", "test"):
+        shutil.copy(tiny_csv, folder / f"{split}.csv")
+    return folder
+
+
+FAST = {"model.num_layers": 1, "model.hidden_dim": 16, "model.num_freqs": 4, "model.time_dim": 8,
+        "optim.batch_size": 4, "diffusion.timesteps": 20, "sampler.batch_size": 8}

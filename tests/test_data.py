@@ -1,0 +1,104 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from equicsp.data import DatasetError, PreprocessOptions, load_crystals, split_csv
+from equicsp.data import main as data_main
+
+def rows_of(path):
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def write_rows(path, fieldnames, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_reads_a_cdvae_csv_into_niggli_reduced_tensors(tiny_dataset):
+    assert len(tiny_dataset) == 8 and tiny_dataset.report.kept == 8
+    item = tiny_dataset[0]
+    assert item.atom_types.shape == (5,) and item.frac_coords.shape == (5, 3)
+    assert ((item.frac_coords >= 0) & (item.frac_coords < 1)).all()
+    assert item.lengths.shape == (1, 3) and item.angles.shape == (1, 3)
+    assert "material_id" in tiny_dataset.metadata[0] and "cif" not in tiny_dataset.metadata[0]
+
+
+def with_unknown_element(cif: str) -> str:
+    """The CIF with its first site's element replaced by the symbol Xx."""
+    lines = cif.splitlines()
+    first_site = next(i for i, line in enumerate(lines) if line.strip().endswith(" 1") and len(line.split()) == 7)
+    parts = lines[first_site].split()
+    lines[first_site] = "  " + " ".join(["Xx", "Xx0"] + parts[2:])
+    return "\n".join(lines) + "\n"
+
+
+def test_bad_rows_are_skipped_and_reported_with_row_and_reason(tiny_csv, tmp_path):
+    fieldnames, rows = rows_of(tiny_csv)
+    malformed, unknown, empty = dict(rows[0]), dict(rows[1]), dict(rows[2])
+    malformed["cif"] = "this is not a CIF"
+    unknown["cif"] = with_unknown_element(rows[1]["cif"])
+    empty["cif"] = ""
+    path = tmp_path / "mixed.csv"
+    write_rows(path, fieldnames, [rows[0], malformed, rows[1], unknown, empty, rows[2]])
+    dataset = load_crystals(path, show_progress=False)
+    assert len(dataset) == 3
+    skipped = {s.row: s.reason for s in dataset.report.skipped}
+    assert set(skipped) == {1, 3, 4}
+    assert skipped[1].startswith("unparsable CIF") and skipped[4].startswith("unparsable CIF")
+    assert "Xx" in skipped[3]
+    assert "3 of 6 crystals usable" in dataset.report.summary()
+    assert json.loads(dataset.report.to_json())["skipped"][0]["source"] == "row 1"
+    only_bad = tmp_path / "only_bad.csv"
+    write_rows(only_bad, fieldnames, [malformed, unknown, empty])
+    with pytest.raises(DatasetError, match="no usable crystal in 3 rows"):
+        load_crystals(only_bad, show_progress=False)
+
+
+def test_too_large_crystals_are_reported_not_failed(tiny_csv):
+    with pytest.raises(DatasetError, match="too large"):
+        load_crystals(tiny_csv, PreprocessOptions(max_atoms=4), show_progress=False)
+
+
+def test_cache_is_keyed_by_content_and_options(tiny_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_crystals(tiny_csv, show_progress=False)
+    assert len(list((tmp_path / "cache" / "crystals").glob("*.pt"))) == 1
+    again = load_crystals(tiny_csv, show_progress=False)
+    torch.testing.assert_close(again.frac_coords, first.frac_coords)
+    load_crystals(tiny_csv, PreprocessOptions(niggli=False), show_progress=False)
+    assert len(list((tmp_path / "cache" / "crystals").glob("*.pt"))) == 2
+
+
+def test_reads_a_folder_of_cif_files(tiny_csv, tmp_path, tiny_dataset):
+    _, rows = rows_of(tiny_csv)
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for i, row in enumerate(rows):
+        (folder / f"{i:02d}.cif").write_text(row["cif"])
+    (folder / "broken.cif").write_text("data_x\n_cell_length_a 3\n")
+    dataset = load_crystals(folder, show_progress=False)
+    assert len(dataset) == 8
+    assert [s.source for s in dataset.report.skipped] == ["broken.cif"]
+    torch.testing.assert_close(dataset.lengths, tiny_dataset.lengths)
+
+
+def test_missing_path_and_missing_column_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        load_crystals(tmp_path / "nope.csv")
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DatasetError, match="no 'cif' column"):
+        load_crystals(tmp_path / "x.csv")
+
+
+def test_split_cli_shuffles_into_three_files(tiny_csv, tmp_path, capsys):
+    data_main(["split", str(tiny_csv), "--out", str(tmp_path / "split"), "--fractions", "0.5", "0.25", "0.25"])
+    assert "train: 4, val: 2, test: 2" in capsys.readouterr().out
+    counts = {name: len(rows_of(tmp_path / "split" / f"{name}.csv")[1]) for name in ("train", "val", "test")}
+    assert counts == {"train": 4, "val": 2, "test": 2}
+    assert split_csv(tiny_csv, tmp_path / "again", seed=0) == split_csv(tiny_csv, tmp_path / "again2", seed=0)

@@ -1,0 +1,80 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from equicsp.checkpoint import CheckpointError, load_model, read_checkpoint
+from equicsp.config import make_config
+from equicsp.train import main as train_main
+from equicsp.train import train
+from conftest import FAST
+
+
+def fast_config(data_dir, **extra):
+    return make_config("smoke", "equicsp", {**FAST, "data.path": str(data_dir), "run.checkpoint_every": 2, **extra})
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(tiny_data_dir, tmp_path):
+    loop = train(fast_config(tiny_data_dir, **{"optim.epochs": 12}), tmp_path / "run", show_progress=False)
+    history = loop.state.history
+    assert len(history) == 12
+    assert history[-1]["train_total"] < history[0]["train_total"]
+    for name in ("last.pt", "best.pt", "config.yaml"):
+        assert (tmp_path / "run" / name).exists()
+    stored = read_checkpoint(tmp_path / "run" / "last.pt")  # weights_only=True inside
+    assert stored["epoch"] == 12 and set(stored) >= {"optimizer", "scheduler", "config", "model"}
+    config, model = load_model(tmp_path / "run" / "best.pt")
+    assert config.data.path == str(tiny_data_dir)
+
+
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(tiny_data_dir, tmp_path):
+    full = train(fast_config(tiny_data_dir, **{"optim.epochs": 6}), tmp_path / "full", show_progress=False)
+    train(fast_config(tiny_data_dir, **{"optim.epochs": 4}), tmp_path / "split", show_progress=False)
+    resumed = train(fast_config(tiny_data_dir, **{"optim.epochs": 6}), tmp_path / "split", show_progress=False)
+    losses = lambda loop: [round(h["train_total"], 6) for h in loop.state.history]  # noqa: E731
+    assert losses(resumed) == losses(full)
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tiny_data_dir, tmp_path):
+    runs = [train(fast_config(tiny_data_dir, **{"optim.epochs": 2, "run.seed": seed}), tmp_path / f"r{i}",
+                  show_progress=False) for i, seed in enumerate((0, 0, 1))]
+    totals = [[h["train_total"] for h in run.state.history] for run in runs]
+    assert totals[0] == totals[1] and totals[0] != totals[2]
+
+
+def test_bad_inputs_fail_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--preset", "smoke", "--objective.nope", "1", "--out", str(tmp_path)])
+    assert "unrecognized arguments: --objective.nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="objective.frame_average and objective.perm_loss exclude each other"):
+        train_main(["--preset", "smoke", "--objective.frame_average", "true", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a folder"):
+        train_main(["--preset", "smoke", "--data.path", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_model(tmp_path / "junk.pt")
+
+
+def test_train_and_sample_commands_run(tiny_data_dir, tmp_path):
+    """The two user commands end to end, as a user types them."""
+    overrides = [arg for key, value in FAST.items() for arg in (f"--{key}", str(value))]
+    run = subprocess.run([sys.executable, "-m", "equicsp.train", "--preset", "smoke", "--data.path", str(tiny_data_dir),
+                          "--optim.epochs", "2", "--out", str(tmp_path / "run"), *overrides],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "done: 2 epochs" in run.stdout
+    sample = subprocess.run([sys.executable, "-m", "equicsp.sample", "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                             "--formula", "SrTiO3", "--num-samples", "2", "--out", str(tmp_path / "cifs")],
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr
+    from pymatgen.core import Structure
+
+    files = sorted((tmp_path / "cifs").glob("*.cif"))
+    assert [f.name for f in files] == ["SrTiO3_0.cif", "SrTiO3_1.cif"]
+    assert Structure.from_file(files[0]).composition.reduced_formula == "SrTiO3"
+    bad = subprocess.run([sys.executable, "-m", "equicsp.sample", "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                          "--formula", "Xx2O", "--out", str(tmp_path / "cifs")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "Xx2O" in bad.stderr
