@@ -47,6 +47,7 @@ class CrystalGraph:
     pair_source: torch.Tensor  # (P,) i of each pair i < j
     pair_target: torch.Tensor  # (P,) j
     edge_slot: torch.Tensor  # (E,) row of the Fourier table: pair p (i<j), P + p (i>j), 2P (self)
+    edges_per_atom: torch.Tensor  # (N,) edges leaving each atom (its crystal's size); edges are grouped by source
 
     @classmethod
     def fully_connected(cls, num_atoms: torch.Tensor) -> "CrystalGraph":
@@ -67,7 +68,8 @@ class CrystalGraph:
         slot = torch.where(upper, pair_id, num_pairs + pair_id[transpose])
         slot = torch.where(local_i == local_j, torch.full_like(slot, 2 * num_pairs), slot)
         return cls(source=base + local_i, target=base + local_j, edge_crystal=edge_crystal,
-                   pair_source=(base + local_i)[upper], pair_target=(base + local_j)[upper], edge_slot=slot)
+                   pair_source=(base + local_i)[upper], pair_target=(base + local_j)[upper], edge_slot=slot,
+                   edges_per_atom=torch.repeat_interleave(num_atoms, num_atoms))
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -98,7 +100,8 @@ class CSPLayer(nn.Module):
                + self.edge_lattice(lattice).index_select(0, graph.edge_crystal)
                + edge_fourier)  # (E, hidden)
         messages = self.edge_out(pre)
-        aggregated = scatter(messages, graph.source, dim=0, dim_size=h.shape[0], reduce="mean")
+        # Edges are contiguous per source atom, so a segment mean replaces a scatter (several times faster on CPU).
+        aggregated = torch.segment_reduce(messages, "mean", lengths=graph.edges_per_atom)
         return h + self.node_mlp(torch.cat([normed, aggregated], dim=-1))
 
 

@@ -68,9 +68,9 @@ def test_fast_forward_equals_the_direct_formula():
     fast = run(model, batch, lattice, timesteps)
     lattice_out, coord_out, score_out = naive_forward(model, batch.atom_types, batch.frac_coords, lattice, timesteps,
                                                       batch.batch, batch.num_atoms)
-    torch.testing.assert_close(fast.lattice_noise, lattice_out.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast.coord_noise, coord_out.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast.coord_score, score_out.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.lattice_noise, lattice_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.coord_noise, coord_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.coord_score, score_out, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=20, deadline=None)
