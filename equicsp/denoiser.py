@@ -47,7 +47,7 @@ class CrystalGraph:
     pair_source: torch.Tensor  # (P,) i of each pair i < j
     pair_target: torch.Tensor  # (P,) j
     edge_slot: torch.Tensor  # (E,) row of the Fourier table: pair p (i<j), P + p (i>j), 2P (self)
-    edges_per_atom: torch.Tensor  # (N,) edges leaving each atom (its crystal's size); edges are grouped by source
+    edges_per_atom: torch.Tensor  # (N,) edges leaving each atom: its crystal's size
 
     @classmethod
     def fully_connected(cls, num_atoms: torch.Tensor) -> "CrystalGraph":
@@ -90,19 +90,23 @@ class CSPLayer(nn.Module):
         self.edge_lattice = nn.Linear(6, hidden, bias=False)
         self.edge_fourier = nn.Linear(fourier_dim, hidden, bias=False)
         self.edge_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
-        self.node_mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        # phi_h's first Linear on (h_i, mean_j m_ij), split in two to skip the concatenation.
+        self.node_self = nn.Linear(hidden, hidden)
+        self.node_messages = nn.Linear(hidden, hidden, bias=False)
+        self.node_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
 
     def forward(self, h: torch.Tensor, lattice: torch.Tensor, edge_fourier: torch.Tensor,
-                graph: CrystalGraph) -> torch.Tensor:
+                graph: CrystalGraph, batch: torch.Tensor) -> torch.Tensor:
         normed = self.norm(h)
-        pre = (self.edge_source(normed).index_select(0, graph.source)
-               + self.edge_target(normed).index_select(0, graph.target)
-               + self.edge_lattice(lattice).index_select(0, graph.edge_crystal)
+        # The lattice term is per crystal: add it per atom before gathering onto edges.
+        source = self.edge_source(normed) + self.edge_lattice(lattice).index_select(0, batch)  # (N, hidden)
+        pre = (source.index_select(0, graph.source) + self.edge_target(normed).index_select(0, graph.target)
                + edge_fourier)  # (E, hidden)
         messages = self.edge_out(pre)
-        # Edges are contiguous per source atom, so a segment mean replaces a scatter (several times faster on CPU).
-        aggregated = torch.segment_reduce(messages, "mean", lengths=graph.edges_per_atom)
-        return h + self.node_mlp(torch.cat([normed, aggregated], dim=-1))
+        # index_add is an order of magnitude faster on CPU than scatter's broadcast index or segment_reduce.
+        summed = torch.index_add(messages.new_zeros(h.shape[0], messages.shape[1]), 0, graph.source, messages)
+        aggregated = summed / graph.edges_per_atom.unsqueeze(-1).to(summed.dtype)
+        return h + self.node_out(self.node_self(normed) + self.node_messages(aggregated))
 
 
 class CSPNet(nn.Module):
@@ -140,7 +144,7 @@ class CSPNet(nn.Module):
         h = self.input_mlp(torch.cat([self.atom_embedding(atom_types), time], dim=-1))
         tables = self.fourier_tables(frac_coords, graph).index_select(0, graph.edge_slot)  # (E, L*h)
         for index, layer in enumerate(self.layers):
-            h = layer(h, lattice, tables[:, index * hidden:(index + 1) * hidden], graph)
+            h = layer(h, lattice, tables[:, index * hidden:(index + 1) * hidden], graph, batch)
         h = self.final_norm(h)
         crystal_h = scatter(h, batch, dim=0, dim_size=num_atoms.shape[0], reduce="mean")
         # Heads leave autocast's bf16 as float32; a float64 model stays float64.

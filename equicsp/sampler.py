@@ -91,7 +91,7 @@ class Sampler:
         std = (beta_ts * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()
         return mean + std * z
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_batch(self, atom_types: torch.Tensor, num_atoms: torch.Tensor, keys: torch.Tensor, seed: int,
                      progress: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) atom types, (B,) atom counts, (B,) keys -> ((N, 3) X_0, (B, 6) projected lattice)."""
