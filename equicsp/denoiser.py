@@ -98,11 +98,11 @@ class CSPLayer(nn.Module):
     def forward(self, h: torch.Tensor, lattice: torch.Tensor, edge_fourier: torch.Tensor,
                 graph: CrystalGraph, batch: torch.Tensor) -> torch.Tensor:
         normed = self.norm(h)
-        # The lattice term is per crystal: add it per atom before gathering onto edges.
+        # The lattice term is per crystal: add it per atom before it reaches the edges.
         source = self.edge_source(normed) + self.edge_lattice(lattice).index_select(0, batch)  # (N, hidden)
-        pre = (source.index_select(0, graph.source) + self.edge_target(normed).index_select(0, graph.target)
-               + edge_fourier)  # (E, hidden)
-        messages = self.edge_out(pre)
+        target = self.edge_target(normed)
+        pre = source.index_select(0, graph.source) + target.index_select(0, graph.target) + edge_fourier
+        messages = self.edge_out(pre)  # (E, hidden)
         # index_add is an order of magnitude faster on CPU than scatter's broadcast index or segment_reduce.
         summed = torch.index_add(messages.new_zeros(h.shape[0], messages.shape[1]), 0, graph.source, messages)
         aggregated = summed / graph.edges_per_atom.unsqueeze(-1).to(summed.dtype)
@@ -142,9 +142,11 @@ class CSPNet(nn.Module):
         hidden = self.config.hidden_dim
         time = sinusoidal_embedding(timesteps, self.config.time_dim)[batch]
         h = self.input_mlp(torch.cat([self.atom_embedding(atom_types), time], dim=-1))
-        tables = self.fourier_tables(frac_coords, graph).index_select(0, graph.edge_slot)  # (E, L*h)
+        tables = self.fourier_tables(frac_coords, graph)
+        tables = tables.view(tables.shape[0], len(self.layers), hidden)  # (2P + 1, L, hidden)
         for index, layer in enumerate(self.layers):
-            h = layer(h, lattice, tables[:, index * hidden:(index + 1) * hidden], graph, batch)
+            # Gathered per layer so each layer's (E, hidden) block is contiguous.
+            h = layer(h, lattice, tables[:, index].index_select(0, graph.edge_slot), graph, batch)
         h = self.final_norm(h)
         crystal_h = scatter(h, batch, dim=0, dim_size=num_atoms.shape[0], reduce="mean")
         # Heads leave autocast's bf16 as float32; a float64 model stays float64.

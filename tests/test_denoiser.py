@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,9 +64,10 @@ def naive_forward(model: CSPNet, atom_types, frac_coords, lattice, timesteps, ba
     return model.lattice_head(pooled), model.coord_head(h), model.score_head(h)
 
 
-def test_fast_forward_equals_the_direct_formula():
+@pytest.mark.parametrize("counts", [[1, 4, 7, 2], [5, 5, 5]])  # mixed sizes, and the equal-size fast path
+def test_fast_forward_equals_the_direct_formula(counts):
     model = network()
-    batch, lattice, timesteps = inputs([1, 4, 7, 2])
+    batch, lattice, timesteps = inputs(counts)
     fast = run(model, batch, lattice, timesteps)
     lattice_out, coord_out, score_out = naive_forward(model, batch.atom_types, batch.frac_coords, lattice, timesteps,
                                                       batch.batch, batch.num_atoms)
