@@ -20,6 +20,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Composition, Element, Lattice, Structure
+from smact.screening import smact_validity
 from tqdm.auto import tqdm
 
 MIN_DISTANCE = 0.5  # Angstrom
@@ -71,9 +74,7 @@ class CrystalArrays:
                    tuple(tuple(row) for row in as_list(frac_coords)),
                    tuple(as_list(lengths)), tuple(as_list(angles)))
 
-    def to_structure(self):
-        from pymatgen.core import Lattice, Structure
-
+    def to_structure(self) -> Structure:
         return Structure(Lattice.from_parameters(*self.lengths, *self.angles), list(self.atom_types),
                          list(self.frac_coords), coords_are_cartesian=False)
 
@@ -94,9 +95,6 @@ class CrystalResult:
 @lru_cache(maxsize=65536)
 def composition_valid(atom_types: tuple[int, ...]) -> bool:
     """SMACT charge neutrality + Pauling test, with SMACT's original (2014) oxidation states as CDVAE."""
-    from pymatgen.core import Composition, Element
-    from smact.screening import smact_validity
-
     composition = Composition({Element.from_Z(z): atom_types.count(z) for z in set(atom_types)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -151,7 +149,6 @@ def extreme_lattice_problem(crystal: CrystalArrays) -> str:
 
 def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalResult:
     """Best-of-k match of the predictions for one ground truth."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
     index, truth, predictions = job
     formula = _formula(truth.atom_types) if truth.atom_types else ""
     result = CrystalResult(index, formula, len(truth.atom_types), False, math.nan, -1, 0, len(predictions), "")
@@ -193,8 +190,6 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
 
 
 def _formula(atom_types: tuple[int, ...]) -> str:
-    from pymatgen.core import Composition, Element
-
     return Composition({Element.from_Z(z): atom_types.count(z) for z in set(atom_types)}).reduced_formula
 
 
@@ -234,7 +229,8 @@ def evaluate_matches(truths: list[CrystalArrays], predictions: list[list[Crystal
     progress = dict(total=len(jobs), desc="matching", unit="crystal", disable=not show_progress)
     if processes <= 1 or len(jobs) < 2:
         return [match_one(job) for job in tqdm(jobs, **progress)]
-    chunk = max(1, min(32, len(jobs) // (processes * 4)))
+    # Small chunks: match times vary a lot between crystals. Workers fork with pymatgen already imported.
+    chunk = max(1, min(8, len(jobs) // (processes * 16)))
     with ProcessPoolExecutor(processes) as pool:
         return list(tqdm(pool.map(match_one, jobs, chunksize=chunk), **progress))
 
