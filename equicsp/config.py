@@ -144,10 +144,10 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "mpts_52": dict(model=_LARGE, data=DataConfig(path="", max_atoms=52), optim=OptimConfig(epochs=1000),
                     sampler=SamplerConfig(step_lr=1e-5)),
     # Trains in about a minute on the bundled sample on 2 CPU cores.
-    "smoke": dict(model=ModelConfig(num_layers=2, hidden_dim=64, num_freqs=32, time_dim=64),
+    "smoke": dict(model=ModelConfig(num_layers=3, hidden_dim=128, num_freqs=32, time_dim=64),
                   diffusion=DiffusionConfig(timesteps=100, von_mises_samples=2000),
-                  optim=OptimConfig(epochs=30, batch_size=64, plateau_patience=10),
-                  sampler=SamplerConfig(step_lr=1e-4, batch_size=100), run=RunConfig(checkpoint_every=5)),
+                  optim=OptimConfig(epochs=200, batch_size=64, plateau_patience=20),
+                  sampler=SamplerConfig(step_lr=3e-4, batch_size=100), run=RunConfig(checkpoint_every=20)),
 }
 
 
