@@ -209,7 +209,7 @@ class CrystalDataset(torch.utils.data.Dataset):
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
         return Data(atom_types=self.atom_types[start:stop], frac_coords=self.frac_coords[start:stop],
                     lengths=self.lengths[index:index + 1], angles=self.angles[index:index + 1],
-                    num_atoms=stop - start, num_nodes=stop - start, index=index)
+                    num_atoms=stop - start, num_nodes=stop - start, crystal_id=index)
 
     @property
     def max_atoms(self) -> int:

@@ -7,10 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from equicsp.config import Config
-from equicsp.lattice import project_lattice
+from equicsp.lattice import NUM_PERMUTATIONS, project_lattice
+from equicsp.noise import atom_keys, keyed_normal, keyed_uniform
 from equicsp.schedules import NoiseSchedule, wrap
 from equicsp.targets import CoordinateTargets, build_target
 from equicsp.von_mises import VonMisesTables, load_or_build_tables
+
+
+# Noise streams of one training step.
+_TIMESTEP, _LATTICE_NOISE, _COORD_NOISE, _PERMUTATION = range(4)
 
 
 @dataclass
@@ -50,16 +55,41 @@ class Diffusion:
         if self.tables is not None and largest > self.tables.max_atoms:
             raise ValueError(f"a crystal has {largest} atoms but data.max_atoms is {self.tables.max_atoms}")
 
-    def noise(self, batch, generator: torch.Generator | None = None) -> NoisedBatch:
-        """Sample t per crystal and noise lattice and coordinates (METHOD.md: Lattice, Coordinates)."""
+    def noise(self, batch, seed: int, step: int) -> NoisedBatch:
+        """Sample t per crystal and noise lattice and coordinates (METHOD.md: Lattice, Coordinates).
+
+        The draws are keyed by each crystal's dataset index (batch.crystal_id), the seed and the
+        step (the epoch), so a crystal gets the same noise however the data is batched or
+        sharded across workers.
+        """
         num_crystals = batch.num_atoms.shape[0]
         device = batch.frac_coords.device
-        t = torch.randint(1, self.timesteps + 1, (num_crystals,), generator=generator).to(device)
+        keys = crystal_keys(batch)
+        t = (keyed_uniform(keys, 1, seed, step, _TIMESTEP)[:, 0] * self.timesteps).long().clamp(max=self.timesteps - 1) + 1
         lattice_0 = project_lattice(batch.lengths, batch.angles)
-        lattice_noise = torch.randn(lattice_0.shape, generator=generator).to(device)
+        lattice_noise = keyed_normal(keys, 6, seed, step, _LATTICE_NOISE, lattice_0.dtype)
         alpha_bar = self.schedule.alpha_bars[t][:, None]
         lattice_t = alpha_bar.sqrt() * lattice_0 + (1 - alpha_bar).sqrt() * lattice_noise
         t_atom = t[batch.batch]
-        noise = self.schedule.sigmas[t_atom][:, None] * torch.randn(batch.frac_coords.shape, generator=generator).to(device)
+        per_atom = atom_keys(keys, batch.batch, batch.num_atoms)
+        eps = keyed_normal(per_atom, 3, seed, step, _COORD_NOISE, batch.frac_coords.dtype)
+        noise = self.schedule.sigmas[t_atom][:, None] * eps
         targets = self.target.targets(noise, batch.batch, num_crystals, batch.num_atoms[batch.batch], t_atom)
         return NoisedBatch(t, lattice_t, lattice_noise, wrap(batch.frac_coords + noise), targets)
+
+
+def crystal_keys(batch) -> torch.Tensor:
+    """(B,) the crystals' dataset indices when the batch carries them, else their positions.
+
+    (Not named `index`: PyG offsets any attribute with "index" in its name when batching.)
+    """
+    index = getattr(batch, "crystal_id", None)
+    if isinstance(index, torch.Tensor) and index.shape == batch.num_atoms.shape:
+        return index.long()
+    return torch.arange(batch.num_atoms.shape[0], device=batch.num_atoms.device)
+
+
+def keyed_permutations(batch, seed: int, step: int) -> torch.Tensor:
+    """(B,) one of the five non-identity axis permutations per crystal, keyed like the noise."""
+    u = keyed_uniform(crystal_keys(batch), 1, seed, step, _PERMUTATION)[:, 0]
+    return (u * (NUM_PERMUTATIONS - 1)).long().clamp(max=NUM_PERMUTATIONS - 2) + 1

@@ -57,10 +57,3 @@ def permute_columns(per_atom: torch.Tensor, permutation_index: torch.Tensor, bat
     order = AXIS_PERMUTATIONS.to(per_atom.device)[permutation_index][batch]  # (N, 3)
     return torch.gather(per_atom, 1, order)
 
-
-def random_non_identity_permutation(num_crystals: int, generator: torch.Generator | None = None,
-                                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """One of the five non-identity permutations per crystal, uniformly (METHOD.md: L_perm)."""
-    draws = torch.randint(1, NUM_PERMUTATIONS, (num_crystals,), generator=generator)
-    return draws.to(device)
-

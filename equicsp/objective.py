@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from equicsp.diffusion import Diffusion, NoisedBatch
-from equicsp.lattice import permute_columns, permute_lattice, random_non_identity_permutation
+from equicsp.diffusion import Diffusion, NoisedBatch, keyed_permutations
+from equicsp.lattice import permute_columns, permute_lattice
 
 
 @dataclass
@@ -45,13 +45,14 @@ class Objective:
         self.objective = diffusion.config.objective
         self.precision = precision
 
-    def __call__(self, batch, generator: torch.Generator | None = None) -> LossTerms:
-        noised = self.diffusion.noise(batch, generator)
+    def __call__(self, batch, seed: int = 0, step: int = 0) -> LossTerms:
+        """The loss terms for one batch; its noise is keyed by (seed, step, crystal index)."""
+        noised = self.diffusion.noise(batch, seed, step)
         num_crystals, device = batch.num_atoms.shape[0], noised.lattice.device
         use_perm = self.objective.perm_loss and self.objective.perm_loss_weight > 0
         with autocast(device, self.precision):
             if use_perm:
-                permutation = random_non_identity_permutation(num_crystals, generator, device)
+                permutation = keyed_permutations(batch, seed, step)
                 inputs = _stack_two(batch, permute_columns(noised.frac_coords, permutation, batch.batch),
                                     permute_lattice(noised.lattice, permutation), noised)
                 both = self.denoiser(**inputs)

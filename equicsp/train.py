@@ -2,14 +2,16 @@
 
 Adam, ReduceLROnPlateau on the validation loss, gradient clipping by value, a
 checkpoint every `run.checkpoint_every` epochs plus the best one, and resume from the last.
-Every epoch draws its shuffling and noise from generators seeded by (seed, epoch, rank), so a
-resumed run continues exactly as an uninterrupted one would.
+Every epoch's shuffling is seeded by (seed, epoch) and every crystal's noise is keyed by
+(seed, epoch, dataset index), so a resumed run continues exactly as an uninterrupted one
+would, and the noise does not depend on the batch size or the number of workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,8 +50,9 @@ def load_splits(config: Config, splits: tuple[str, ...] = SPLITS, show_progress:
     return datasets
 
 
-def epoch_generator(seed: int, epoch: int, rank: int, purpose: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_009 + rank) * 4 + purpose)
+def shuffle_generator(seed: int, epoch: int) -> torch.Generator:
+    """The same on every worker, so they agree on the epoch's order before taking their shards."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 @dataclass
@@ -90,7 +93,7 @@ class TrainingLoop:
         self.local_batch_size = o.batch_size // world_size
 
     def _shard(self, dataset: CrystalDataset, epoch: int, shuffle: bool) -> DataLoader:
-        order = (torch.randperm(len(dataset), generator=epoch_generator(self.config.run.seed, epoch, 0, 0))
+        order = (torch.randperm(len(dataset), generator=shuffle_generator(self.config.run.seed, epoch))
                  if shuffle else torch.arange(len(dataset)))
         # Every worker gets the same number of batches (DDP needs equal steps): pad by wrapping.
         per_worker = math.ceil(len(dataset) / self.world_size)
@@ -101,14 +104,13 @@ class TrainingLoop:
     def train_epoch(self) -> dict[str, float]:
         epoch = self.state.epoch
         self.model.train()
-        generator = epoch_generator(self.config.run.seed, epoch, self.rank, 1)
         sums = dict.fromkeys(LOSS_NAMES, 0.0)
         crystals = 0
         start = time.perf_counter()
         loader = self._shard(self.train_set, epoch, shuffle=True)
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress):
             batch = batch.to(self.device)
-            loss = self.objective(batch, generator)
+            loss = self.objective(batch, self.config.run.seed, epoch + 1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
             nn.utils.clip_grad_value_(self.model.parameters(), self.config.optim.grad_clip)
@@ -118,31 +120,34 @@ class TrainingLoop:
             for name, value in loss.as_floats().items():
                 sums[name] += value * size
         elapsed = time.perf_counter() - start
-        metrics = {f"train_{name}": value / max(crystals, 1) for name, value in sums.items()}
+        metrics = self._mean_over_workers(sums, crystals, "train")
         metrics.update(crystals_per_s=crystals * self.world_size / elapsed, epoch_time_s=elapsed)
         return metrics
 
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """The objective on the validation set with fixed noise (the same draws every epoch)."""
-        self.model.eval()
-        generator = epoch_generator(self.config.run.seed, 0, self.rank, 2)
-        sums = dict.fromkeys(LOSS_NAMES, 0.0)
-        crystals = 0
-        for batch in self._shard(self.val_set, 0, shuffle=False):
-            batch = batch.to(self.device)
-            loss = self.objective(batch, generator)
-            size = batch.num_atoms.shape[0]
-            crystals += size
-            for name, value in loss.as_floats().items():
-                sums[name] += value * size
+    def _mean_over_workers(self, sums: dict[str, float], crystals: int, prefix: str) -> dict[str, float]:
+        """Per-crystal means of the loss sums over every worker's shard."""
         totals = torch.tensor([sums[name] for name in LOSS_NAMES] + [crystals], dtype=torch.float64)
         if self.world_size > 1 and torch.distributed.is_initialized():
             totals = totals.to(self.device)
             torch.distributed.all_reduce(totals)
             totals = totals.cpu()
         count = max(float(totals[-1]), 1.0)
-        return {f"val_{name}": float(value) / count for name, value in zip(LOSS_NAMES, totals[:-1])}
+        return {f"{prefix}_{name}": float(value) / count for name, value in zip(LOSS_NAMES, totals[:-1])}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """The objective on the validation set with fixed noise (the same draws every epoch)."""
+        self.model.eval()
+        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        crystals = 0
+        for batch in self._shard(self.val_set, 0, shuffle=False):
+            batch = batch.to(self.device)
+            loss = self.objective(batch, self.config.run.seed, 0)  # step 0: the same draws every epoch
+            size = batch.num_atoms.shape[0]
+            crystals += size
+            for name, value in loss.as_floats().items():
+                sums[name] += value * size
+        return self._mean_over_workers(sums, crystals, "val")
 
     def step_epoch(self) -> dict[str, float]:
         """Train one epoch, validate, step the LR schedule; returns the epoch's metrics."""
@@ -199,17 +204,51 @@ def train(config: Config, out_dir: Path, resume: bool = True, show_progress: boo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m equicsp.train", description="Train EquiCSP on one process.")
+    parser = argparse.ArgumentParser(
+        prog="python -m equicsp.train",
+        description="Train EquiCSP: Ray Train DDP workers logging to MLflow, or --local for one process.")
     add_config_arguments(parser)
-    parser.add_argument("--out", type=Path, default=Path("runs/train"), help="checkpoints and config go here")
-    parser.add_argument("--no-resume", action="store_true", help="start from epoch 0 even if out/last.pt exists")
+    parser.add_argument("--data", help="dataset folder (train/val/test); same as --data.path")
+    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP); the global batch is split")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
+    parser.add_argument("--experiment", default="equicsp", help="MLflow experiment")
+    parser.add_argument("--run-name", help="stable name: relaunching with it continues the run")
+    parser.add_argument("--storage-path", help="Ray Train storage (shared on a cluster; default ./runs/ray)")
+    parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    parser.add_argument("--local", action="store_true", help="train in this process, without Ray or MLflow")
+    parser.add_argument("--out", type=Path, default=Path("runs/train"),
+                        help="checkpoints and config are also written here (with --local, only here)")
+    parser.add_argument("--no-resume", action="store_true", help="--local: start from epoch 0 even if out/last.pt exists")
     args = parser.parse_args(argv)
+    if args.data:
+        setattr(args, "cfg:data.path", args.data)
     try:
         config = config_from_arguments(args)
-        loop = train(config, args.out, resume=not args.no_resume)
-    except (ConfigError, DatasetError) as error:
+        if args.local:
+            loop = train(config, args.out, resume=not args.no_resume)
+            print(f"done: {loop.state.epoch} epochs, best val loss {loop.state.best_val:.4f}, checkpoints in {args.out}")
+            return
+        from equicsp.distributed import LaunchOptions, run_training
+        from equicsp.tracking import TrackingError
+
+        options = LaunchOptions(num_workers=args.num_workers, use_gpu=args.gpu, tracking_uri=args.tracking_uri,
+                                experiment=args.experiment, run_name=args.run_name, storage_path=args.storage_path,
+                                max_failures=args.max_failures)
+        try:
+            result = run_training(config, options)
+        except TrackingError as error:
+            raise SystemExit(f"error: {error}") from None
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in ("best.pt", "last.pt", "learning_curve.png"):
+            if (result.checkpoint_dir / name).exists():
+                shutil.copy(result.checkpoint_dir / name, args.out / name)
+        (args.out / "config.yaml").write_text(config.to_yaml())
+    except (ConfigError, DatasetError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    print(f"done: {loop.state.epoch} epochs, best val loss {loop.state.best_val:.4f}, checkpoints in {args.out}")
+    best = min((row["val_total"] for row in result.history), default=math.nan)
+    print(f"done: {len(result.history)} epochs, best val loss {best:.4f}; MLflow run {result.run_id} "
+          f"at {result.tracking_uri}")
 
 
 if __name__ == "__main__":

@@ -45,12 +45,12 @@ def test_same_seed_same_losses_other_seed_other_losses(tiny_data_dir, tmp_path):
 
 def test_bad_inputs_fail_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_main(["--preset", "smoke", "--objective.nope", "1", "--out", str(tmp_path)])
+        train_main(["--local", "--preset", "smoke", "--objective.nope", "1", "--out", str(tmp_path)])
     assert "unrecognized arguments: --objective.nope" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="objective.frame_average and objective.perm_loss exclude each other"):
-        train_main(["--preset", "smoke", "--objective.frame_average", "true", "--out", str(tmp_path)])
+        train_main(["--local", "--preset", "smoke", "--objective.frame_average", "true", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a folder"):
-        train_main(["--preset", "smoke", "--data.path", str(tmp_path / "missing"), "--out", str(tmp_path)])
+        train_main(["--local", "--preset", "smoke", "--data.path", str(tmp_path / "missing"), "--out", str(tmp_path)])
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "none.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
@@ -61,7 +61,7 @@ def test_bad_inputs_fail_before_training(tmp_path, capsys):
 def test_train_and_sample_commands_run(tiny_data_dir, tmp_path):
     """The two user commands end to end, as a user types them."""
     overrides = [arg for key, value in FAST.items() for arg in (f"--{key}", str(value))]
-    run = subprocess.run([sys.executable, "-m", "equicsp.train", "--preset", "smoke", "--data.path", str(tiny_data_dir),
+    run = subprocess.run([sys.executable, "-m", "equicsp.train", "--local", "--preset", "smoke", "--data", str(tiny_data_dir),
                           "--optim.epochs", "2", "--out", str(tmp_path / "run"), *overrides],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

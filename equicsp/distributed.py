@@ -1,0 +1,190 @@
+"""Ray Train around the library's training loop: DDP on CPU (gloo) or GPU (nccl) workers, MLflow, retries.
+
+The driver validates everything, opens (or finds) the MLflow run and starts a TorchTrainer;
+each worker runs `TrainingLoop`, the same loop as single-process training. Rank 0 logs each
+epoch to MLflow and reports a checkpoint (last.pt and best.pt) every `run.checkpoint_every`
+epochs. A worker that dies is replaced and the group resumes from the latest checkpoint;
+epochs that MLflow already holds are not logged twice, so the run keeps one history.
+Relaunching the same command (same run name and storage path) continues the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equicsp.cache import cache_key
+from equicsp.config import Config, config_from_dict
+from equicsp.train import load_splits
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    num_workers: int = 1
+    use_gpu: bool = False
+    tracking_uri: str | None = None
+    experiment: str = "equicsp"
+    run_name: str | None = None  # default: preset, objective preset, seed and a hash of the config
+    storage_path: str | None = None  # default: ./runs/ray (must be shared storage on a multi-node cluster)
+    max_failures: int = 3
+    parent_run_id: str | None = None
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    tracking_uri: str
+    checkpoint_dir: Path  # holds best.pt and last.pt
+    history: list[dict[str, float]]
+
+
+def default_run_name(config: Config) -> str:
+    return f"{config.preset}-{config.objective_preset}-seed{config.run.seed}-{cache_key(config.to_dict())[:8]}"
+
+
+def connect_ray() -> None:
+    """Join a running cluster (`ray submit`, `ray start`) when there is one, else start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    try:
+        ray.init(address="auto", logging_level="ERROR")
+    except ConnectionError:
+        ray.init(logging_level="ERROR", log_to_driver=False)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker function: the library's TrainingLoop under DDP, reporting to Ray and MLflow."""
+    import ray.train
+    import ray.train.torch
+
+    from equicsp import tracking
+    from equicsp.train import TrainingLoop
+
+    config = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    datasets = load_splits(config, ("train", "val"), show_progress=False)
+    loop = TrainingLoop(config, datasets["train"], datasets["val"], ray.train.torch.get_device(), rank, world_size,
+                        wrap_model=ray.train.torch.prepare_model, show_progress=False)
+    local = Path(tempfile.mkdtemp(prefix="equicsp-ckpt-"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as restored:
+            loop.restore(Path(restored) / "last.pt")
+            if (Path(restored) / "best.pt").exists():
+                shutil.copy(Path(restored) / "best.pt", local / "best.pt")
+    uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+    logged: set[int] = set()
+    if rank == 0:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)  # CPU / memory / GPU while training
+        logged = {step for step, _ in tracking.metric_history(uri, run_id, "train_total")}
+        if checkpoint is not None:
+            tracking.client(uri).log_metric(run_id, "resumed_from_epoch", loop.state.epoch, step=loop.state.epoch)
+    while loop.state.epoch < config.optim.epochs:
+        metrics = loop.step_epoch()
+        epoch = loop.state.epoch
+        _injected_failure(epoch, rank)
+        if rank == 0:
+            if epoch not in logged:  # a retried epoch was logged before the crash: keep one history
+                tracking.log_epochs(uri, run_id, [metrics])
+            if metrics["improved"]:
+                loop.save(local / "best.pt")
+        if epoch % config.run.checkpoint_every == 0 or epoch == config.optim.epochs:
+            if rank == 0:
+                loop.save(local / "last.pt")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
+            else:
+                ray.train.report(metrics)
+        else:
+            ray.train.report(metrics)
+    shutil.rmtree(local, ignore_errors=True)
+    if rank == 0:
+        mlflow.end_run()
+
+
+def _injected_failure(epoch: int, rank: int) -> None:
+    """Fault injection for recovery tests: $EQUICSP_KILL_WORKER = "EPOCH:MARKER_FILE" makes rank 0
+    die abruptly after EPOCH, once (the marker file records that it happened)."""
+    spec = os.environ.get("EQUICSP_KILL_WORKER")
+    if not spec or rank != 0:
+        return
+    kill_epoch, marker = spec.split(":", 1)
+    if epoch == int(kill_epoch) and not Path(marker).exists():
+        Path(marker).write_text(f"killed after epoch {epoch}\n")
+        os._exit(1)
+
+
+def validate_launch(config: Config, options: LaunchOptions) -> str:
+    """Every check that can fail before a worker starts; returns the tracking URI."""
+    from equicsp import tracking
+
+    if options.num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, not {options.num_workers}")
+    if config.optim.batch_size % options.num_workers:
+        raise ValueError(f"optim.batch_size {config.optim.batch_size} is not divisible by {options.num_workers} workers")
+    load_splits(config, ("train", "val"))  # the data exists and parses; warms the cache for the workers
+    uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    tracking.check_reachable(uri)
+    return uri
+
+
+def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> TrainingResult:
+    """Train with Ray Train (DDP) and record the run in MLflow; continues the run when relaunched."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from equicsp import tracking
+    from equicsp.plots import learning_curve
+
+    uri = validate_launch(config, options)
+    run_name = options.run_name or default_run_name(config)
+    storage = Path(options.storage_path or Path.cwd() / "runs" / "ray").expanduser().resolve() \
+        if "://" not in (options.storage_path or "") else options.storage_path
+    experiment_id = tracking.ensure_experiment(uri, options.experiment)
+    run_id = tracking.start_training_run(uri, experiment_id, config, run_key=f"{storage}/{run_name}",
+                                         run_name=run_name, parent_run_id=options.parent_run_id,
+                                         extra_tags={"num_workers": str(options.num_workers),
+                                                     "use_gpu": str(options.use_gpu), **options.extra_tags})
+    tracking.log_text(uri, run_id, config.to_yaml(), "config.yaml")
+    connect_ray()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict(), "tracking_uri": uri, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint_dir = Path(tempfile.mkdtemp(prefix="equicsp-result-"))
+    with result.checkpoint.as_directory() as directory:
+        for name in ("best.pt", "last.pt"):
+            if (Path(directory) / name).exists():
+                shutil.copy(Path(directory) / name, checkpoint_dir / name)
+    from equicsp.checkpoint import read_checkpoint
+
+    stored = read_checkpoint(checkpoint_dir / "last.pt")
+    history = list(stored.get("history", []))
+    for name in ("best.pt", "last.pt"):
+        if (checkpoint_dir / name).exists():
+            tracking.log_artifact(uri, run_id, checkpoint_dir / name, "checkpoints")
+    tracking.log_text(uri, run_id, stored.get("tables_key", "") or "none (CoM-free noising off)", "von_mises_key.txt")
+    learning_curve(history, checkpoint_dir / "learning_curve.png", title=run_name)
+    tracking.log_artifact(uri, run_id, checkpoint_dir / "learning_curve.png")
+    tracking.client(uri).set_terminated(run_id, "FINISHED")
+    return TrainingResult(run_id, uri, checkpoint_dir, history)

@@ -1,0 +1,158 @@
+"""MLflow: where runs live, what a training run records, and loading a logged model back by run id.
+
+The one module that knows the run layout:
+- params: every config field under its `section.field` name;
+- tags: preset, objective preset, dataset, git commit, `equicsp.run_key` (a stable key that
+  lets a relaunched run continue its MLflow run instead of opening a new one);
+- metrics per epoch (step = epoch);
+- artifacts: `config.yaml`, `von_mises_key.txt`, `checkpoints/{best,last}.pt`,
+  `learning_curve.png`, `data_report.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from equicsp.config import Config
+
+RUN_KEY_TAG = "equicsp.run_key"
+CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
+LAST_CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def default_store() -> Path:
+    """./mlflow under the working directory: the SQLite database and the artifacts beside it."""
+    return Path.cwd().resolve() / "mlflow"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow/mlflow.db (absolute: Ray workers move)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = default_store()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts beside a local SQLite store; a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail early and clearly when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except (urllib.error.URLError, OSError) as error:
+        raise TrackingError(f"cannot reach the MLflow tracking server at {uri}: {error}") from None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it (driver only: concurrent creation races in SQLite)."""
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_training_run(uri: str, experiment_id: str, config: Config, run_key: str, run_name: str,
+                       parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
+    """The run for run_key: the existing one when this key ran before (resume), else a new one."""
+    mlflow_client = client(uri)
+    existing = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                         max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        if existing[0].info.status != "RUNNING":
+            mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {RUN_KEY_TAG: run_key, "mlflow.runName": run_name, "preset": config.preset,
+            "objective_preset": config.objective_preset, "dataset": config.data.path, "git_commit": git_commit(),
+            **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow_client.create_run(experiment_id, tags=tags, run_name=run_name)
+    from mlflow.entities import Param
+
+    params = [Param(name, str(value)) for name, value in config.flat().items()]
+    for start in range(0, len(params), 100):
+        mlflow_client.log_batch(run.info.run_id, params=params[start:start + 100])
+    return run.info.run_id
+
+
+def log_epochs(uri: str, run_id: str, history: list[dict[str, float]]) -> None:
+    """Per-epoch metrics, step = epoch (one call for many epochs)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, int(row["epoch"])) for row in history
+               for key, value in row.items() if key != "epoch"]
+    mlflow_client = client(uri)
+    for start in range(0, len(metrics), 900):
+        mlflow_client.log_batch(run_id, metrics=metrics[start:start + 900])
+
+
+def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    client(uri).log_text(run_id, text, name)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
+
+
+def download_checkpoint(uri: str, run_id: str, artifact: str = CHECKPOINT_ARTIFACT) -> Path:
+    """The run's checkpoint file, downloaded to a temporary folder; a clear error when the run has none."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).get_run(run_id)
+    except MlflowException as error:
+        raise TrackingError(f"no MLflow run {run_id!r} at {uri}: {error.message}") from None
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri,
+                                                   dst_path=tempfile.mkdtemp(prefix="equicsp-"))
+    except (MlflowException, OSError) as error:
+        raise TrackingError(f"run {run_id} has no {artifact} artifact: {error}") from None
+    return Path(local)
+
+
+def load_logged_model(run_id: str, uri: str | None = None, device: str = "cpu"):
+    """(config, model) of a logged training run, by run id alone."""
+    from equicsp.checkpoint import load_model
+
+    return load_model(download_checkpoint(resolve_tracking_uri(uri), run_id), device)

@@ -1,0 +1,114 @@
+"""Ray Train + MLflow: DDP equivalence, a killed worker, the logged run, and errors before any worker starts."""
+
+import time
+
+import pytest
+import torch
+
+from equicsp import tracking
+from equicsp.checkpoint import read_checkpoint
+from equicsp.config import make_config
+from equicsp.distributed import LaunchOptions, run_training
+from equicsp.sampler import Sampler
+from equicsp.diffusion import Diffusion
+from equicsp.train import main as train_main
+from conftest import FAST
+
+
+@pytest.fixture
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_session_that_kills_a_worker(tmp_path):
+    """Ray whose workers carry the fault-injection hook: rank 0 dies abruptly after epoch 25, once."""
+    import ray
+
+    marker = tmp_path / "killed"
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"EQUICSP_KILL_WORKER": f"25:{marker}"}})
+    yield marker
+    ray.shutdown()
+
+
+def options(tmp_path, name, **extra):
+    return LaunchOptions(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage_path=str(tmp_path / "ray"),
+                         run_name=name, **extra)
+
+
+@pytest.mark.slow
+def test_two_workers_make_the_same_updates_as_one(ray_session, tiny_data_dir, tmp_path):
+    """The global batch split over 2 gloo workers gives the parameters that 1 worker gets from the whole batch."""
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir), "optim.epochs": 3,
+                                              "run.checkpoint_every": 3})
+    one = run_training(config, options(tmp_path, "one", num_workers=1))
+    two = run_training(config, options(tmp_path, "two", num_workers=2))
+    state_one = read_checkpoint(one.checkpoint_dir / "last.pt")["model"]
+    state_two = read_checkpoint(two.checkpoint_dir / "last.pt")["model"]
+    for name, value in state_one.items():
+        torch.testing.assert_close(state_two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert [round(h["val_total"], 5) for h in one.history] == [round(h["val_total"], 5) for h in two.history]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(ray_session_that_kills_a_worker, tiny_data_dir,
+                                                                     tmp_path):
+    epochs = 40
+    config = make_config("smoke", "equicsp", {"data.path": str(tiny_data_dir), "optim.epochs": epochs,
+                                              "optim.batch_size": 4, "run.checkpoint_every": 10,
+                                              "model.hidden_dim": 64, "model.num_layers": 2})
+    result = run_training(config, options(tmp_path, "crash", max_failures=2))
+    assert ray_session_that_kills_a_worker.exists(), "the worker was not killed"
+    resumed = tracking.metric_history(result.tracking_uri, result.run_id, "resumed_from_epoch")
+    assert [epoch for _, epoch in resumed] == [20], "the replacement resumes from the last checkpoint, not epoch 0"
+    steps = [step for step, _ in tracking.metric_history(result.tracking_uri, result.run_id, "train_total")]
+    assert sorted(steps) == list(range(1, epochs + 1)), "one continuous history, each epoch once"
+    runs = tracking.client(result.tracking_uri).search_runs([tracking.ensure_experiment(result.tracking_uri, "equicsp")])
+    assert len(runs) == 1 and len(result.history) == epochs
+    assert any(key.startswith("system/") for key in runs[0].data.metrics), "system metrics"
+
+
+@pytest.mark.slow
+def test_the_mlflow_run_holds_everything_and_the_model_loads_by_run_id(ray_session, tiny_data_dir, tmp_path):
+    config = make_config("smoke", "no_vm", {**FAST, "data.path": str(tiny_data_dir), "optim.epochs": 2,
+                                            "run.checkpoint_every": 1})
+    result = run_training(config, options(tmp_path, "logged"))
+    run = tracking.client(result.tracking_uri).get_run(result.run_id)
+    assert run.data.params["objective.von_mises"] == "False" and run.data.params["model.hidden_dim"] == "16"
+    assert run.data.tags["objective_preset"] == "no_vm" and run.data.tags["git_commit"]
+    for key in ("train_total", "train_lattice", "train_coord", "train_score", "train_perm", "val_total", "lr",
+                "crystals_per_s", "epoch_time_s"):
+        assert [step for step, _ in tracking.metric_history(result.tracking_uri, result.run_id, key)] == [1, 2], key
+    artifacts = {a.path for a in tracking.client(result.tracking_uri).list_artifacts(result.run_id)}
+    artifacts |= {a.path for a in tracking.client(result.tracking_uri).list_artifacts(result.run_id, "checkpoints")}
+    assert {"config.yaml", "von_mises_key.txt", "learning_curve.png", "checkpoints/best.pt",
+            "checkpoints/last.pt"} <= artifacts
+    loaded_config, model = tracking.load_logged_model(result.run_id, result.tracking_uri)
+    assert loaded_config == config
+    crystals = Sampler(model, Diffusion(loaded_config), loaded_config).sample(
+        [torch.tensor([38, 22, 8, 8, 8])], 1, show_progress=False)
+    assert crystals[0].frac_coords.shape == (5, 3)
+    again = run_training(config, options(tmp_path, "logged"))  # relaunch: same MLflow run, nothing trained twice
+    assert again.run_id == result.run_id
+
+
+def test_bad_inputs_fail_before_any_worker_starts(tmp_path, tiny_data_dir, capsys):
+    started = time.time()
+    with pytest.raises(SystemExit):
+        train_main(["--preset", "mp_21"])
+    assert "invalid choice: 'mp_21'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main(["--preset", "smoke", "--model.depth", "3"])
+    assert "unrecognized arguments: --model.depth" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no such|not a folder"):
+        train_main(["--preset", "smoke", "--data", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="cannot reach the MLflow tracking server"):
+        train_main(["--preset", "smoke", "--data", str(tiny_data_dir), "--tracking-uri", "http://127.0.0.1:9"])
+    import ray
+
+    assert not ray.is_initialized() and time.time() - started < 60
