@@ -46,7 +46,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, nn.Module]:
     """The config and the denoiser (Frame-Averaged when the config says so) of a checkpoint."""
-    stored = read_checkpoint(path, device)
+    return model_from_checkpoint(read_checkpoint(path, device), device)
+
+
+def model_from_checkpoint(stored: dict[str, Any], device: str | torch.device = "cpu") -> tuple[Config, nn.Module]:
+    """(config, eval-mode denoiser) from a checkpoint already read into memory."""
     config = config_from_dict(stored["config"])
     model = build_denoiser(config.model, config.objective.frame_average)
     unwrap(model).load_state_dict(stored["model"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from equicsp.config import Config
-from equicsp.data import CrystalDataset
+from equicsp.data import CrystalDataset, DataReport
 from equicsp.diffusion import Diffusion
 from equicsp.metrics import CrystalArrays, CrystalResult, MatchSummary, evaluate_matches, summarise
 from equicsp.sampler import SampledCrystal, Sampler
@@ -36,14 +37,29 @@ def predict(model: nn.Module, config: Config, dataset: CrystalDataset, indices: 
     return sampler.sample(compositions, num_samples, seed, indices=indices, show_progress=show_progress)
 
 
-def score(dataset: CrystalDataset, indices: list[int], predictions: list[SampledCrystal], num_samples: int,
-          processes: int | None = None, show_progress: bool = True) -> tuple[MatchSummary, list[CrystalResult]]:
+MatchJob = tuple[int, CrystalArrays, list[CrystalArrays]]  # (dataset index, ground truth, its k predictions)
+
+
+def matching_jobs(dataset: CrystalDataset, indices: list[int], predictions: list[SampledCrystal]) -> list[MatchJob]:
+    """One job per ground truth: its predictions in sample order."""
     grouped: dict[int, list[CrystalArrays]] = {i: [] for i in indices}
     for crystal in sorted(predictions, key=lambda c: (c.composition_index, c.sample_index)):
         grouped[crystal.composition_index].append(
             CrystalArrays.of(crystal.atom_types, crystal.frac_coords, crystal.lengths, crystal.angles))
-    results = evaluate_matches(ground_truth(dataset, indices), [grouped[i] for i in indices], processes,
-                               indices=indices, show_progress=show_progress)
+    return list(zip(indices, ground_truth(dataset, indices), [grouped[i] for i in indices]))
+
+
+def unusable_rows(report: DataReport, num_samples: int) -> list[CrystalResult]:
+    """Rows of the test file that could not be read: not matched, with the reason, in the denominator."""
+    return [CrystalResult(-1, "", 0, False, math.nan, -1, 0, num_samples, f"unusable {row.source}: {row.reason}")
+            for row in report.skipped]
+
+
+def score(dataset: CrystalDataset, indices: list[int], predictions: list[SampledCrystal], num_samples: int,
+          processes: int | None = None, show_progress: bool = True) -> tuple[MatchSummary, list[CrystalResult]]:
+    indices_, truths, grouped = zip(*matching_jobs(dataset, indices, predictions)) if indices else ((), (), ())
+    results = evaluate_matches(list(truths), list(grouped), processes, indices=list(indices_),
+                               show_progress=show_progress)
     return summarise(results), results
 
 

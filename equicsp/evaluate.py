@@ -1,75 +1,90 @@
-"""`python -m equicsp.evaluate`: CSP match rate and RMSE of a trained checkpoint on a test set.
+"""`python -m equicsp.evaluate`: CSP match rate and RMSE of a logged MLflow run or a checkpoint file.
 
-Samples every test composition k times, matches the samples against the ground truth with
-the benchmark protocol (best of k), prints a summary and writes the per-crystal table.
+Samples every test composition k times on Ray workers (one per GPU, or CPU workers),
+matches the samples against the ground truth with the benchmark protocol (best of k) in
+parallel Ray tasks, prints a summary table and, for `--run-id`, logs a child evaluation run
+under the training run: metrics, the per-crystal CSV, the predicted CIFs and a figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
 from pathlib import Path
 
-from equicsp.checkpoint import CheckpointError, load_model
-from equicsp.csp import run_csp
+from equicsp.checkpoint import CheckpointError, read_checkpoint
+from equicsp.config import ConfigError, config_from_dict
 from equicsp.data import DatasetError, PreprocessOptions, load_crystals
-from equicsp.devices import resolve_device
-from equicsp.metrics import write_results_csv
-from equicsp.sample import with_sampler_options
+from equicsp.distributed_eval import (Evaluation, EvaluationSettings, evaluate_checkpoint, evaluate_logged_run,
+                                      write_report)
+from equicsp.tracking import TrackingError
 from equicsp.train import load_splits
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m equicsp.evaluate", description=__doc__.split(":", 1)[1].strip())
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", help="test CSV or CIF folder (default: the checkpoint's own test split)")
+    parser = argparse.ArgumentParser(prog="python -m equicsp.evaluate",
+                                     description=__doc__.split(":", 1)[1].strip().split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="an MLflow training run (its best checkpoint and config)")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint file (nothing is logged to MLflow)")
+    parser.add_argument("--data", help="test CSV or CIF folder (default: the model's own test split)")
     parser.add_argument("--num-samples", type=int, default=1, help="k samples per composition (best of k)")
-    parser.add_argument("--step-lr", type=float, help="Langevin step size (default: the checkpoint's config)")
+    parser.add_argument("--step-lr", type=float, help="Langevin step size (default: the model's config)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: every timestep)")
+    parser.add_argument("--batch-size", type=int, help="crystals per sampling batch (default: the model's config)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="sampling workers (default: one per GPU, else one per CPU core)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per CPU sampling worker")
     parser.add_argument("--limit", type=int, help="evaluate the first M test crystals only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--processes", type=int, help="matching processes (default: all cores)")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--out", type=Path, help="write per_crystal.csv and summary.json here")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
+    parser.add_argument("--out", type=Path, help="also write the per-crystal CSV, CIFs, summary and figure here")
     return parser.parse_args(argv)
+
+
+def summary_table(evaluation: Evaluation) -> str:
+    summary = evaluation.summary
+    rmse = "n/a" if math.isnan(summary.rmse) else f"{summary.rmse:.4f}"
+    return ("| crystals | k | step_lr | match rate | RMSE | valid samples | workers | sampling s | matching s |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+            f"| {summary.num_crystals} | {summary.num_samples} | {evaluation.config.sampler.step_lr:g} | "
+            f"{100 * summary.match_rate:.2f} % | {rmse} | {100 * summary.valid_rate:.1f} % | {evaluation.workers} | "
+            f"{evaluation.sampling_s:.1f} | {evaluation.matching_s:.1f} |")
+
+
+def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings) -> Evaluation:
+    checkpoint = read_checkpoint(args.checkpoint)
+    config = config_from_dict(checkpoint["config"])
+    if args.data:
+        dataset = load_crystals(args.data, PreprocessOptions(config.data.max_atoms, config.data.niggli,
+                                                             config.data.primitive))
+    else:
+        dataset = load_splits(config, ("test",))["test"]
+    if dataset.report.skipped:
+        print(dataset.report.summary())
+    evaluation = evaluate_checkpoint(checkpoint, dataset, settings)
+    if args.out:
+        files = write_report(evaluation, dataset, args.out)
+        print(f"per-crystal table: {files['per_crystal']}")
+    return evaluation
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
+    settings = EvaluationSettings(num_samples=args.num_samples, seed=args.seed, limit=args.limit,
+                                  workers=args.workers, threads=args.threads, precision=args.precision, step_lr=args.step_lr,
+                                  num_steps=args.num_steps, batch_size=args.batch_size)
     try:
-        if args.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, not {args.num_samples}")
-        device = resolve_device(args.device)
-        config, model = load_model(args.checkpoint, device)
-        config = with_sampler_options(config, args.step_lr, args.num_steps)
-        if args.data:
-            options = PreprocessOptions(config.data.max_atoms, config.data.niggli, config.data.primitive)
-            dataset = load_crystals(args.data, options)
+        if args.run_id:
+            evaluation = evaluate_logged_run(args.run_id, settings, args.data, args.tracking_uri, args.out)
         else:
-            dataset = load_splits(config, ("test",))["test"]
-    except (ValueError, CheckpointError, DatasetError) as error:
+            evaluation = evaluate_file(args, settings)
+    except (ValueError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
-    if dataset.report.skipped:
-        print(dataset.report.summary())
-    start = time.perf_counter()
-    result = run_csp(model, config, dataset, args.num_samples, args.seed, args.limit, device, args.precision,
-                     args.processes)
-    elapsed = time.perf_counter() - start
-    summary = result.summary
-    rmse = "n/a" if math.isnan(summary.rmse) else f"{summary.rmse:.4f}"
-    print(f"\n| crystals | k | step_lr | match rate | RMSE | valid samples | seconds |\n|---|---|---|---|---|---|---|\n"
-          f"| {summary.num_crystals} | {args.num_samples} | {config.sampler.step_lr:g} | "
-          f"{100 * summary.match_rate:.2f} % | {rmse} | {100 * summary.valid_rate:.1f} % | {elapsed:.1f} |")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_results_csv(result.per_crystal, args.out / "per_crystal.csv")
-        record = {**summary.as_dict(), "step_lr": config.sampler.step_lr, "seed": args.seed,
-                  "skipped_rows": len(dataset.report.skipped), "seconds": elapsed}
-        (args.out / "summary.json").write_text(json.dumps(record, indent=1))
-        print(f"per-crystal table: {args.out / 'per_crystal.csv'}")
+    print("\n" + summary_table(evaluation))
+    if evaluation.run_id:
+        print(f"evaluation logged as MLflow run {evaluation.run_id} (a child of {args.run_id})")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,86 @@ def learning_curve(history: list[dict[str, float]], path: Path, title: str = "")
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def evaluation_figure(results, path: Path, title: str = "") -> Path:
+    """RMSE distribution of the matches, and match rate by number of atoms and by number of elements."""
+    from pymatgen.core import Composition
+
+    usable = [r for r in results if r.index >= 0]
+    figure, (histogram, by_atoms, by_elements) = plt.subplots(1, 3, figsize=(13, 3.8))
+    rms = [r.rms for r in usable if r.matched]
+    histogram.hist(rms, bins=20, color="C0")
+    histogram.set_xlabel("RMS distance of matches (normalised)")
+    histogram.set_ylabel("crystals")
+    histogram.set_title(f"{len(rms)} of {len(results)} matched")
+    groups = (("number of atoms", by_atoms, lambda r: r.num_atoms),
+              ("number of elements", by_elements, lambda r: len(Composition(r.formula).elements)))
+    for label, axis, key in groups:
+        rates: dict[int, list[bool]] = {}
+        for result in usable:
+            rates.setdefault(key(result), []).append(result.matched)
+        keys = sorted(rates)
+        axis.bar([str(k) for k in keys], [100 * sum(rates[k]) / len(rates[k]) for k in keys], color="C1")
+        for position, k in enumerate(keys):
+            axis.annotate(f"n={len(rates[k])}", (position, 0), ha="center", va="bottom", fontsize=7)
+        axis.set_xlabel(label)
+        axis.set_ylabel("match rate (%)")
+        axis.set_ylim(0, 100)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def ablation_bars(table: list[dict], path: Path, title: str = "") -> Path:
+    """Match rate and RMSE per arm, mean with standard deviation over seeds as error bars."""
+    arms = [row["arm"] for row in table]
+    figure, (rates, errors) = plt.subplots(1, 2, figsize=(11, 4))
+    positions = range(len(arms))
+    rates.bar(positions, [row["match_rate_mean"] for row in table], yerr=[row["match_rate_std"] for row in table],
+              color="C0", capsize=3)
+    rates.set_ylabel("test match rate (%)")
+    errors.bar(positions, [row["rmse_mean"] for row in table], yerr=[row["rmse_std"] for row in table],
+               color="C3", capsize=3)
+    errors.set_ylabel("test RMSE (matched)")
+    for axis in (rates, errors):
+        axis.set_xticks(list(positions), arms, rotation=35, ha="right")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def arm_learning_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]], list[tuple[int, float]]]]],
+                        path: Path, labels: dict[str, str] | None = None) -> Path:
+    """One panel per arm: validation (solid) and training (dashed) total loss per epoch, a line per seed."""
+    arms = list(curves)
+    columns = min(4, max(1, len(arms)))
+    rows = -(-len(arms) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False, sharey=True)
+    for axis, arm in zip(axes.flat, arms):
+        for index, (seed, validation, training) in enumerate(curves[arm]):
+            color = f"C{index}"
+            if validation:
+                axis.plot(*zip(*validation), color=color, label=f"seed {seed} val")
+            if training:
+                axis.plot(*zip(*training), color=color, linestyle="--", alpha=0.6, label=f"seed {seed} train")
+        axis.set_yscale("log")
+        axis.set_title((labels or {}).get(arm, arm), fontsize=9)
+        axis.set_xlabel("epoch")
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(arms):]:
+        axis.set_visible(False)
+    axes[0][0].set_ylabel("total loss")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -123,6 +123,21 @@ class Sampler:
                 progress.update(1)
         return x, lattice
 
+    def sample_jobs(self, jobs: list[SamplingJob], seed: int, progress: tqdm | None = None) -> list[SampledCrystal]:
+        """One batch of (composition index, sample number, (n,) atom types) -> its sampled crystals."""
+        types = [atoms.long() for _, _, atoms in jobs]
+        num_atoms = torch.tensor([len(t) for t in types], dtype=torch.long)
+        keys = sample_keys(torch.tensor([index for index, _, _ in jobs], dtype=torch.long),
+                           torch.tensor([sample for _, sample, _ in jobs], dtype=torch.long))
+        x, lattice = self.sample_batch(torch.cat(types), num_atoms, keys, seed, progress)
+        lengths, angles = unproject_lattice(lattice.float().cpu())
+        return [SampledCrystal(index, sample, atoms, coords, length, angle)
+                for (index, sample, atoms), coords, length, angle
+                in zip(jobs, x.cpu().split(num_atoms.tolist()), lengths, angles)]
+
+    def num_steps(self) -> int:
+        return len(timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps))
+
     def sample(self, compositions: list[torch.Tensor], num_samples: int = 1, seed: int = 0,
                indices: list[int] | None = None, show_progress: bool = True) -> list[SampledCrystal]:
         """num_samples crystals per composition (a (n,) tensor of atomic numbers).
@@ -130,23 +145,28 @@ class Sampler:
         indices are the compositions' positions in the whole set (default 0 .. len - 1): a
         crystal's noise depends on (seed, index, sample number) only, never on batching.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, not {num_samples}")
-        indices = list(range(len(compositions))) if indices is None else list(indices)
-        jobs = [(position, sample) for position in range(len(compositions)) for sample in range(num_samples)]
-        batch_size = self.config.sampler.batch_size
-        batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-        steps = len(timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps))
+        batches = sampling_batches(compositions, num_samples, self.config.sampler.batch_size, indices)
         results: list[SampledCrystal] = []
-        with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=not show_progress) as progress:
-            for jobs_in_batch in batches:
-                types = [compositions[p].long() for p, _ in jobs_in_batch]
-                num_atoms = torch.tensor([len(t) for t in types], dtype=torch.long)
-                keys = sample_keys(torch.tensor([indices[p] for p, _ in jobs_in_batch], dtype=torch.long),
-                                   torch.tensor([j for _, j in jobs_in_batch], dtype=torch.long))
-                x, lattice = self.sample_batch(torch.cat(types), num_atoms, keys, seed, progress)
-                lengths, angles = unproject_lattice(lattice.float().cpu())
-                for (position, sample), coords, length, angle, atoms in zip(
-                        jobs_in_batch, x.cpu().split(num_atoms.tolist()), lengths, angles, types):
-                    results.append(SampledCrystal(indices[position], sample, atoms, coords, length, angle))
+        with tqdm(total=self.num_steps() * len(batches), desc="sampling", unit="step",
+                  disable=not show_progress) as progress:
+            for jobs in batches:
+                results.extend(self.sample_jobs(jobs, seed, progress))
         return results
+
+
+SamplingJob = tuple[int, int, torch.Tensor]  # (composition index, sample number, (n,) atom types)
+
+
+def sampling_batches(compositions: list[torch.Tensor], num_samples: int, batch_size: int,
+                     indices: list[int] | None = None) -> list[list[SamplingJob]]:
+    """Every (composition, sample) job in order, cut into batches of batch_size.
+
+    The cut depends on the set and the batch size only, so any worker that samples a batch
+    computes exactly what a single process would.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, not {num_samples}")
+    indices = list(range(len(compositions))) if indices is None else list(indices)
+    jobs = [(indices[position], sample, atoms) for position, atoms in enumerate(compositions)
+            for sample in range(num_samples)]
+    return [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]

@@ -7,6 +7,10 @@ The one module that knows the run layout:
 - metrics per epoch (step = epoch);
 - artifacts: `config.yaml`, `von_mises_key.txt`, `checkpoints/{best,last}.pt`,
   `learning_curve.png`, `data_report.json`.
+An evaluation is a child run of its training run (`equicsp.kind` = evaluation) holding the
+evaluation's settings as params, the CSP metrics, `per_crystal.csv`, `predictions.zip`,
+`summary.json`, `data_report.json` and `evaluation.png`. A sweep is a parent run
+(`equicsp.kind` = sweep) whose training runs are its children.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from equicsp.config import Config
 
 RUN_KEY_TAG = "equicsp.run_key"
+KIND_TAG = "equicsp.kind"  # training | evaluation | sweep
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 LAST_CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 
@@ -85,29 +90,97 @@ def git_commit() -> str:
         return "unknown"
 
 
+def find_run(uri: str, experiment_id: str, run_key: str):
+    """The run recorded under run_key (the resume key), or None."""
+    found = client(uri).search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                    max_results=1)
+    return found[0] if found else None
+
+
+def log_params(uri: str, run_id: str, params: dict[str, object]) -> None:
+    from mlflow.entities import Param
+
+    entries = [Param(name, str(value)) for name, value in params.items()]
+    for start in range(0, len(entries), 100):
+        client(uri).log_batch(run_id, params=entries[start:start + 100])
+
+
 def start_training_run(uri: str, experiment_id: str, config: Config, run_key: str, run_name: str,
                        parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
     """The run for run_key: the existing one when this key ran before (resume), else a new one."""
-    mlflow_client = client(uri)
-    existing = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                                         max_results=1)
-    if existing:
-        run_id = existing[0].info.run_id
-        if existing[0].info.status != "RUNNING":
-            mlflow_client.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = {RUN_KEY_TAG: run_key, "mlflow.runName": run_name, "preset": config.preset,
+    existing = find_run(uri, experiment_id, run_key)
+    if existing is not None:
+        if existing.info.status != "RUNNING":
+            client(uri).update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    tags = {RUN_KEY_TAG: run_key, KIND_TAG: "training", "mlflow.runName": run_name, "preset": config.preset,
             "objective_preset": config.objective_preset, "dataset": config.data.path, "git_commit": git_commit(),
             **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow_client.create_run(experiment_id, tags=tags, run_name=run_name)
-    from mlflow.entities import Param
-
-    params = [Param(name, str(value)) for name, value in config.flat().items()]
-    for start in range(0, len(params), 100):
-        mlflow_client.log_batch(run.info.run_id, params=params[start:start + 100])
+    run = client(uri).create_run(experiment_id, tags=tags, run_name=run_name)
+    log_params(uri, run.info.run_id, config.flat())
     return run.info.run_id
+
+
+def start_sweep_run(uri: str, experiment_id: str, run_key: str, run_name: str, params: dict[str, object]) -> str:
+    """The sweep's parent run: the existing one when this sweep ran before (a resumed sweep), else a new one."""
+    existing = find_run(uri, experiment_id, run_key)
+    if existing is not None:
+        client(uri).update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    tags = {RUN_KEY_TAG: run_key, KIND_TAG: "sweep", "mlflow.runName": run_name, "git_commit": git_commit()}
+    run_id = client(uri).create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+    log_params(uri, run_id, params)
+    return run_id
+
+
+def get_run(uri: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_run(run_id)
+    except MlflowException as error:
+        raise TrackingError(f"no MLflow run {run_id!r} at {uri}: {error.message}") from None
+
+
+def find_finished_run(uri: str, parent_run_id: str, run_key: str):
+    """A FINISHED run under parent_run_id's experiment recorded with run_key, or None."""
+    run = find_run(uri, get_run(uri, parent_run_id).info.experiment_id, run_key)
+    return run if run is not None and run.info.status == "FINISHED" else None
+
+
+def log_evaluation_run(uri: str, training_run_id: str, run_key: str, params: dict[str, object],
+                       metrics: dict[str, float], files: list[Path], extra_tags: dict[str, str]) -> str:
+    """A child run of the training run holding an evaluation's params, metrics and files.
+
+    An unfinished run left under the same key (an evaluation that was interrupted) is reused.
+    """
+    training = get_run(uri, training_run_id)
+    experiment_id = training.info.experiment_id
+    existing = find_run(uri, experiment_id, run_key)
+    if existing is not None:
+        run_id = existing.info.run_id
+    else:
+        name = f"eval-{training.info.run_name}-k{params['num_samples']}"
+        tags = {RUN_KEY_TAG: run_key, KIND_TAG: "evaluation", "mlflow.parentRunId": training_run_id,
+                "mlflow.runName": name, "git_commit": git_commit(),
+                **{key: training.data.tags[key] for key in ("preset", "objective_preset", "dataset")
+                   if key in training.data.tags}, **extra_tags}
+        run_id = client(uri).create_run(experiment_id, tags=tags, run_name=name).info.run_id
+        log_params(uri, run_id, params)
+    log_metrics(uri, run_id, metrics)
+    for path in files:
+        log_artifact(uri, run_id, path)
+    client(uri).set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
 
 def log_epochs(uri: str, run_id: str, history: list[dict[str, float]]) -> None:
@@ -139,10 +212,7 @@ def download_checkpoint(uri: str, run_id: str, artifact: str = CHECKPOINT_ARTIFA
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    try:
-        client(uri).get_run(run_id)
-    except MlflowException as error:
-        raise TrackingError(f"no MLflow run {run_id!r} at {uri}: {error.message}") from None
+    get_run(uri, run_id)
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri,
                                                    dst_path=tempfile.mkdtemp(prefix="equicsp-"))

@@ -59,3 +59,41 @@ def tiny_data_dir(tmp_path, tiny_csv) -> Path:
 
 FAST = {"model.num_layers": 1, "model.hidden_dim": 16, "model.num_freqs": 4, "model.time_dim": 8,
         "optim.batch_size": 4, "diffusion.timesteps": 20, "sampler.batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def memorise_data_dir(tmp_path_factory) -> Path:
+    """Eight Perov-5 crystals; the training file repeats them eight times so one step sees many noise draws."""
+    import csv
+
+    with open(FIXTURES / "perov_tiny.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    folder = tmp_path_factory.mktemp("memorise")
+    for split, copies in (("train", 8), ("val", 1), ("test", 1)):
+        with open(folder / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(rows[0])
+            writer.writerows(rows[1:] * copies)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def memorised_model(memorise_data_dir, tmp_path_factory):
+    """(config, checkpoint) of a small EquiCSP trained until it reproduces its eight crystals.
+
+    The checkpoint holds the final weights, in a file named best.pt as a logged run has it.
+    """
+    import shutil
+
+    from equicsp.config import make_config
+    from equicsp.train import train
+
+    config = make_config("smoke", "equicsp", {
+        "data.path": str(memorise_data_dir), "model.hidden_dim": 128, "model.num_layers": 3,
+        "optim.epochs": 3000, "optim.batch_size": 64, "optim.plateau_patience": 50,
+        "run.checkpoint_every": 1000, "sampler.step_lr": 2e-4})
+    out = tmp_path_factory.mktemp("memorised")
+    train(config, out, show_progress=False)
+    (out / "final").mkdir()
+    shutil.copy(out / "last.pt", out / "final" / "best.pt")
+    return config, out / "final" / "best.pt"

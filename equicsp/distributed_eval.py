@@ -1,0 +1,297 @@
+"""CSP evaluation sharded over Ray, and the evaluation of a logged MLflow run.
+
+Sampling runs on one actor per GPU (or on CPU workers, one core each by default);
+matching runs in one-CPU Ray tasks over the whole cluster. The sampling batches are cut
+from the whole test set by `sampler.batch_size` alone and every crystal's noise is keyed by
+(seed, composition index, sample number), so the predictions are the same whichever worker
+samples which batch, and whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from equicsp.cache import cache_key
+from equicsp.config import Config, config_from_dict
+from equicsp.csp import MatchJob, matching_jobs, unusable_rows
+from equicsp.data import CrystalDataset, PreprocessOptions, load_crystals
+from equicsp.metrics import CrystalResult, MatchSummary, match_one, summarise, write_results_csv
+from equicsp.sampler import SampledCrystal, SamplingJob, sampling_batches
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    num_samples: int = 1  # k: best of k per composition
+    seed: int = 0
+    limit: int | None = None  # the first M test crystals only
+    workers: int = 0  # sampling workers; 0: one per GPU, else one per CPU
+    threads: int = 1  # CPU threads of a CPU worker (results are bitwise the same for any number of workers
+    #                   with the same threads per worker)
+    precision: str = "fp32"
+    step_lr: float | None = None  # None: the model's own config
+    num_steps: int | None = None
+    batch_size: int | None = None
+
+    def check(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"the number of samples per composition must be >= 1, not {self.num_samples}")
+        if self.workers < 0 or self.threads < 1:
+            raise ValueError(f"need workers >= 0 and threads >= 1, not {self.workers} and {self.threads}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, not {self.limit}")
+
+
+@dataclass
+class Evaluation:
+    summary: MatchSummary
+    per_crystal: list[CrystalResult]
+    predictions: list[SampledCrystal]
+    sampling_s: float
+    matching_s: float
+    workers: int
+    config: Config  # the model's config with the evaluation's sampler settings
+    run_id: str | None = None  # the MLflow evaluation run
+
+
+class SamplingWorker:
+    """A Ray actor holding one copy of the model; samples the batches it is handed, with any sampler settings."""
+
+    def __init__(self, checkpoint: dict[str, Any], precision: str, threads: int):
+        from equicsp.checkpoint import model_from_checkpoint
+        from equicsp.devices import resolve_device
+
+        torch.set_num_threads(threads)
+        self.device = resolve_device("auto")  # the GPU Ray assigned to this actor, if any
+        _, self.model = model_from_checkpoint(checkpoint, self.device)
+        self.precision = precision
+        self.diffusions: dict[str, Any] = {}  # one per diffusion config (its von Mises tables)
+
+    def sample(self, config: dict[str, Any], jobs: list[SamplingJob], seed: int) -> list[SampledCrystal]:
+        from equicsp.diffusion import Diffusion
+        from equicsp.sampler import Sampler
+
+        sampling_config = config_from_dict(config)
+        key = repr(sampling_config.diffusion) + repr(sampling_config.objective)
+        if key not in self.diffusions:
+            self.diffusions[key] = Diffusion(sampling_config, self.device)
+        sampler = Sampler(self.model, self.diffusions[key], sampling_config, self.device, self.precision)
+        return sampler.sample_jobs(jobs, seed)
+
+
+def _match_chunk(jobs: list[MatchJob]) -> list[CrystalResult]:
+    return [match_one(job) for job in jobs]
+
+
+def sampling_resources(workers: int, threads: int = 1) -> tuple[int, bool, int]:
+    """(workers, use_gpu, threads per worker) for this Ray cluster; fails before anything starts."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        workers = workers or gpus
+        if workers > gpus:
+            raise ValueError(f"{workers} sampling workers asked for, but the cluster has {gpus} GPUs")
+        return workers, True, 1
+    workers = workers or max(1, cpus // threads)
+    if workers * threads > cpus:
+        raise ValueError(f"{workers} sampling workers x {threads} threads asked for, but the cluster has {cpus} CPUs")
+    return workers, False, threads
+
+
+class SamplingPool:
+    """Sampling actors holding the model, kept across evaluations (a step-size search reuses them)."""
+
+    def __init__(self, checkpoint: dict[str, Any], workers: int = 0, threads: int = 1, precision: str = "fp32"):
+        import ray
+
+        self.workers, use_gpu, threads = sampling_resources(workers, threads)
+        # "DEFAULT": outside the caller's placement group (a Tune trial holds almost no resources of its own).
+        actor = ray.remote(SamplingWorker).options(num_cpus=threads, num_gpus=1 if use_gpu else 0,
+                                                   scheduling_strategy="DEFAULT")
+        checkpoint_ref = ray.put(checkpoint)
+        self.actors = [actor.remote(checkpoint_ref, precision, threads) for _ in range(self.workers)]
+
+    def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
+               seed: int, show_progress: bool = True) -> list[SampledCrystal]:
+        """k samples of every composition, the batches spread over the actors."""
+        from ray.util import ActorPool
+
+        batches = sampling_batches(compositions, num_samples, config.sampler.batch_size, indices)
+        settings = config.to_dict()
+        outputs = ActorPool(self.actors).map_unordered(
+            lambda worker, jobs: worker.sample.remote(settings, jobs, seed), batches)
+        predictions: list[SampledCrystal] = []
+        for crystals in tqdm(outputs, total=len(batches), desc=f"sampling ({self.workers} workers)", unit="batch",
+                             disable=not show_progress):
+            predictions.extend(crystals)
+        return predictions
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.actors:
+            ray.kill(worker)
+        self.actors = []
+
+    def __enter__(self) -> "SamplingPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def match_on_ray(jobs: list[MatchJob], show_progress: bool = True) -> list[CrystalResult]:
+    """StructureMatcher over every job in one-CPU Ray tasks; results in the jobs' order."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    chunk = max(1, min(8, len(jobs) // (cpus * 16)))  # small chunks: match times vary a lot between crystals
+    task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(_match_chunk)
+    pending = [task.remote(jobs[start:start + chunk]) for start in range(0, len(jobs), chunk)]
+    results: list[CrystalResult] = []
+    with tqdm(total=len(jobs), desc="matching", unit="crystal", disable=not show_progress) as progress:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(done[0])
+            results.extend(part)
+            progress.update(len(part))
+    order = {job[0]: position for position, job in enumerate(jobs)}
+    return sorted(results, key=lambda result: order[result.index])
+
+
+def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, settings: EvaluationSettings,
+                        show_progress: bool = True, pool: SamplingPool | None = None) -> Evaluation:
+    """Sample and score dataset (the first settings.limit crystals) with a checkpoint read into memory.
+
+    Rows of the test file that could not be read count as not matched (when no limit is set).
+    A pool made for this checkpoint can be passed in to keep its actors between evaluations.
+    """
+    from equicsp.distributed import connect_ray
+    from equicsp.sample import with_sampler_options
+
+    settings.check()
+    config = with_sampler_options(config_from_dict(checkpoint["config"]), settings.step_lr, settings.num_steps,
+                                  settings.batch_size)
+    connect_ray()
+    own_pool = pool is None
+    pool = pool or SamplingPool(checkpoint, settings.workers, settings.threads, settings.precision)
+    indices = list(range(len(dataset) if settings.limit is None else min(settings.limit, len(dataset))))
+    start = time.perf_counter()
+    try:
+        predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
+                                  settings.seed, show_progress)
+    finally:
+        if own_pool:
+            pool.close()
+    sampled = time.perf_counter()
+    per_crystal = match_on_ray(matching_jobs(dataset, indices, predictions), show_progress)
+    matching_s = time.perf_counter() - sampled
+    if settings.limit is None:
+        per_crystal += unusable_rows(dataset.report, settings.num_samples)
+    return Evaluation(summarise(per_crystal), per_crystal, predictions, sampled - start, matching_s, pool.workers,
+                      config)
+
+
+def write_predictions(predictions: list[SampledCrystal], formulas: dict[int, str], path: Path) -> Path:
+    """Every predicted structure as a CIF, in one zip archive (INDEX_FORMULA_SAMPLE.cif)."""
+    from pymatgen.io.cif import CifWriter
+
+    from equicsp.sample import to_structure
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for crystal in sorted(predictions, key=lambda c: (c.composition_index, c.sample_index)):
+            name = f"{crystal.composition_index:06d}_{formulas.get(crystal.composition_index, 'x')}_" \
+                   f"{crystal.sample_index}.cif"
+            try:
+                text = str(CifWriter(to_structure(crystal)))
+            except Exception as error:  # a sampled lattice pymatgen cannot build
+                text = f"# not writable as a structure: {error}\n"
+            archive.writestr(name, text)
+    return path
+
+
+def write_report(evaluation: Evaluation, dataset: CrystalDataset, out: Path) -> dict[str, Path]:
+    """The per-crystal CSV, the CIF archive, the summary, the data report and the figure, in out/."""
+    from equicsp.plots import evaluation_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    formulas = {r.index: r.formula for r in evaluation.per_crystal if r.index >= 0}
+    files = {"per_crystal": out / "per_crystal.csv", "predictions": out / "predictions.zip",
+             "summary": out / "summary.json", "data_report": out / "data_report.json",
+             "figure": out / "evaluation.png"}
+    write_results_csv(evaluation.per_crystal, files["per_crystal"])
+    write_predictions(evaluation.predictions, formulas, files["predictions"])
+    files["summary"].write_text(json.dumps(summary_record(evaluation), indent=1))
+    files["data_report"].write_text(dataset.report.to_json())
+    evaluation_figure(evaluation.per_crystal, files["figure"])
+    return files
+
+
+def summary_record(evaluation: Evaluation) -> dict[str, float]:
+    """The metrics logged for an evaluation (rmse left out when nothing matched)."""
+    summary = evaluation.summary
+    total_s = evaluation.sampling_s + evaluation.matching_s
+    record = {**asdict(summary), "sampling_s": evaluation.sampling_s, "matching_s": evaluation.matching_s,
+              "total_s": total_s, "crystals_per_s": summary.num_crystals / total_s if total_s else 0.0}
+    return {key: float(value) for key, value in record.items() if not (key == "rmse" and math.isnan(value))}
+
+
+def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
+                        tracking_uri: str | None = None, out: Path | None = None,
+                        extra_tags: dict[str, str] | None = None, show_progress: bool = True) -> Evaluation:
+    """Evaluate the model of MLflow training run `run_id` and log a child evaluation run under it.
+
+    The same evaluation (run, data content, settings) asked for again is answered from its
+    finished MLflow run instead of being computed and logged twice.
+    """
+    from equicsp import tracking
+    from equicsp.checkpoint import read_checkpoint
+    from equicsp.train import load_splits
+
+    settings.check()
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    checkpoint = read_checkpoint(tracking.download_checkpoint(uri, run_id))
+    model_config = config_from_dict(checkpoint["config"])
+    if data:
+        options = PreprocessOptions(model_config.data.max_atoms, model_config.data.niggli, model_config.data.primitive)
+        dataset = load_crystals(data, options, show_progress=show_progress)
+    else:
+        dataset = load_splits(model_config, ("test",), show_progress)["test"]
+    run_key = "evaluate:" + cache_key(run_id, data or model_config.data.path, dataset.num_atoms.tolist(),
+                                      dataset.frac_coords.sum().item(), asdict(settings))[:16]
+    params = {**asdict(settings), "data": data or f"{model_config.data.path} (test)",
+              "training_run_id": run_id}
+    finished = tracking.find_finished_run(uri, run_id, run_key)
+    if finished is not None:
+        return _answer_from_run(finished, settings, model_config, dataset)
+    evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress)
+    params.update(step_lr=evaluation.config.sampler.step_lr, num_steps=evaluation.config.sampler.num_steps,
+                  batch_size=evaluation.config.sampler.batch_size, workers=evaluation.workers)
+    with tempfile.TemporaryDirectory(prefix="equicsp-eval-") as scratch:
+        files = write_report(evaluation, dataset, Path(out) if out else Path(scratch))
+        evaluation.run_id = tracking.log_evaluation_run(uri, run_id, run_key, params, summary_record(evaluation),
+                                                        list(files.values()), extra_tags or {})
+    return evaluation
+
+
+def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, dataset: CrystalDataset) -> Evaluation:
+    """An Evaluation rebuilt from a finished evaluation run's metrics (no predictions kept)."""
+    metrics = run.data.metrics
+    summary = MatchSummary(match_rate=metrics["match_rate"], rmse=metrics.get("rmse", math.nan),
+                           num_crystals=int(metrics["num_crystals"]), num_matched=int(metrics["num_matched"]),
+                           num_samples=int(metrics["num_samples"]), valid_rate=metrics["valid_rate"])
+    config = replace(model_config, sampler=replace(model_config.sampler, step_lr=float(run.data.params["step_lr"])))
+    return Evaluation(summary, [], [], metrics["sampling_s"], metrics["matching_s"], int(run.data.params["workers"]),
+                      config, run_id=run.info.run_id)

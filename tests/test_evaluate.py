@@ -1,0 +1,136 @@
+"""`python -m equicsp.evaluate`: sharded sampling and matching on Ray, logged as a child run of the training run."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from equicsp import tracking
+from equicsp.checkpoint import read_checkpoint, save_checkpoint
+from equicsp.config import make_config
+from equicsp.denoiser import build_denoiser
+from equicsp.distributed_eval import EvaluationSettings, evaluate_checkpoint
+from equicsp.evaluate import main as evaluate_main
+from conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    import ray
+
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def log_as_training_run(uri, checkpoint_path, config, name="memorised"):
+    """An MLflow training run holding checkpoint_path as its best checkpoint (what Ray Train logs)."""
+    experiment = tracking.ensure_experiment(uri, "equicsp")
+    run_id = tracking.start_training_run(uri, experiment, config, run_key=name, run_name=name)
+    tracking.log_artifact(uri, run_id, checkpoint_path, "checkpoints")
+    tracking.client(uri).set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def untrained_checkpoint(config, path):
+    torch.manual_seed(1)
+    save_checkpoint(path, config, build_denoiser(config.model, config.objective.frame_average))
+    return path
+
+
+def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus, tiny_dataset, tmp_path):
+    config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
+    checkpoint = read_checkpoint(untrained_checkpoint(config, tmp_path / "model.pt"))
+    one = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=5, workers=1),
+                              show_progress=False)
+    two = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=5, workers=2),
+                              show_progress=False)
+    assert two.workers == 2 and len(one.predictions) == len(two.predictions) == 16
+    key = lambda crystal: (crystal.composition_index, crystal.sample_index)  # noqa: E731
+    for a, b in zip(sorted(one.predictions, key=key), sorted(two.predictions, key=key)):
+        assert key(a) == key(b)
+        assert torch.equal(a.frac_coords, b.frac_coords) and torch.equal(a.lengths, b.lengths)
+        assert torch.equal(a.angles, b.angles)
+    assert repr(one.summary) == repr(two.summary) and repr(one.per_crystal) == repr(two.per_crystal)  # nan-aware
+    other_seed = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=6, workers=2),
+                                     show_progress=False)
+    assert not torch.equal(other_seed.predictions[0].frac_coords, one.predictions[0].frac_coords)
+
+
+@pytest.mark.slow
+def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ray_two_cpus, memorised_model,
+                                                                               tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config, checkpoint_path = memorised_model
+    trained_run = log_as_training_run(uri, checkpoint_path, config, "trained")
+    (tmp_path / "untrained").mkdir()
+    untrained_run = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "untrained" / "best.pt"), config,
+                                        "untrained")
+    scores = {}
+    for name, run_id in (("trained", trained_run), ("untrained", untrained_run)):
+        evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--num-samples", "4", "--workers", "2",
+                       "--out", str(tmp_path / name)])
+        printed = capsys.readouterr().out
+        assert "| match rate |" in printed and "child of" in printed
+        [child] = tracking.client(uri).search_runs(
+            [tracking.get_run(uri, run_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+        assert child.data.params["num_samples"] == "4" and float(child.data.params["step_lr"]) == \
+            config.sampler.step_lr
+        assert child.data.tags["equicsp.kind"] == "evaluation"
+        artifacts = {a.path for a in tracking.client(uri).list_artifacts(child.info.run_id)}
+        assert {"per_crystal.csv", "predictions.zip", "evaluation.png", "summary.json"} <= artifacts
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert child.data.metrics["match_rate"] == pytest.approx(summary["match_rate"])
+        scores[name] = child.data.metrics["match_rate"]
+    assert scores["trained"] >= 0.6
+    assert scores["untrained"] <= 0.25
+    # The same evaluation asked for again is answered from its run, not logged twice.
+    evaluate_main(["--run-id", trained_run, "--tracking-uri", uri, "--num-samples", "4", "--workers", "2"])
+    runs = tracking.client(uri).search_runs([tracking.get_run(uri, trained_run).info.experiment_id],
+                                            filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
+    assert len(runs) == 1
+
+
+def test_bad_rows_in_the_test_file_are_reported_and_count_as_not_matched(ray_two_cpus, tiny_csv, tmp_path):
+    with open(tiny_csv, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fieldnames, rows = reader.fieldnames, list(reader)
+    broken = dict(rows[0], cif="not a CIF at all")
+    path = tmp_path / "test_with_bad_rows.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows([broken] + rows[:3])
+    config = make_config("smoke", "equicsp", FAST)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "best.pt"), config)
+    evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--data", str(path), "--out", str(tmp_path / "eval")])
+    with open(tmp_path / "eval" / "per_crystal.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 4
+    [unusable] = [row for row in table if row["index"] == "-1"]
+    assert unusable["matched"] == "False" and "row 0" in unusable["reason"] and "unparsable CIF" in unusable["reason"]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["num_crystals"] == 4
+    report = json.loads((tmp_path / "eval" / "data_report.json").read_text())
+    assert report["skipped"][0]["row"] == 0
+
+
+def test_bad_requests_fail_clearly(tmp_path, tiny_data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "equicsp")
+    with pytest.raises(SystemExit, match="no MLflow run 'f00'"):
+        evaluate_main(["--run-id", "f00", "--tracking-uri", uri])
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir)})
+    experiment = tracking.ensure_experiment(uri, "equicsp")
+    empty_run = tracking.start_training_run(uri, experiment, config, run_key="empty", run_name="empty")
+    with pytest.raises(SystemExit, match="has no checkpoints/best.pt artifact"):
+        evaluate_main(["--run-id", empty_run, "--tracking-uri", uri])
+    with pytest.raises(SystemExit, match="must be >= 1, not 0"):
+        evaluate_main(["--run-id", empty_run, "--tracking-uri", uri, "--num-samples", "0"])
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        evaluate_main(["--checkpoint", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="cannot reach the MLflow tracking server"):
+        evaluate_main(["--run-id", "abc", "--tracking-uri", "http://127.0.0.1:9"])
