@@ -33,6 +33,7 @@ class LaunchOptions:
     max_failures: int = 3
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
+    report_to_tune: bool = False  # inside a Ray Tune trial: forward every epoch's metrics to Tune
 
 
 @dataclass
@@ -148,6 +149,11 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
     from equicsp.plots import learning_curve
 
     uri = validate_launch(config, options)
+    callbacks = None
+    if options.report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
     run_name = options.run_name or default_run_name(config)
     storage = Path(options.storage_path or Path.cwd() / "runs" / "ray").expanduser().resolve() \
         if "://" not in (options.storage_path or "") else options.storage_path
@@ -166,7 +172,8 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks),
     )
     result = trainer.fit()
     if result.error is not None:

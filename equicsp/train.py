@@ -153,6 +153,8 @@ class TrainingLoop:
         """Train one epoch, validate, step the LR schedule; returns the epoch's metrics."""
         metrics = self.train_epoch()
         metrics.update(self.validate())
+        # The validation loss without the permutation term: comparable across permutation-loss weights.
+        metrics["val_denoise"] = metrics["val_total"] - self.config.objective.perm_loss_weight * metrics["val_perm"]
         self.scheduler.step(metrics["val_total"])
         self.state.epoch += 1
         improved = metrics["val_total"] < self.state.best_val

@@ -1,0 +1,163 @@
+"""Sweeps: the search space, bad sweeps failing before any trial, the smoke sweep end to end, and resume."""
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from equicsp import tracking
+from equicsp.sweep import (ARM_LABELS, Choice, FloatRange, SweepError, SweepLaunch, SweepSpec, SearchSpace,
+                           initial_points, run_sweep, validate_spec)
+
+ROOT = Path(__file__).parent.parent
+TINY = ["model.num_layers=1", "model.hidden_dim=16", "model.num_freqs=4", "model.time_dim=8", "optim.epochs=4",
+        "optim.batch_size=50", "run.checkpoint_every=2", "diffusion.timesteps=20", "diffusion.von_mises_samples=500",
+        "sampler.batch_size=25"]
+
+
+def test_every_cell_runs_its_trials_and_the_first_uses_the_defaults():
+    spec = SweepSpec(name="s", preset="smoke", arms=("equicsp", "no_perm_loss", "diffcsp"), seeds=(0, 3),
+                     trials_per_cell=2)
+    points = initial_points(spec)
+    cells = [(p["arm"], p["run.seed"]) for p in points]
+    assert sorted(set(cells)) == sorted((a, s) for a in spec.arms for s in spec.seeds)
+    assert all(cells.count(cell) == 2 for cell in set(cells))
+    with_weight = [p for p in points if "objective.perm_loss_weight" in p]
+    assert {p["arm"] for p in with_weight} == {"equicsp"} and all(p["objective.perm_loss_weight"] == 1.0
+                                                                   for p in with_weight)
+
+
+def test_optuna_searches_the_permutation_weight_only_where_the_arm_has_the_loss():
+    spec = SweepSpec(name="s", preset="smoke", space={"objective.perm_loss_weight": FloatRange(0.1, 10, True),
+                                                      "optim.lr": FloatRange(1e-4, 1e-2, True)})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = SearchSpace(spec)
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        space(trial)
+        arm = trial.params["arm"]
+        seen.add(arm)
+        assert ("objective.perm_loss_weight" in trial.params) == spec.config_for(arm, {}).objective.perm_loss
+        assert 1e-4 <= trial.params["optim.lr"] <= 1e-2
+        if "objective.perm_loss_weight" in trial.params:
+            assert 0.1 <= trial.params["objective.perm_loss_weight"] <= 10
+        study.tell(trial, 0.0)
+    assert seen == set(ARM_LABELS)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(arms=("equicsp", "no_such_arm")), "unknown arm"),
+    (dict(space={"optim.lr": FloatRange(1e-3, 1e-3)}), "search space for optim.lr is empty"),
+    (dict(space={"model.hidden_dim": Choice(())}), "search space for model.hidden_dim is empty"),
+    (dict(space={}, trials_per_cell=3), "search space is empty for every arm"),
+    (dict(space={"model.depth": Choice((1, 2))}), "unknown config field 'model.depth'"),
+    (dict(overrides={"optim.epochs": "many"}), "cannot read 'many'"),
+])
+def test_a_bad_sweep_is_refused_with_the_reason(changes, message):
+    spec = SweepSpec(name="bad", preset="smoke", **changes)
+    with pytest.raises(SweepError, match=message):
+        validate_spec(spec)
+
+
+def test_a_missing_dataset_fails_before_any_trial(tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    try:
+        spec = SweepSpec(name="nodata", preset="smoke", arms=("equicsp",),
+                         overrides={"data.path": str(tmp_path / "nowhere")})
+        with pytest.raises(SweepError, match="dataset: .*nowhere"):
+            run_sweep(spec, SweepLaunch(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                        storage_path=str(tmp_path / "ray")), show_progress=False)
+        assert not (tmp_path / "ray" / "nodata").exists(), "no trial started"
+    finally:
+        ray.shutdown()
+
+
+def sweep_command(tmp_path, *extra):
+    return [sys.executable, str(ROOT / "sweeps" / "ablation.py"), "--profile", "smoke",
+            "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            *[arg for pair in TINY for arg in ("--set", pair)], *extra]
+
+
+def runs_of_kind(uri, kind):
+    experiment = tracking.ensure_experiment(uri, "equicsp-sweeps")
+    return tracking.client(uri).search_runs([experiment], filter_string=f"tags.`equicsp.kind` = '{kind}'")
+
+
+def read_artifact_csv(uri, run_id, name):
+    import mlflow.artifacts
+
+    text = mlflow.artifacts.load_text(f"{tracking.get_run(uri, run_id).info.artifact_uri}/{name}")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.mark.slow
+def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_runs(tmp_path):
+    done = subprocess.run(sweep_command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| EquiCSP |" in done.stdout and "| DiffCSP (all off) |" in done.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    [parent] = runs_of_kind(uri, "sweep")
+    training = runs_of_kind(uri, "training")
+    evaluations = runs_of_kind(uri, "evaluation")
+    assert sorted(run.data.tags["arm"] for run in training) == sorted(ARM_LABELS)
+    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in training)
+    assert all("val_total" in run.data.metrics and "tuned_step_lr" in run.data.metrics for run in training)
+    assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(ARM_LABELS)
+    artifacts = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id)}
+    assert {"ablation_table.md", "ablation_table.csv", "ablation_cells.csv", "ablation_bars.png",
+            "learning_curves.png"} <= artifacts
+    table = {row["arm"]: row for row in read_artifact_csv(uri, parent.info.run_id, "ablation_table.csv")}
+    for evaluation in evaluations:
+        row = table[evaluation.data.tags["arm"]]
+        assert float(row["match_rate_mean"]) == pytest.approx(100 * evaluation.data.metrics["match_rate"])
+        assert float(row["seeds"]) == 1
+        if "rmse" in evaluation.data.metrics:
+            assert float(row["rmse_mean"]) == pytest.approx(evaluation.data.metrics["rmse"])
+    assert parent.info.status == "FINISHED"
+
+
+def finished_training_runs(database: Path) -> int:
+    if not database.exists():
+        return 0
+    try:
+        return sum(run.info.status == "FINISHED" for run in runs_of_kind(f"sqlite:///{database}", "training"))
+    except Exception:  # the store is being created
+        return 0
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_driver_resumes_and_counts_each_trial_once(tmp_path):
+    command = sweep_command(tmp_path, "--arms", "equicsp", "no_perm_loss", "diffcsp", "--seeds", "0", "1",
+                            "--max-concurrent", "1", "--name", "resumable")
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 600
+    while finished_training_runs(tmp_path / "mlflow.db") < 2 and time.time() < deadline:
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    interrupted_at = finished_training_runs(tmp_path / "mlflow.db")
+    assert 2 <= interrupted_at < 6, "killed mid-sweep"
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert len(runs_of_kind(uri, "sweep")) == 1
+    training = runs_of_kind(uri, "training")
+    cells = sorted((run.data.tags["arm"], run.data.tags["seed"]) for run in training)
+    assert cells == sorted((arm, seed) for arm in ("equicsp", "no_perm_loss", "diffcsp") for seed in ("0", "1"))
+    assert all(run.info.status == "FINISHED" for run in training)
+    for run in training:  # one continuous history per run: every epoch logged once
+        steps = [step for step, _ in tracking.metric_history(uri, run.info.run_id, "train_total")]
+        assert sorted(steps) == [1, 2, 3, 4], run.data.tags["arm"]
+    assert len(runs_of_kind(uri, "evaluation")) == 6
