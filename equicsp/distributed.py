@@ -6,6 +6,7 @@ epoch to MLflow and reports a checkpoint (last.pt and best.pt) every `run.checkp
 epochs. A worker that dies is replaced and the group resumes from the latest checkpoint;
 epochs that MLflow already holds are not logged twice, so the run keeps one history.
 Relaunching the same command (same run name and storage path) continues the same run.
+Ray Train (and Tune, inside a sweep) hears of the run at each checkpoint; MLflow of every epoch.
 """
 
 from __future__ import annotations
@@ -101,14 +102,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 tracking.log_epochs(uri, run_id, [metrics])
             if metrics["improved"]:
                 loop.save(local / "best.pt")
+        # Ray Train takes one report per worker every few seconds (its controller polls; a second
+        # report waits for that), so report at checkpoints only: MLflow has every epoch already.
         if epoch % config.run.checkpoint_every == 0 or epoch == config.optim.epochs:
             if rank == 0:
                 loop.save(local / "last.pt")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
             else:
                 ray.train.report(metrics)
-        else:
-            ray.train.report(metrics)
     shutil.rmtree(local, ignore_errors=True)
     if rank == 0:
         mlflow.end_run()
@@ -126,18 +127,19 @@ def _injected_failure(epoch: int, rank: int) -> None:
         os._exit(1)
 
 
-def validate_launch(config: Config, options: LaunchOptions) -> str:
-    """Every check that can fail before a worker starts; returns the tracking URI."""
+def validate_launch(config: Config, options: LaunchOptions) -> tuple[str, str]:
+    """Every check that can fail before a worker starts; returns the tracking URI and the data report (JSON)."""
     from equicsp import tracking
 
     if options.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, not {options.num_workers}")
     if config.optim.batch_size % options.num_workers:
         raise ValueError(f"optim.batch_size {config.optim.batch_size} is not divisible by {options.num_workers} workers")
-    load_splits(config, ("train", "val"))  # the data exists and parses; warms the cache for the workers
+    datasets = load_splits(config, ("train", "val"))  # the data exists and parses; warms the cache for the workers
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(uri)
-    return uri
+    report = "[" + ",\n".join(dataset.report.to_json() for dataset in datasets.values()) + "]"
+    return uri, report
 
 
 def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> TrainingResult:
@@ -148,7 +150,7 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
     from equicsp import tracking
     from equicsp.plots import learning_curve
 
-    uri = validate_launch(config, options)
+    uri, data_report = validate_launch(config, options)
     callbacks = None
     if options.report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -163,6 +165,7 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
                                          extra_tags={"num_workers": str(options.num_workers),
                                                      "use_gpu": str(options.use_gpu), **options.extra_tags})
     tracking.log_text(uri, run_id, config.to_yaml(), "config.yaml")
+    tracking.log_text(uri, run_id, data_report, "data_report.json")
     connect_ray()
     trainer = TorchTrainer(
         train_worker,

@@ -87,6 +87,9 @@ class SamplingWorker:
         sampler = Sampler(self.model, self.diffusions[key], sampling_config, self.device, self.precision)
         return sampler.sample_jobs(jobs, seed)
 
+    def match(self, jobs: list[MatchJob]) -> list[CrystalResult]:
+        return _match_chunk(jobs)
+
 
 def _match_chunk(jobs: list[MatchJob]) -> list[CrystalResult]:
     return [match_one(job) for job in jobs]
@@ -137,6 +140,16 @@ class SamplingPool:
             predictions.extend(crystals)
         return predictions
 
+    def match(self, jobs: list[MatchJob], show_progress: bool = True) -> list[CrystalResult]:
+        """StructureMatcher on the pool's own actors (which hold their CPUs for as long as the pool lives)."""
+        from ray.util import ActorPool
+
+        chunks = [jobs[start:start + 4] for start in range(0, len(jobs), 4)]
+        outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(chunk), chunks)
+        results = [result for part in tqdm(outputs, total=len(chunks), desc="matching", unit="chunk",
+                                           disable=not show_progress) for result in part]
+        return in_job_order(results, jobs)
+
     def close(self) -> None:
         import ray
 
@@ -166,6 +179,10 @@ def match_on_ray(jobs: list[MatchJob], show_progress: bool = True) -> list[Cryst
             part = ray.get(done[0])
             results.extend(part)
             progress.update(len(part))
+    return in_job_order(results, jobs)
+
+
+def in_job_order(results: list[CrystalResult], jobs: list[MatchJob]) -> list[CrystalResult]:
     order = {job[0]: position for position, job in enumerate(jobs)}
     return sorted(results, key=lambda result: order[result.index])
 
@@ -175,7 +192,9 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
     """Sample and score dataset (the first settings.limit crystals) with a checkpoint read into memory.
 
     Rows of the test file that could not be read count as not matched (when no limit is set).
-    A pool made for this checkpoint can be passed in to keep its actors between evaluations.
+    A pool made for this checkpoint can be passed in to keep its actors between evaluations;
+    it then matches too (its actors hold their CPUs, so Ray tasks might wait on them forever).
+    Without one, a pool samples and goes, and matching spreads over the cluster in Ray tasks.
     """
     from equicsp.distributed import connect_ray
     from equicsp.sample import with_sampler_options
@@ -195,7 +214,8 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
         if own_pool:
             pool.close()
     sampled = time.perf_counter()
-    per_crystal = match_on_ray(matching_jobs(dataset, indices, predictions), show_progress)
+    jobs = matching_jobs(dataset, indices, predictions)
+    per_crystal = match_on_ray(jobs, show_progress) if own_pool else pool.match(jobs, show_progress)
     matching_s = time.perf_counter() - sampled
     if settings.limit is None:
         per_crystal += unusable_rows(dataset.report, settings.num_samples)

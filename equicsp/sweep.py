@@ -498,8 +498,11 @@ def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
              "| variant | match rate (%) | RMSE | val match rate (%) | step_lr | searched |",
              "|---|---|---|---|---|---|"]
     for row in table:
-        rmse = "n/a" if math.isnan(row["rmse_mean"]) else f"{row['rmse_mean']:.4f} ± {row['rmse_std']:.4f}"
-        lines.append(f"| {row['variant']} | {row['match_rate_mean']:.2f} ± {row['match_rate_std']:.2f} | {rmse} | "
+        spread = row["seeds"] > 1  # one seed has no spread to show
+        match = f"{row['match_rate_mean']:.2f}" + (f" ± {row['match_rate_std']:.2f}" if spread else "")
+        rmse = "n/a" if math.isnan(row["rmse_mean"]) else \
+            f"{row['rmse_mean']:.4f}" + (f" ± {row['rmse_std']:.4f}" if spread else "")
+        lines.append(f"| {row['variant']} | {match} | {rmse} | "
                      f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} |")
     return "\n".join(lines) + "\n\nMean ± standard deviation over seeds; each seed's best trial, at its tuned step size.\n"
 

@@ -6,6 +6,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 port=${1:-5000}
 mkdir -p "$here/artifacts"
-exec "${MLFLOW:-mlflow}" server --host 127.0.0.1 --port "$port" \
+# The project's virtual environment's mlflow when there is one (the README's setup makes .venv).
+mlflow=${MLFLOW:-$( [ -x "$here/../.venv/bin/mlflow" ] && echo "$here/../.venv/bin/mlflow" || echo mlflow )}
+exec "$mlflow" server --host 127.0.0.1 --port "$port" \
     --backend-store-uri "sqlite:///$here/mlflow.db" \
     --artifacts-destination "$here/artifacts"

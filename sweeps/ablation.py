@@ -1,8 +1,8 @@
 """The paper's ablation study (Table 2), trained, tuned and evaluated: every arm x seeds.
 
     python sweeps/ablation.py --profile smoke          # the bundled sample, whole pipeline in minutes on a CPU
-    python sweeps/ablation.py --profile paper --preset mp_20 --data /data/mp_20
-    ray submit cluster/gpu.yaml sweeps/ablation.py --profile paper --preset mp_20 --data /shared/mp_20
+    python sweeps/ablation.py -- --profile paper --preset mp_20 --data /data/mp_20
+    ray submit cluster/gpu.yaml sweeps/ablation.py -- --profile paper --preset mp_20 --data /shared/mp_20
 
 Each arm's permutation-loss weight is searched by Optuna where the arm has the loss, each
 trained model's Langevin step size on validation crystals, and each (arm, seed)'s best model

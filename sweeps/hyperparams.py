@@ -1,7 +1,7 @@
 """A general hyperparameter sweep of one arm: learning rate, batch size, model size, sigma range, timesteps.
 
     python sweeps/hyperparams.py --arm equicsp --profile smoke
-    ray submit cluster/gpu.yaml sweeps/hyperparams.py --arm equicsp --profile paper --preset mp_20 --data /shared/mp_20
+    ray submit cluster/gpu.yaml sweeps/hyperparams.py -- --arm equicsp --profile paper --preset mp_20 --data /shared/mp_20
 
 The same machinery as the ablation sweep (equicsp.sweep): Optuna picks each trial's values,
 every trained model gets its step size searched on validation crystals, the best model

@@ -87,7 +87,7 @@ def test_the_mlflow_run_holds_everything_and_the_model_loads_by_run_id(ray_sessi
     artifacts = {a.path for a in tracking.client(result.tracking_uri).list_artifacts(result.run_id)}
     artifacts |= {a.path for a in tracking.client(result.tracking_uri).list_artifacts(result.run_id, "checkpoints")}
     assert {"config.yaml", "von_mises_key.txt", "learning_curve.png", "checkpoints/best.pt",
-            "checkpoints/last.pt"} <= artifacts
+            "checkpoints/last.pt", "data_report.json"} <= artifacts
     loaded_config, model = tracking.load_logged_model(result.run_id, result.tracking_uri)
     assert loaded_config == config
     crystals = Sampler(model, Diffusion(loaded_config), loaded_config).sample(
