@@ -86,6 +86,7 @@ def ssh_to_this_machine(tmp_path):
         else:
             bashrc.write_text(original)
         pid = (tmp_path / "sshd.pid").read_text().strip()
+        subprocess.run(["pkill", "-TERM", "-P", pid], check=False)  # sessions Ray left open
         os.kill(int(pid), signal.SIGTERM)
 
 
@@ -133,3 +134,6 @@ def test_ray_submit_runs_the_smoke_sweep_on_a_real_cluster(ssh_to_this_machine, 
     finally:
         subprocess.run([ray_cli, "down", "-y", "--no-config-cache", str(cluster)], capture_output=True, timeout=300,
                        env=env)
+        # The local provider's `ray down` leaves the head's processes running; the head is this machine.
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        (Path.home() / "ablation.py").unlink(missing_ok=True)  # where `ray submit` put the script
