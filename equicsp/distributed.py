@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(uri)
+        mlflow.set_system_metrics_sampling_interval(2)  # MLflow's 10 s would miss a short run altogether
         mlflow.start_run(run_id=run_id, log_system_metrics=True)  # CPU / memory / GPU while training
         logged = {step for step, _ in tracking.metric_history(uri, run_id, "train_total")}
         if checkpoint is not None:
@@ -124,6 +126,9 @@ def _injected_failure(epoch: int, rank: int) -> None:
     kill_epoch, marker = spec.split(":", 1)
     if epoch == int(kill_epoch) and not Path(marker).exists():
         Path(marker).write_text(f"killed after epoch {epoch}\n")
+        # Ray Train registers a reported checkpoint when its controller next polls (every 2 s): die
+        # once the latest one is surely registered, as a crash some time after a checkpoint would.
+        time.sleep(3)
         os._exit(1)
 
 

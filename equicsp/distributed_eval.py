@@ -61,6 +61,7 @@ class Evaluation:
     workers: int
     config: Config  # the model's config with the evaluation's sampler settings
     run_id: str | None = None  # the MLflow evaluation run
+    reused: bool = False  # answered from an earlier identical evaluation's run (no predictions kept)
 
 
 class SamplingWorker:
@@ -289,6 +290,8 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
         dataset = load_crystals(data, options, show_progress=show_progress)
     else:
         dataset = load_splits(model_config, ("test",), show_progress)["test"]
+    if dataset.report.skipped and show_progress:
+        print(dataset.report.summary())
     run_key = "evaluate:" + cache_key(run_id, data or model_config.data.path, dataset.num_atoms.tolist(),
                                       dataset.frac_coords.sum().item(), asdict(settings))[:16]
     params = {**asdict(settings), "data": data or f"{model_config.data.path} (test)",
@@ -314,4 +317,4 @@ def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, da
                            num_samples=int(metrics["num_samples"]), valid_rate=metrics["valid_rate"])
     config = replace(model_config, sampler=replace(model_config.sampler, step_lr=float(run.data.params["step_lr"])))
     return Evaluation(summary, [], [], metrics["sampling_s"], metrics["matching_s"], int(run.data.params["workers"]),
-                      config, run_id=run.info.run_id)
+                      config, run_id=run.info.run_id, reused=True)

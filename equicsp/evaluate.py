@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n" + summary_table(evaluation))
-    if evaluation.run_id:
+    if evaluation.reused:
+        print(f"the same evaluation is logged already: MLflow run {evaluation.run_id} (a child of {args.run_id})")
+    elif evaluation.run_id:
         print(f"evaluation logged as MLflow run {evaluation.run_id} (a child of {args.run_id})")
 
 

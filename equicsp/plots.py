@@ -12,6 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 LOSS_COMPONENTS = ("total", "lattice", "coord", "score", "perm")
 
 
+def _save(figure, path: Path, title: str = "", dpi: int = 110) -> Path:
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
 def learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> Path:
     """Train and validation loss per component against epoch, log scale, plus the learning rate."""
     epochs = [row["epoch"] for row in history]
@@ -31,11 +41,7 @@ def learning_curve(history: list[dict[str, float]], path: Path, title: str = "")
     rate.set_yscale("log")
     rate.set_xlabel("epoch")
     rate.set_ylabel("learning rate")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def evaluation_figure(results, path: Path, title: str = "") -> Path:
@@ -62,13 +68,7 @@ def evaluation_figure(results, path: Path, title: str = "") -> Path:
         axis.set_xlabel(label)
         axis.set_ylabel("match rate (%)")
         axis.set_ylim(0, 100)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def ablation_bars(table: list[dict], path: Path, title: str = "") -> Path:
@@ -84,13 +84,7 @@ def ablation_bars(table: list[dict], path: Path, title: str = "") -> Path:
     errors.set_ylabel("test RMSE (matched)")
     for axis in (rates, errors):
         axis.set_xticks(list(positions), arms, rotation=35, ha="right")
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def arm_learning_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]], list[tuple[int, float]]]]],
@@ -114,8 +108,4 @@ def arm_learning_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]
     for axis in list(axes.flat)[len(arms):]:
         axis.set_visible(False)
     axes[0][0].set_ylabel("total loss")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path, dpi=100)

@@ -413,7 +413,7 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
     if not trials:
         errors = [str(result.error) for result in grid if result.error is not None]
         raise SweepError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
-    cells = [evaluate_cell(best, spec, launch, uri, parent, show_progress) for best in best_per_cell(trials, spec)]
+    cells = [evaluate_cell(best, spec, launch, uri, show_progress) for best in best_per_cell(trials, spec)]
     table = ablation_table(cells, spec)
     artifacts = write_sweep_report(cells, table, spec, uri, parent)
     return SweepResult(parent, uri, cells, table, artifacts)
@@ -450,7 +450,7 @@ def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[dict[st
     return [best[(arm, seed)] for arm in spec.arms for seed in spec.seeds if (arm, seed) in best]
 
 
-def evaluate_cell(trial: dict[str, Any], spec: SweepSpec, launch: SweepLaunch, uri: str, parent: str,
+def evaluate_cell(trial: dict[str, Any], spec: SweepSpec, launch: SweepLaunch, uri: str,
                   show_progress: bool) -> CellResult:
     """The final test evaluation of one cell's best model at its tuned step size (an MLflow child run)."""
     from equicsp.distributed_eval import EvaluationSettings, evaluate_logged_run
@@ -460,8 +460,7 @@ def evaluate_cell(trial: dict[str, Any], spec: SweepSpec, launch: SweepLaunch, u
     settings = EvaluationSettings(num_samples=spec.test_samples, seed=0, limit=spec.test_limit,
                                   workers=launch.eval_workers, step_lr=trial["tuned_step_lr"])
     evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri,
-                                     extra_tags={"arm": arm, "seed": str(seed), "equicsp.sweep": parent},
-                                     show_progress=show_progress)
+                                     show_progress=show_progress)  # the run inherits arm, seed and switches
     searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
     return CellResult(arm, seed, trial["training_run_id"], evaluation.run_id, trial["tuned_step_lr"],
                       trial[STEP_LR_METRIC], evaluation.summary.match_rate, evaluation.summary.rmse, searched)

@@ -27,6 +27,8 @@ from equicsp.config import Config
 
 RUN_KEY_TAG = "equicsp.run_key"
 KIND_TAG = "equicsp.kind"  # training | evaluation | sweep
+# An evaluation run carries these tags of its training run, so the UI lines it up with the arm it scores.
+INHERITED_TAGS = ("preset", "objective_preset", "dataset", "arm", "seed", "equicsp.sweep")
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 LAST_CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 
@@ -165,8 +167,8 @@ def log_evaluation_run(uri: str, training_run_id: str, run_key: str, params: dic
         name = f"eval-{training.info.run_name}-k{params['num_samples']}"
         tags = {RUN_KEY_TAG: run_key, KIND_TAG: "evaluation", "mlflow.parentRunId": training_run_id,
                 "mlflow.runName": name, "git_commit": git_commit(),
-                **{key: training.data.tags[key] for key in ("preset", "objective_preset", "dataset")
-                   if key in training.data.tags}, **extra_tags}
+                **{key: value for key, value in training.data.tags.items() if key in INHERITED_TAGS
+                   or key.startswith("switch.")}, **extra_tags}
         run_id = client(uri).create_run(experiment_id, tags=tags, run_name=name).info.run_id
         log_params(uri, run_id, params)
     log_metrics(uri, run_id, metrics)
