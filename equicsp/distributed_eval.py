@@ -56,11 +56,12 @@ class Evaluation:
     summary: MatchSummary
     per_crystal: list[CrystalResult]
     predictions: list[SampledCrystal]
-    sampling_s: float
+    sampling_s: float  # sampling proper, once the workers hold the model
     matching_s: float
     workers: int
     config: Config  # the model's config with the evaluation's sampler settings
     run_id: str | None = None  # the MLflow evaluation run
+    startup_s: float = 0.0  # starting the sampling workers and loading the model into them
     reused: bool = False  # answered from an earlier identical evaluation's run (no predictions kept)
 
 
@@ -90,6 +91,9 @@ class SamplingWorker:
 
     def match(self, jobs: list[MatchJob]) -> list[CrystalResult]:
         return _match_chunk(jobs)
+
+    def ready(self) -> bool:
+        return True
 
 
 def _match_chunk(jobs: list[MatchJob]) -> list[CrystalResult]:
@@ -125,6 +129,12 @@ class SamplingPool:
                                                    scheduling_strategy="DEFAULT")
         checkpoint_ref = ray.put(checkpoint)
         self.actors = [actor.remote(checkpoint_ref, precision, threads) for _ in range(self.workers)]
+
+    def wait_ready(self) -> None:
+        """Until every actor has started and loaded the model."""
+        import ray
+
+        ray.get([worker.ready.remote() for worker in self.actors])
 
     def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
                seed: int, show_progress: bool = True) -> list[SampledCrystal]:
@@ -205,10 +215,12 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
                                   settings.batch_size)
     connect_ray()
     own_pool = pool is None
-    pool = pool or SamplingPool(checkpoint, settings.workers, settings.threads, settings.precision)
     indices = list(range(len(dataset) if settings.limit is None else min(settings.limit, len(dataset))))
-    start = time.perf_counter()
+    begin = time.perf_counter()
+    pool = pool or SamplingPool(checkpoint, settings.workers, settings.threads, settings.precision)
     try:
+        pool.wait_ready()
+        start = time.perf_counter()
         predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
                                   settings.seed, show_progress)
     finally:
@@ -221,7 +233,7 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
     if settings.limit is None:
         per_crystal += unusable_rows(dataset.report, settings.num_samples)
     return Evaluation(summarise(per_crystal), per_crystal, predictions, sampled - start, matching_s, pool.workers,
-                      config)
+                      config, startup_s=start - begin)
 
 
 def write_predictions(predictions: list[SampledCrystal], formulas: dict[int, str], path: Path) -> Path:
@@ -262,9 +274,9 @@ def write_report(evaluation: Evaluation, dataset: CrystalDataset, out: Path) -> 
 def summary_record(evaluation: Evaluation) -> dict[str, float]:
     """The metrics logged for an evaluation (rmse left out when nothing matched)."""
     summary = evaluation.summary
-    total_s = evaluation.sampling_s + evaluation.matching_s
-    record = {**asdict(summary), "sampling_s": evaluation.sampling_s, "matching_s": evaluation.matching_s,
-              "total_s": total_s, "crystals_per_s": summary.num_crystals / total_s if total_s else 0.0}
+    total_s = evaluation.startup_s + evaluation.sampling_s + evaluation.matching_s
+    record = {**asdict(summary), "startup_s": evaluation.startup_s, "sampling_s": evaluation.sampling_s,
+              "matching_s": evaluation.matching_s, "total_s": total_s, "crystals_per_s": summary.num_crystals / total_s if total_s else 0.0}
     return {key: float(value) for key, value in record.items() if not (key == "rmse" and math.isnan(value))}
 
 
@@ -317,4 +329,4 @@ def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, da
                            num_samples=int(metrics["num_samples"]), valid_rate=metrics["valid_rate"])
     config = replace(model_config, sampler=replace(model_config.sampler, step_lr=float(run.data.params["step_lr"])))
     return Evaluation(summary, [], [], metrics["sampling_s"], metrics["matching_s"], int(run.data.params["workers"]),
-                      config, run_id=run.info.run_id, reused=True)
+                      config, run_id=run.info.run_id, reused=True, startup_s=metrics.get("startup_s", 0.0))

@@ -46,11 +46,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def summary_table(evaluation: Evaluation) -> str:
     summary = evaluation.summary
     rmse = "n/a" if math.isnan(summary.rmse) else f"{summary.rmse:.4f}"
-    return ("| crystals | k | step_lr | match rate | RMSE | valid samples | workers | sampling s | matching s |\n"
-            "|---|---|---|---|---|---|---|---|---|\n"
+    return ("| crystals | k | step_lr | match rate | RMSE | valid samples | workers | start-up s | sampling s | "
+            "matching s |\n|---|---|---|---|---|---|---|---|---|---|\n"
             f"| {summary.num_crystals} | {summary.num_samples} | {evaluation.config.sampler.step_lr:g} | "
             f"{100 * summary.match_rate:.2f} % | {rmse} | {100 * summary.valid_rate:.1f} % | {evaluation.workers} | "
-            f"{evaluation.sampling_s:.1f} | {evaluation.matching_s:.1f} |")
+            f"{evaluation.startup_s:.1f} | {evaluation.sampling_s:.1f} | {evaluation.matching_s:.1f} |")
 
 
 def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings) -> Evaluation:
