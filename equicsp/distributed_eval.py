@@ -296,6 +296,9 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
     checkpoint = read_checkpoint(tracking.download_checkpoint(uri, run_id))
+    tuned = tracking.get_run(uri, run_id).data.metrics.get("tuned_step_lr")
+    if settings.step_lr is None and tuned is not None:  # a sweep searched this model's step size
+        settings = replace(settings, step_lr=tuned)
     model_config = config_from_dict(checkpoint["config"])
     if data:
         options = PreprocessOptions(model_config.data.max_atoms, model_config.data.niggli, model_config.data.primitive)

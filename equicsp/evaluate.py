@@ -29,7 +29,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--checkpoint", type=Path, help="a checkpoint file (nothing is logged to MLflow)")
     parser.add_argument("--data", help="test CSV or CIF folder (default: the model's own test split)")
     parser.add_argument("--num-samples", type=int, default=1, help="k samples per composition (best of k)")
-    parser.add_argument("--step-lr", type=float, help="Langevin step size (default: the model's config)")
+    parser.add_argument("--step-lr", type=float,
+                        help="Langevin step size (default: the step size a sweep tuned for the run, else the config's)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: every timestep)")
     parser.add_argument("--batch-size", type=int, help="crystals per sampling batch (default: the model's config)")
     parser.add_argument("--workers", type=int, default=0,

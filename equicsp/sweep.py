@@ -210,7 +210,7 @@ class TrialContext:
 
 
 def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """One Tune trial: train (Ray Train, reporting each epoch to Tune), then search step_lr on validation."""
+    """One Tune trial: train (Ray Train, reporting each checkpoint to Tune), then search step_lr on validation."""
     import ray.tune
 
     from equicsp.distributed import LaunchOptions, run_training
@@ -398,9 +398,10 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
         points = initial_points(spec)
         searcher = FinalResultOptunaSearch(SearchSpace(spec), metric=STEP_LR_METRIC, mode="max",
                                             points_to_evaluate=points, seed=spec.search_seed)
-        scheduler = (ASHAScheduler(metric="val_denoise", mode="min", time_attr="training_iteration",
-                                   grace_period=max(1, spec.config_for(spec.arms[0], {}).optim.epochs // 4))
-                     if spec.asha else None)
+        epochs = spec.config_for(spec.arms[0], {}).optim.epochs
+        # Trials report at their checkpoints, so ASHA counts epochs rather than reports.
+        scheduler = (ASHAScheduler(metric="val_denoise", mode="min", time_attr="epoch", max_t=epochs,
+                                   grace_period=max(1, epochs // 4)) if spec.asha else None)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=len(points),
