@@ -399,8 +399,9 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
         searcher = FinalResultOptunaSearch(SearchSpace(spec), metric=STEP_LR_METRIC, mode="max",
                                             points_to_evaluate=points, seed=spec.search_seed)
         epochs = spec.config_for(spec.arms[0], {}).optim.epochs
-        # Trials report at their checkpoints, so ASHA counts epochs rather than reports.
-        scheduler = (ASHAScheduler(metric="val_denoise", mode="min", time_attr="epoch", max_t=epochs,
+        # Trials report at their checkpoints, so ASHA counts epochs rather than reports; max_t lies past the
+        # last epoch, or ASHA would stop every trial at its last checkpoint, before the step-size search.
+        scheduler = (ASHAScheduler(metric="val_denoise", mode="min", time_attr="epoch", max_t=epochs + 1,
                                    grace_period=max(1, epochs // 4)) if spec.asha else None)
         tuner = tune.Tuner(
             trainable,
@@ -410,6 +411,7 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
                                       failure_config=tune.FailureConfig(max_failures=launch.max_failures)),
         )
     grid = tuner.fit()
+    tracking.mark_unfinished_children_killed(uri, parent)
     trials = [result.metrics for result in grid if result.metrics and STEP_LR_METRIC in result.metrics]
     if not trials:
         errors = [str(result.error) for result in grid if result.error is not None]

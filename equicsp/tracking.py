@@ -137,6 +137,17 @@ def start_sweep_run(uri: str, experiment_id: str, run_key: str, run_name: str, p
     return run_id
 
 
+def mark_unfinished_children_killed(uri: str, parent_run_id: str) -> int:
+    """Child runs still RUNNING under a finished parent (trials a scheduler stopped early) become KILLED."""
+    mlflow_client = client(uri)
+    experiment_id = get_run(uri, parent_run_id).info.experiment_id
+    stale = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                                                     "and attributes.status = 'RUNNING'")
+    for run in stale:
+        mlflow_client.set_terminated(run.info.run_id, "KILLED")
+    return len(stale)
+
+
 def get_run(uri: str, run_id: str):
     from mlflow.exceptions import MlflowException
 

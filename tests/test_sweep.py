@@ -193,3 +193,21 @@ def test_the_sweep_scripts_refuse_bad_input_before_ray_starts(tmp_path, capsys):
     for module in (ablation, hyperparams):
         for profile in module.PROFILES.values():
             validate_spec(profile)
+
+
+@pytest.mark.slow
+def test_the_hyperparameter_sweep_with_early_stopping_finishes_and_closes_stopped_runs(tmp_path):
+    tiny = [pair for pair in TINY if not pair.startswith(("optim.epochs", "model.hidden_dim"))] + ["optim.epochs=8"]
+    command = [sys.executable, str(ROOT / "sweeps" / "hyperparams.py"), "--arm", "no_perm_loss", "--asha",
+               "--trials", "3", "--storage-path", str(tmp_path / "ray"),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *[a for p in tiny for a in ("--set", p)]]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| w/o permutation loss |" in done.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    training = runs_of_kind(uri, "training")
+    assert len(training) == 3 and {run.info.status for run in training} <= {"FINISHED", "KILLED"}
+    assert len({run.data.params["optim.lr"] for run in training}) == 3, "Optuna chose a learning rate per trial"
+    finished = [run for run in training if run.info.status == "FINISHED"]
+    assert finished and all("tuned_step_lr" in run.data.metrics for run in finished)
+    assert len(runs_of_kind(uri, "evaluation")) == 1
