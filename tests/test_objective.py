@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch_geometric.loader import DataLoader
 
-from equicsp.config import OBJECTIVE_PRESETS, ModelConfig, make_config
+from equicsp.config import OBJECTIVE_PRESETS, make_config
 from equicsp.denoiser import build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.objective import Objective

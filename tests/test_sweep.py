@@ -127,23 +127,23 @@ def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_ru
 
 
 def finished_training_runs(database: Path) -> int:
-    if not database.exists():
-        return 0
-    try:
-        return sum(run.info.status == "FINISHED" for run in runs_of_kind(f"sqlite:///{database}", "training"))
-    except Exception:  # the store is being created
-        return 0
+    return sum(run.info.status == "FINISHED" for run in runs_of_kind(f"sqlite:///{database}", "training"))
 
 
 @pytest.mark.slow
 def test_a_killed_sweep_driver_resumes_and_counts_each_trial_once(tmp_path):
     arms = ("equicsp", "no_perm_loss", "diffcsp")
     command = sweep_command(tmp_path, "--arms", *arms, "--max-concurrent", "1", "--name", "resumable")
-    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    # The store exists before the driver starts: this test polls it, and two processes creating a
+    # fresh SQLite store at once race in MLflow's migrations.
+    tracking.ensure_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "equicsp-sweeps")
+    log = tmp_path / "first_driver.log"
+    with open(log, "w") as output:
+        driver = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     deadline = time.time() + 600
     while finished_training_runs(tmp_path / "mlflow.db") < 1 and time.time() < deadline:
-        assert driver.poll() is None, "the sweep ended before it could be killed"
+        assert driver.poll() is None, "the sweep ended before it could be killed: " + log.read_text()[-3000:]
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()

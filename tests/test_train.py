@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from equicsp.checkpoint import CheckpointError, load_model, read_checkpoint
 from equicsp.config import make_config
