@@ -107,34 +107,33 @@ def log_params(uri: str, run_id: str, params: dict[str, object]) -> None:
         client(uri).log_batch(run_id, params=entries[start:start + 100])
 
 
-def start_training_run(uri: str, experiment_id: str, config: Config, run_key: str, run_name: str,
-                       parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
-    """The run for run_key: the existing one when this key ran before (resume), else a new one."""
+def open_keyed_run(uri: str, experiment_id: str, run_key: str, run_name: str, kind: str, tags: dict[str, str],
+                   params: dict[str, object]) -> str:
+    """The run recorded under run_key, set RUNNING again (a resume), else a new one with these tags and params."""
     existing = find_run(uri, experiment_id, run_key)
     if existing is not None:
         if existing.info.status != "RUNNING":
             client(uri).update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
-    tags = {RUN_KEY_TAG: run_key, KIND_TAG: "training", "mlflow.runName": run_name, "preset": config.preset,
-            "objective_preset": config.objective_preset, "dataset": config.data.path, "git_commit": git_commit(),
+    tags = {RUN_KEY_TAG: run_key, KIND_TAG: kind, "mlflow.runName": run_name, "git_commit": git_commit(), **tags}
+    run_id = client(uri).create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+    log_params(uri, run_id, params)
+    return run_id
+
+
+def start_training_run(uri: str, experiment_id: str, config: Config, run_key: str, run_name: str,
+                       parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
+    """The run for run_key: the existing one when this key ran before (resume), else a new one."""
+    tags = {"preset": config.preset, "objective_preset": config.objective_preset, "dataset": config.data.path,
             **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client(uri).create_run(experiment_id, tags=tags, run_name=run_name)
-    log_params(uri, run.info.run_id, config.flat())
-    return run.info.run_id
+    return open_keyed_run(uri, experiment_id, run_key, run_name, "training", tags, config.flat())
 
 
 def start_sweep_run(uri: str, experiment_id: str, run_key: str, run_name: str, params: dict[str, object]) -> str:
     """The sweep's parent run: the existing one when this sweep ran before (a resumed sweep), else a new one."""
-    existing = find_run(uri, experiment_id, run_key)
-    if existing is not None:
-        client(uri).update_run(existing.info.run_id, status="RUNNING")
-        return existing.info.run_id
-    tags = {RUN_KEY_TAG: run_key, KIND_TAG: "sweep", "mlflow.runName": run_name, "git_commit": git_commit()}
-    run_id = client(uri).create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
-    log_params(uri, run_id, params)
-    return run_id
+    return open_keyed_run(uri, experiment_id, run_key, run_name, "sweep", {}, params)
 
 
 def mark_unfinished_children_killed(uri: str, parent_run_id: str) -> int:
@@ -170,18 +169,11 @@ def log_evaluation_run(uri: str, training_run_id: str, run_key: str, params: dic
     An unfinished run left under the same key (an evaluation that was interrupted) is reused.
     """
     training = get_run(uri, training_run_id)
-    experiment_id = training.info.experiment_id
-    existing = find_run(uri, experiment_id, run_key)
-    if existing is not None:
-        run_id = existing.info.run_id
-    else:
-        name = f"eval-{training.info.run_name}-k{params['num_samples']}"
-        tags = {RUN_KEY_TAG: run_key, KIND_TAG: "evaluation", "mlflow.parentRunId": training_run_id,
-                "mlflow.runName": name, "git_commit": git_commit(),
-                **{key: value for key, value in training.data.tags.items() if key in INHERITED_TAGS
-                   or key.startswith("switch.")}, **extra_tags}
-        run_id = client(uri).create_run(experiment_id, tags=tags, run_name=name).info.run_id
-        log_params(uri, run_id, params)
+    tags = {"mlflow.parentRunId": training_run_id,
+            **{key: value for key, value in training.data.tags.items() if key in INHERITED_TAGS
+               or key.startswith("switch.")}, **extra_tags}
+    run_id = open_keyed_run(uri, training.info.experiment_id, run_key,
+                            f"eval-{training.info.run_name}-k{params['num_samples']}", "evaluation", tags, params)
     log_metrics(uri, run_id, metrics)
     for path in files:
         log_artifact(uri, run_id, path)
