@@ -20,9 +20,10 @@ import torch
 
 from equicsp.checkpoint import read_checkpoint
 from equicsp.config import make_config
+from equicsp.data import load_splits
 from equicsp.distributed import connect_ray
 from equicsp.distributed_eval import EvaluationSettings, evaluate_checkpoint
-from equicsp.train import load_splits, train
+from equicsp.training import train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         f"The smoke model ({'trained here in ' + f'{train_s:.0f} s' if train_s else checkpoint_path}), the bundled "
         f"Perov-5 test split ({len(test)} crystals), k = {args.samples}, every timestep, sampling batches of "
         f"{args.batch_size}; one thread per sampling worker; matching in one-CPU Ray tasks over all cores. "
-        f"ray.init: {ray_start:.1f} s; one warm-up evaluation first. Start-up: starting the sampling workers and loading the model; "
+        f"ray.init: {ray_start:.1f} s; one warm-up evaluation first. "
+        "Start-up: starting the sampling workers and loading the model; "
         "crystals/s over the total and over sampling + matching alone; sampling share of sampling + matching.", "",
         "| sampling workers | start-up s | sampling s | matching s | total s | crystals/s | crystals/s without "
         "start-up | sampling share | match rate |",

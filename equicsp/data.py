@@ -29,6 +29,7 @@ from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
 from equicsp.cache import cache_dir, cache_key, save_atomically
+from equicsp.config import Config
 
 PREPROCESS_VERSION = 1
 MAX_ATOMIC_NUMBER = 100  # the denoiser's embedding table has one row per Z = 1 .. 100
@@ -276,6 +277,27 @@ def load_crystals(path: str | Path, options: PreprocessOptions = PreprocessOptio
         save_atomically({"tensors": tensors, "metadata": metadata, "total": report.total,
                          "skipped": [[s.row, s.source, s.reason] for s in report.skipped]}, cached)
     return CrystalDataset(tensors, metadata, report)
+
+
+def preprocess_options(config: Config) -> PreprocessOptions:
+    """The preprocessing a model's config asks for (its test crystals must be read the same way)."""
+    return PreprocessOptions(config.data.max_atoms, config.data.niggli, config.data.primitive)
+
+
+def load_splits(config: Config, splits: tuple[str, ...] = SPLITS, show_progress: bool = True) -> dict[str, CrystalDataset]:
+    """train/val/test from `data.path`: a folder holding train.csv, val.csv, test.csv (or train/, ... CIF folders)."""
+    root = resolve_path(config.data.path)
+    if not config.data.path or not root.is_dir():
+        raise DatasetError(f"data.path {config.data.path!r} is not a folder with train/val/test files")
+    options = preprocess_options(config)
+    datasets = {}
+    for split in splits:
+        candidates = [root / f"{split}.csv", root / split]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise DatasetError(f"{root}: no {split}.csv and no {split}/ folder of CIFs")
+        datasets[split] = load_crystals(found, options, show_progress=show_progress)
+    return datasets
 
 
 def split_csv(source: Path, out_dir: Path, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),

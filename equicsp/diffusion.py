@@ -13,7 +13,6 @@ from equicsp.schedules import NoiseSchedule, wrap
 from equicsp.targets import CoordinateTargets, build_target
 from equicsp.von_mises import VonMisesTables, load_or_build_tables
 
-
 # Noise streams of one training step.
 _TIMESTEP, _LATTICE_NOISE, _COORD_NOISE, _PERMUTATION = range(4)
 
@@ -63,7 +62,6 @@ class Diffusion:
         sharded across workers.
         """
         num_crystals = batch.num_atoms.shape[0]
-        device = batch.frac_coords.device
         keys = crystal_keys(batch)
         t = (keyed_uniform(keys, 1, seed, step, _TIMESTEP)[:, 0] * self.timesteps).long().clamp(max=self.timesteps - 1) + 1
         lattice_0 = project_lattice(batch.lengths, batch.angles)

@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from equicsp import tracking
 from equicsp.cache import cache_key
+from equicsp.checkpoint import read_checkpoint
 from equicsp.config import Config, config_from_dict
-from equicsp.train import load_splits
+from equicsp.data import load_splits
+from equicsp.plots import learning_curve
+from equicsp.training import TrainingLoop
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from equicsp import tracking
-    from equicsp.train import TrainingLoop
 
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
@@ -134,7 +136,6 @@ def _injected_failure(epoch: int, rank: int) -> None:
 
 def validate_launch(config: Config, options: LaunchOptions) -> tuple[str, str]:
     """Every check that can fail before a worker starts; returns the tracking URI and the data report (JSON)."""
-    from equicsp import tracking
 
     if options.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, not {options.num_workers}")
@@ -152,8 +153,6 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from equicsp import tracking
-    from equicsp.plots import learning_curve
 
     uri, data_report = validate_launch(config, options)
     callbacks = None
@@ -191,7 +190,6 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
         for name in ("best.pt", "last.pt"):
             if (Path(directory) / name).exists():
                 shutil.copy(Path(directory) / name, checkpoint_dir / name)
-    from equicsp.checkpoint import read_checkpoint
 
     stored = read_checkpoint(checkpoint_dir / "last.pt")
     history = list(stored.get("history", []))

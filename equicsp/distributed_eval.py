@@ -21,12 +21,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from equicsp import tracking
 from equicsp.cache import cache_key
+from equicsp.checkpoint import model_from_checkpoint, read_checkpoint
 from equicsp.config import Config, config_from_dict
 from equicsp.csp import MatchJob, matching_jobs, unusable_rows
-from equicsp.data import CrystalDataset, PreprocessOptions, load_crystals
-from equicsp.metrics import CrystalResult, MatchSummary, match_one, summarise, write_results_csv
-from equicsp.sampler import SampledCrystal, SamplingJob, sampling_batches
+from equicsp.data import CrystalDataset, PreprocessOptions, load_crystals, load_splits
+from equicsp.devices import resolve_device
+from equicsp.diffusion import Diffusion
+from equicsp.distributed import connect_ray
+from equicsp.metrics import CrystalResult, MatchSummary, match_one, structure_of, summarise, write_results_csv
+from equicsp.plots import evaluation_figure
+from equicsp.sampler import SampledCrystal, Sampler, SamplingJob, sampling_batches, with_sampler_options
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,6 @@ class SamplingWorker:
     """A Ray actor holding one copy of the model; samples the batches it is handed, with any sampler settings."""
 
     def __init__(self, checkpoint: dict[str, Any], precision: str, threads: int):
-        from equicsp.checkpoint import model_from_checkpoint
-        from equicsp.devices import resolve_device
 
         torch.set_num_threads(threads)
         self.device = resolve_device("auto")  # the GPU Ray assigned to this actor, if any
@@ -79,8 +83,6 @@ class SamplingWorker:
         self.diffusions: dict[str, Any] = {}  # one per diffusion config (its von Mises tables)
 
     def sample(self, config: dict[str, Any], jobs: list[SamplingJob], seed: int) -> list[SampledCrystal]:
-        from equicsp.diffusion import Diffusion
-        from equicsp.sampler import Sampler
 
         sampling_config = config_from_dict(config)
         key = repr(sampling_config.diffusion) + repr(sampling_config.objective)
@@ -207,8 +209,6 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
     it then matches too (its actors hold their CPUs, so Ray tasks might wait on them forever).
     Without one, a pool samples and goes, and matching spreads over the cluster in Ray tasks.
     """
-    from equicsp.distributed import connect_ray
-    from equicsp.sample import with_sampler_options
 
     settings.check()
     config = with_sampler_options(config_from_dict(checkpoint["config"]), settings.step_lr, settings.num_steps,
@@ -240,14 +240,13 @@ def write_predictions(predictions: list[SampledCrystal], formulas: dict[int, str
     """Every predicted structure as a CIF, in one zip archive (INDEX_FORMULA_SAMPLE.cif)."""
     from pymatgen.io.cif import CifWriter
 
-    from equicsp.sample import to_structure
 
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for crystal in sorted(predictions, key=lambda c: (c.composition_index, c.sample_index)):
             name = f"{crystal.composition_index:06d}_{formulas.get(crystal.composition_index, 'x')}_" \
                    f"{crystal.sample_index}.cif"
             try:
-                text = str(CifWriter(to_structure(crystal)))
+                text = str(CifWriter(structure_of(crystal)))
             except Exception as error:  # a sampled lattice pymatgen cannot build
                 text = f"# not writable as a structure: {error}\n"
             archive.writestr(name, text)
@@ -256,7 +255,6 @@ def write_predictions(predictions: list[SampledCrystal], formulas: dict[int, str
 
 def write_report(evaluation: Evaluation, dataset: CrystalDataset, out: Path) -> dict[str, Path]:
     """The per-crystal CSV, the CIF archive, the summary, the data report and the figure, in out/."""
-    from equicsp.plots import evaluation_figure
 
     out.mkdir(parents=True, exist_ok=True)
     formulas = {r.index: r.formula for r in evaluation.per_crystal if r.index >= 0}
@@ -276,7 +274,8 @@ def summary_record(evaluation: Evaluation) -> dict[str, float]:
     summary = evaluation.summary
     total_s = evaluation.startup_s + evaluation.sampling_s + evaluation.matching_s
     record = {**asdict(summary), "startup_s": evaluation.startup_s, "sampling_s": evaluation.sampling_s,
-              "matching_s": evaluation.matching_s, "total_s": total_s, "crystals_per_s": summary.num_crystals / total_s if total_s else 0.0}
+              "matching_s": evaluation.matching_s, "total_s": total_s,
+              "crystals_per_s": summary.num_crystals / total_s if total_s else 0.0}
     return {key: float(value) for key, value in record.items() if not (key == "rmse" and math.isnan(value))}
 
 
@@ -288,9 +287,6 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     The same evaluation (run, data content, settings) asked for again is answered from its
     finished MLflow run instead of being computed and logged twice.
     """
-    from equicsp import tracking
-    from equicsp.checkpoint import read_checkpoint
-    from equicsp.train import load_splits
 
     settings.check()
     uri = tracking.resolve_tracking_uri(tracking_uri)

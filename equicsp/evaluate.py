@@ -14,11 +14,15 @@ from pathlib import Path
 
 from equicsp.checkpoint import CheckpointError, read_checkpoint
 from equicsp.config import ConfigError, config_from_dict
-from equicsp.data import DatasetError, PreprocessOptions, load_crystals
-from equicsp.distributed_eval import (Evaluation, EvaluationSettings, evaluate_checkpoint, evaluate_logged_run,
-                                      write_report)
+from equicsp.data import DatasetError, PreprocessOptions, load_crystals, load_splits
+from equicsp.distributed_eval import (
+    Evaluation,
+    EvaluationSettings,
+    evaluate_checkpoint,
+    evaluate_logged_run,
+    write_report,
+)
 from equicsp.tracking import TrackingError
-from equicsp.train import load_splits
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

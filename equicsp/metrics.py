@@ -13,8 +13,8 @@ import os
 import signal
 import threading
 import warnings
-from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -77,6 +77,11 @@ class CrystalArrays:
     def to_structure(self) -> Structure:
         return Structure(Lattice.from_parameters(*self.lengths, *self.angles), list(self.atom_types),
                          list(self.frac_coords), coords_are_cartesian=False)
+
+
+def structure_of(crystal) -> Structure:
+    """A pymatgen Structure of anything with atom_types, frac_coords, lengths and angles (e.g. a sampled crystal)."""
+    return CrystalArrays.of(crystal.atom_types, crystal.frac_coords, crystal.lengths, crystal.angles).to_structure()
 
 
 @dataclass

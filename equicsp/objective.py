@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion, NoisedBatch, keyed_permutations
 from equicsp.lattice import permute_columns, permute_lattice
 
@@ -21,10 +22,6 @@ class LossTerms:
 
     def as_floats(self) -> dict[str, float]:
         return {name: float(getattr(self, name).detach()) for name in ("total", "lattice", "coord", "score", "perm")}
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Tensor, noised: NoisedBatch):

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from equicsp.checkpoint import CheckpointError, load_model
-from equicsp.config import Config
 from equicsp.data import MAX_ATOMIC_NUMBER
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
-from equicsp.metrics import CrystalArrays
-from equicsp.sampler import SampledCrystal, Sampler
+from equicsp.metrics import structure_of
+from equicsp.sampler import Sampler, with_sampler_options
 
 
 def composition_of(formula: str) -> torch.Tensor:
@@ -34,17 +32,6 @@ def composition_of(formula: str) -> torch.Tensor:
             raise ValueError(f"{formula!r}: {element} has a non-integer count {amount}")
         types += [z] * int(round(amount))
     return torch.tensor(types, dtype=torch.long)
-
-
-def with_sampler_options(config: Config, step_lr: float | None, num_steps: int | None,
-                         batch_size: int | None = None) -> Config:
-    changes = {k: v for k, v in dict(step_lr=step_lr, num_steps=num_steps, batch_size=batch_size).items()
-               if v is not None}
-    return replace(config, sampler=replace(config.sampler, **changes)).validate()
-
-
-def to_structure(crystal: SampledCrystal):
-    return CrystalArrays.of(crystal.atom_types, crystal.frac_coords, crystal.lengths, crystal.angles).to_structure()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     crystals = sampler.sample(compositions, args.num_samples, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     for crystal in crystals:
-        structure = to_structure(crystal)
+        structure = structure_of(crystal)
         name = f"{args.formula[crystal.composition_index]}_{crystal.sample_index}.cif"
         structure.to(filename=str(args.out / name))
         print(f"{name}: {structure.composition.reduced_formula}, a b c = "

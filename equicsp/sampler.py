@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from equicsp.config import Config
+from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion
 from equicsp.lattice import project_lattice, unproject_lattice
 from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
-from equicsp.objective import autocast
 from equicsp.periodic import pm_corrected_score
 from equicsp.schedules import wrap
 
@@ -28,6 +28,14 @@ class SampledCrystal:
     frac_coords: torch.Tensor  # (n, 3)
     lengths: torch.Tensor  # (3,)
     angles: torch.Tensor  # (3,) degrees
+
+
+def with_sampler_options(config: Config, step_lr: float | None = None, num_steps: int | None = None,
+                         batch_size: int | None = None) -> Config:
+    """The config with the sampler settings that are given (None keeps the config's own)."""
+    changes = {k: v for k, v in dict(step_lr=step_lr, num_steps=num_steps, batch_size=batch_size).items()
+               if v is not None}
+    return replace(config, sampler=replace(config.sampler, **changes)).validate()
 
 
 def physical_lattice_bounds(device: torch.device) -> torch.Tensor:

@@ -27,7 +27,13 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from equicsp.config import OBJECTIVE_PRESETS, ConfigError, apply_overrides, make_config
+from equicsp import tracking
+from equicsp.checkpoint import read_checkpoint
+from equicsp.config import OBJECTIVE_PRESETS, ConfigError, apply_overrides, config_from_dict, make_config
+from equicsp.data import DatasetError, load_splits, resolve_path
+from equicsp.distributed import LaunchOptions, connect_ray, run_training
+from equicsp.distributed_eval import EvaluationSettings, SamplingPool, evaluate_checkpoint, evaluate_logged_run
+from equicsp.plots import ablation_bars, arm_learning_curves
 
 # Table 2 of the paper, in its order; the names are the objective presets.
 ARM_LABELS: dict[str, str] = {
@@ -213,7 +219,6 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
     """One Tune trial: train (Ray Train, reporting each checkpoint to Tune), then search step_lr on validation."""
     import ray.tune
 
-    from equicsp.distributed import LaunchOptions, run_training
 
     spec, launch = context.spec, context.launch
     arm = params["arm"]
@@ -241,12 +246,6 @@ def search_step_lr(run_id: str, context: TrialContext) -> dict[str, float]:
     """
     import optuna
 
-    from equicsp import tracking
-    from equicsp.checkpoint import read_checkpoint
-    from equicsp.config import config_from_dict
-    from equicsp.distributed import connect_ray
-    from equicsp.distributed_eval import EvaluationSettings, SamplingPool, evaluate_checkpoint
-    from equicsp.train import load_splits
 
     uri, spec = context.tracking_uri, context.spec
     logged = tracking.get_run(uri, run_id).data.metrics
@@ -339,8 +338,6 @@ def check_data_on_cluster(spec: SweepSpec) -> None:
     """The dataset loads here and exists where Ray runs tasks (on a cluster, a worker node may not see it)."""
     import ray
 
-    from equicsp.data import DatasetError
-    from equicsp.train import load_splits
 
     config = spec.config_for(spec.arms[0], {})
     try:
@@ -353,7 +350,6 @@ def check_data_on_cluster(spec: SweepSpec) -> None:
 
 
 def _data_problem(path: str) -> str:
-    from equicsp.data import resolve_path
 
     resolved = resolve_path(path)
     return "" if resolved.is_dir() else f"{path} is not a folder on node {_node_name()}"
@@ -370,8 +366,6 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from equicsp import tracking
-    from equicsp.distributed import connect_ray
 
     validate_spec(spec)
     spec = _with_absolute_data_path(spec)
@@ -456,7 +450,6 @@ def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[dict[st
 def evaluate_cell(trial: dict[str, Any], spec: SweepSpec, launch: SweepLaunch, uri: str,
                   show_progress: bool) -> CellResult:
     """The final test evaluation of one cell's best model at its tuned step size (an MLflow child run)."""
-    from equicsp.distributed_eval import EvaluationSettings, evaluate_logged_run
 
     params = trial["config"]
     arm, seed = params["arm"], int(params["run.seed"])
@@ -512,8 +505,6 @@ def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
 def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spec: SweepSpec, uri: str,
                        parent: str) -> dict[str, Path]:
     """The table (Markdown + CSV), the per-cell CSV, the bar chart and learning curves, logged to the parent."""
-    from equicsp import tracking
-    from equicsp.plots import ablation_bars, arm_learning_curves
 
     out = Path(tempfile.mkdtemp(prefix="equicsp-sweep-"))
     files = {"table_md": out / "ablation_table.md", "table_csv": out / "ablation_table.csv",

@@ -86,7 +86,7 @@ def memorised_model(memorise_data_dir, tmp_path_factory):
     import shutil
 
     from equicsp.config import make_config
-    from equicsp.train import train
+    from equicsp.training import train
 
     config = make_config("smoke", "equicsp", {
         "data.path": str(memorise_data_dir), "model.hidden_dim": 128, "model.num_layers": 3,

@@ -96,8 +96,9 @@ def test_ray_submit_runs_the_smoke_sweep_on_a_real_cluster(ssh_to_this_machine, 
     import subprocess
     import sys
 
-    from equicsp import tracking
     from test_sweep import TINY, runs_of_kind
+
+    from equicsp import tracking
 
     user, key = ssh_to_this_machine
     config = yaml.safe_load((ROOT / "cluster" / "local.yaml").read_text())

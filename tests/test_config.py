@@ -1,7 +1,6 @@
 import pytest
 
-from equicsp.config import (OBJECTIVE_PRESETS, ConfigError, apply_overrides, config_from_dict, load_config,
-                            make_config)
+from equicsp.config import OBJECTIVE_PRESETS, ConfigError, apply_overrides, config_from_dict, load_config, make_config
 
 
 def test_presets_follow_the_paper():

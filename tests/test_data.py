@@ -7,6 +7,7 @@ import torch
 from equicsp.data import DatasetError, PreprocessOptions, load_crystals, split_csv
 from equicsp.data import main as data_main
 
+
 def rows_of(path):
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)

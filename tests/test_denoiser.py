@@ -2,15 +2,15 @@ import math
 
 import pytest
 import torch
+from conftest import random_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch_geometric.utils import scatter
 
 from equicsp.config import ModelConfig
-from equicsp.denoiser import CSPNet, CrystalGraph, FrameAveraged, sinusoidal_embedding
+from equicsp.denoiser import CrystalGraph, CSPNet, FrameAveraged, sinusoidal_embedding
 from equicsp.lattice import permute_columns, permute_lattice, project_lattice
 from equicsp.schedules import wrap
-from conftest import random_batch
 
 SMALL = ModelConfig(num_layers=2, hidden_dim=32, num_freqs=8, time_dim=16)
 

@@ -4,15 +4,15 @@ import time
 
 import pytest
 import torch
+from conftest import FAST
 
 from equicsp import tracking
 from equicsp.checkpoint import read_checkpoint
 from equicsp.config import make_config
+from equicsp.diffusion import Diffusion
 from equicsp.distributed import LaunchOptions, run_training
 from equicsp.sampler import Sampler
-from equicsp.diffusion import Diffusion
 from equicsp.train import main as train_main
-from conftest import FAST
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import pytest
 from equicsp.checkpoint import load_model
 from equicsp.config import make_config
 from equicsp.csp import run_csp
-from equicsp.train import load_splits, train
+from equicsp.data import load_splits
+from equicsp.training import train
 
 
 @pytest.mark.slow

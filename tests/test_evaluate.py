@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import FAST
 
 from equicsp import tracking
 from equicsp.checkpoint import read_checkpoint, save_checkpoint
@@ -12,7 +13,6 @@ from equicsp.config import make_config
 from equicsp.denoiser import build_denoiser
 from equicsp.distributed_eval import EvaluationSettings, evaluate_checkpoint
 from equicsp.evaluate import main as evaluate_main
-from conftest import FAST
 
 
 @pytest.fixture(scope="module")

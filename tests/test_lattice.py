@@ -1,10 +1,16 @@
 import numpy as np
 import torch
+from conftest import random_batch
 from pymatgen.core import Lattice, Structure
 
-from equicsp.lattice import (AXIS_PERMUTATIONS, inverse_permutation_index, permute_columns, permute_lattice,
-                             project_lattice, unproject_lattice)
-from conftest import random_batch
+from equicsp.lattice import (
+    AXIS_PERMUTATIONS,
+    inverse_permutation_index,
+    permute_columns,
+    permute_lattice,
+    project_lattice,
+    unproject_lattice,
+)
 
 
 def test_projection_round_trip_and_any_point_is_a_valid_lattice():

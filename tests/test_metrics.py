@@ -2,8 +2,14 @@ import math
 
 import numpy as np
 
-from equicsp.metrics import (CrystalArrays, composition_valid, evaluate_matches, extreme_lattice_problem, summarise,
-                             write_results_csv)
+from equicsp.metrics import (
+    CrystalArrays,
+    composition_valid,
+    evaluate_matches,
+    extreme_lattice_problem,
+    summarise,
+    write_results_csv,
+)
 
 
 def crystals_of(dataset, count=4):

@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+from conftest import random_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import circmean
@@ -8,7 +9,6 @@ from equicsp.config import make_config
 from equicsp.diffusion import Diffusion
 from equicsp.periodic import circular_mean, com_free_noise, pm_corrected_score
 from equicsp.schedules import wrap, wrap_centered
-from conftest import random_batch
 
 atom_counts = st.lists(st.integers(1, 8), min_size=1, max_size=5)
 

@@ -1,4 +1,5 @@
 import torch
+from oracle import OracleDenoiser
 from torch_geometric.loader import DataLoader
 
 from equicsp.config import make_config
@@ -7,7 +8,6 @@ from equicsp.denoiser import build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.lattice import project_lattice
 from equicsp.sampler import Sampler, timestep_sequence
-from oracle import OracleDenoiser
 
 SMALL = {"model.num_layers": 1, "model.hidden_dim": 16, "model.num_freqs": 4, "model.time_dim": 8,
          "diffusion.timesteps": 30}

@@ -13,8 +13,18 @@ import optuna
 import pytest
 
 from equicsp import tracking
-from equicsp.sweep import (ARM_LABELS, Choice, FloatRange, SweepError, SweepLaunch, SweepSpec, SearchSpace,
-                           initial_points, run_sweep, validate_spec)
+from equicsp.sweep import (
+    ARM_LABELS,
+    Choice,
+    FloatRange,
+    SearchSpace,
+    SweepError,
+    SweepLaunch,
+    SweepSpec,
+    initial_points,
+    run_sweep,
+    validate_spec,
+)
 
 ROOT = Path(__file__).parent.parent
 TINY = ["model.num_layers=1", "model.hidden_dim=16", "model.num_freqs=4", "model.time_dim=8", "optim.epochs=4",

@@ -2,12 +2,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST
 
 from equicsp.checkpoint import CheckpointError, load_model, read_checkpoint
 from equicsp.config import make_config
 from equicsp.train import main as train_main
-from equicsp.train import train
-from conftest import FAST
+from equicsp.training import train
 
 
 def fast_config(data_dir, **extra):
