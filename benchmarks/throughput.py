@@ -62,7 +62,7 @@ def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
 
 def training_throughput(config, batch, device, repeats: int) -> dict[str, float]:
     diffusion = Diffusion(config, device)
-    model = build_denoiser(config.model, config.objective.frame_average).to(device)
+    model = build_denoiser(config).to(device)
     objective = Objective(diffusion, model, config.run.precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -91,7 +91,7 @@ def training_throughput(config, batch, device, repeats: int) -> dict[str, float]
 def sampling_throughput(config, batch, device, steps: int) -> dict[str, float]:
     config = replace(config, sampler=replace(config.sampler, num_steps=steps))
     diffusion = Diffusion(config, device)
-    model = build_denoiser(config.model, config.objective.frame_average).to(device)
+    model = build_denoiser(config).to(device)
     sampler = Sampler(model, diffusion, config, device, config.run.precision)
     keys = torch.arange(batch.num_atoms.shape[0])
     sampler.sample_batch(batch.atom_types, batch.num_atoms, keys, seed=0)  # warm-up
@@ -106,7 +106,7 @@ def sampling_throughput(config, batch, device, steps: int) -> dict[str, float]:
 
 def profile_training(config, batch, device, rows: int = 12) -> str:
     diffusion = Diffusion(config, device)
-    model = build_denoiser(config.model, False).to(device)
+    model = build_denoiser(config).to(device)
     objective = Objective(diffusion, model, config.run.precision)
     for _ in range(2):
         objective(batch).total.backward()

@@ -52,6 +52,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
 def model_from_checkpoint(stored: dict[str, Any], device: str | torch.device = "cpu") -> tuple[Config, nn.Module]:
     """(config, eval-mode denoiser) from a checkpoint already read into memory."""
     config = config_from_dict(stored["config"])
-    model = build_denoiser(config.model, config.objective.frame_average)
+    model = build_denoiser(config)
     unwrap(model).load_state_dict(stored["model"])
     return config, model.to(device).eval()

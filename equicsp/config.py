@@ -27,6 +27,8 @@ class ModelConfig:
     hidden_dim: int = 256
     num_freqs: int = 128  # Fourier features sin/cos(2 pi k d), k = 0 .. K-1, per axis
     time_dim: int = 256
+    # Add each crystal's mean of the n~ and score heads' outputs to every atom's (the EquiCSP code's MPTS-52 network).
+    context_mean: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,13 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The switches of the paper's Table 2; all on is EquiCSP, all off is DiffCSP."""
+    """The switches of the paper's Table 2 (a row is an objective preset) and the lattice representation.
 
+    All switches on is EquiCSP. DiffCSP is all off with lattice = "matrix": its DDPM on the 3x3
+    lattice matrix instead of EquiCSP's projected parameters.
+    """
+
+    lattice: str = "projected"  # projected (EquiCSP) | matrix (DiffCSP)
     com_free_noise: bool = True
     von_mises: bool = True
     prob_model: bool = True
@@ -129,8 +136,10 @@ OBJECTIVE_PRESETS: dict[str, ObjectiveConfig] = {
     "no_pm_vm": ObjectiveConfig(von_mises=False, prob_model=False),
     "no_vm": ObjectiveConfig(von_mises=False),
     "no_pm": ObjectiveConfig(prob_model=False),
-    "diffcsp": ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False, perm_loss=False,
-                               cost_coord=0.0),
+    # Every switch off but EquiCSP's lattice: the control between the two methods.
+    "none": ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False, perm_loss=False, cost_coord=0.0),
+    "diffcsp": ObjectiveConfig(lattice="matrix", com_free_noise=False, von_mises=False, prob_model=False,
+                               perm_loss=False, cost_coord=0.0),
 }
 
 _LARGE = ModelConfig(num_layers=6, hidden_dim=512)
@@ -141,8 +150,8 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
                       sampler=SamplerConfig(step_lr=5e-6)),
     "mp_20": dict(model=_LARGE, data=DataConfig(path="", max_atoms=20), optim=OptimConfig(epochs=1000),
                   sampler=SamplerConfig(step_lr=1e-5)),
-    "mpts_52": dict(model=_LARGE, data=DataConfig(path="", max_atoms=52), optim=OptimConfig(epochs=1000),
-                    sampler=SamplerConfig(step_lr=1e-5)),
+    "mpts_52": dict(model=replace(_LARGE, context_mean=True), data=DataConfig(path="", max_atoms=52),
+                    optim=OptimConfig(epochs=1000), sampler=SamplerConfig(step_lr=1e-5)),
     # Trains in about a minute on the bundled sample on 2 CPU cores.
     "smoke": dict(model=ModelConfig(num_layers=3, hidden_dim=128, num_freqs=32, time_dim=64),
                   diffusion=DiffusionConfig(timesteps=100, von_mises_samples=2000),
@@ -253,6 +262,11 @@ def validate(config: Config) -> None:
         problems.append("objective.prob_model needs objective.com_free_noise: it corrects for the CoM removal")
     if o.prob_model and o.cost_coord <= 0:
         problems.append("objective.prob_model needs objective.cost_coord > 0: the correction uses the trained n~ head")
+    if o.lattice not in ("projected", "matrix"):
+        problems.append(f"objective.lattice must be projected or matrix, not {o.lattice!r}")
+    if o.lattice == "matrix" and (o.perm_loss or o.frame_average):
+        problems.append("objective.perm_loss and objective.frame_average need objective.lattice = projected: "
+                        "the axis permutations act on the projected lattice parameters")
     if o.frame_average and o.perm_loss:
         problems.append("objective.frame_average and objective.perm_loss exclude each other: "
                         "a frame-averaged model is equivariant already")

@@ -1,7 +1,9 @@
-"""CSPNet, the denoiser (METHOD.md: Denoiser), and its Frame-Average wrapper.
+"""CSPNet, the denoiser (docs/method.md: Denoiser), and its Frame-Average wrapper.
 
 Message passing over the fully connected graph of each crystal, self edges included:
-m_ij = phi_m(h_i, h_j, l, FT(w(x_j - x_i))), h_i += phi_h(h_i, mean_j m_ij), pre-layer-norm.
+m_ij = phi_m(h_i, h_j, f(l), FT(w(x_j - x_i))), h_i += phi_h(h_i, mean_j m_ij), pre-layer-norm.
+f(l) is what the lattice representation shows the network: the projected parameters
+themselves, or DiffCSP's inner products L L^T.
 
 Two exact rewrites make it cheaper than the reference code without changing the function:
 - phi_m's first Linear acts on a concatenation, so it is a sum of per-part Linears; the
@@ -21,15 +23,22 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
-from equicsp.config import ModelConfig
+from equicsp.config import Config, ModelConfig
 from equicsp.data import MAX_ATOMIC_NUMBER
-from equicsp.lattice import NUM_PERMUTATIONS, inverse_permutation_index, permute_columns, permute_lattice
+from equicsp.lattice import (
+    LATTICE_REPRESENTATIONS,
+    NUM_PERMUTATIONS,
+    LatticeRepresentation,
+    inverse_permutation_index,
+    permute_columns,
+    permute_lattice,
+)
 from equicsp.schedules import wrap
 
 
 @dataclass
 class DenoiserOutput:
-    lattice_noise: torch.Tensor  # (B, 6) eps_hat_l
+    lattice_noise: torch.Tensor  # (B, D) eps_hat_l in the lattice representation
     coord_noise: torch.Tensor  # (N, 3) xhat: the CoM-free noise n~, normalised
     coord_score: torch.Tensor  # (N, 3) shat: the score target, normalised
 
@@ -81,13 +90,13 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class CSPLayer(nn.Module):
-    def __init__(self, hidden: int, fourier_dim: int):
+    def __init__(self, hidden: int, fourier_dim: int, lattice_dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
         # The first Linear of phi_m, split by the parts of its input (h_i, h_j, l, FT).
         self.edge_source = nn.Linear(hidden, hidden)
         self.edge_target = nn.Linear(hidden, hidden, bias=False)
-        self.edge_lattice = nn.Linear(6, hidden, bias=False)
+        self.edge_lattice = nn.Linear(lattice_dim, hidden, bias=False)
         self.edge_fourier = nn.Linear(fourier_dim, hidden, bias=False)
         self.edge_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         # phi_h's first Linear on (h_i, mean_j m_ij), split in two to skip the concatenation.
@@ -95,11 +104,11 @@ class CSPLayer(nn.Module):
         self.node_messages = nn.Linear(hidden, hidden, bias=False)
         self.node_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
 
-    def forward(self, h: torch.Tensor, lattice: torch.Tensor, edge_fourier: torch.Tensor,
+    def forward(self, h: torch.Tensor, lattice_features: torch.Tensor, edge_fourier: torch.Tensor,
                 graph: CrystalGraph, batch: torch.Tensor) -> torch.Tensor:
         normed = self.norm(h)
         # The lattice term is per crystal: add it per atom before it reaches the edges.
-        source = self.edge_source(normed) + self.edge_lattice(lattice).index_select(0, batch)  # (N, hidden)
+        source = self.edge_source(normed) + self.edge_lattice(lattice_features).index_select(0, batch)  # (N, hidden)
         target = self.edge_target(normed)
         pre = source.index_select(0, graph.source) + target.index_select(0, graph.target) + edge_fourier
         messages = self.edge_out(pre)  # (E, hidden)
@@ -110,16 +119,17 @@ class CSPLayer(nn.Module):
 
 
 class CSPNet(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, lattice: LatticeRepresentation = LATTICE_REPRESENTATIONS["projected"]):
         super().__init__()
         self.config = config
+        self.lattice = lattice
         hidden, k = config.hidden_dim, config.num_freqs
         self.atom_embedding = nn.Embedding(MAX_ATOMIC_NUMBER + 1, hidden)
         self.input_mlp = nn.Linear(hidden + config.time_dim, hidden)
         self.register_buffer("frequencies", 2 * math.pi * torch.arange(k, dtype=torch.float32), persistent=False)
-        self.layers = nn.ModuleList([CSPLayer(hidden, 6 * k) for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList([CSPLayer(hidden, 6 * k, lattice.feature_dim) for _ in range(config.num_layers)])
         self.final_norm = nn.LayerNorm(hidden)
-        self.lattice_head = nn.Linear(hidden, 6, bias=False)
+        self.lattice_head = nn.Linear(hidden, lattice.dim, bias=False)
         self.coord_head = nn.Linear(hidden, 3, bias=False)
         self.score_head = nn.Linear(hidden, 3, bias=False)
 
@@ -137,22 +147,29 @@ class CSPNet(nn.Module):
 
     def forward(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor,
                 timesteps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor) -> DenoiserOutput:
-        """atom_types (N,), frac_coords (N, 3), lattice (B, 6) projected, timesteps (B,), batch (N,), num_atoms (B,)."""
+        """atom_types (N,), frac_coords (N, 3), lattice (B, D) in its representation, timesteps (B,), batch (N,),
+        num_atoms (B,)."""
         graph = CrystalGraph.fully_connected(num_atoms)
         hidden = self.config.hidden_dim
         time = sinusoidal_embedding(timesteps, self.config.time_dim)[batch]
         h = self.input_mlp(torch.cat([self.atom_embedding(atom_types), time], dim=-1))
+        lattice_features = self.lattice.features(lattice)
         tables = self.fourier_tables(frac_coords, graph)
         tables = tables.view(tables.shape[0], len(self.layers), hidden)  # (2P + 1, L, hidden)
         for index, layer in enumerate(self.layers):
             # Gathered per layer so each layer's (E, hidden) block is contiguous.
-            h = layer(h, lattice, tables[:, index].index_select(0, graph.edge_slot), graph, batch)
+            h = layer(h, lattice_features, tables[:, index].index_select(0, graph.edge_slot), graph, batch)
         h = self.final_norm(h)
-        crystal_h = scatter(h, batch, dim=0, dim_size=num_atoms.shape[0], reduce="mean")
+        num_crystals = num_atoms.shape[0]
+        crystal_h = scatter(h, batch, dim=0, dim_size=num_crystals, reduce="mean")
         # Heads leave autocast's bf16 as float32; a float64 model stays float64.
         out_dtype = torch.promote_types(frac_coords.dtype, torch.float32)
-        return DenoiserOutput(self.lattice_head(crystal_h).to(out_dtype), self.coord_head(h).to(out_dtype),
-                              self.score_head(h).to(out_dtype))
+        coord_noise, coord_score = self.coord_head(h).to(out_dtype), self.score_head(h).to(out_dtype)
+        if self.config.context_mean:
+            coord_noise = coord_noise + scatter(coord_noise, batch, dim=0, dim_size=num_crystals, reduce="mean")[batch]
+            coord_score = coord_score + scatter(coord_score, batch, dim=0, dim_size=num_crystals, reduce="mean")[batch]
+        lattice_noise = self.lattice.network_noise(self.lattice_head(crystal_h).to(out_dtype), lattice)
+        return DenoiserOutput(lattice_noise, coord_noise, coord_score)
 
 
 class FrameAveraged(nn.Module):
@@ -187,7 +204,8 @@ class FrameAveraged(nn.Module):
         return DenoiserOutput(lattice_noise.mean(0), coord.mean(0), score.mean(0))
 
 
-def build_denoiser(model: ModelConfig, frame_average: bool) -> nn.Module:
-    network = CSPNet(model)
-    return FrameAveraged(network) if frame_average else network
+def build_denoiser(config: Config) -> nn.Module:
+    """CSPNet for the config's model and lattice representation, Frame-Averaged when the objective says so."""
+    network = CSPNet(config.model, LATTICE_REPRESENTATIONS[config.objective.lattice])
+    return FrameAveraged(network) if config.objective.frame_average else network
 

@@ -1,4 +1,5 @@
-"""The forward process: schedules and coordinate targets built from a config, and noising a batch."""
+"""The forward process: the pieces a config chooses (lattice representation, schedules, coordinate
+target, von Mises tables when the target needs them), and noising a batch with them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from equicsp.config import Config
-from equicsp.lattice import NUM_PERMUTATIONS, project_lattice
+from equicsp.lattice import LATTICE_REPRESENTATIONS, NUM_PERMUTATIONS, LatticeRepresentation
 from equicsp.noise import atom_keys, keyed_normal, keyed_uniform
 from equicsp.schedules import NoiseSchedule, wrap
-from equicsp.targets import CoordinateTargets, build_target
+from equicsp.targets import CoordinateTargets, build_target, target_class
 from equicsp.von_mises import VonMisesTables, load_or_build_tables
 
 # Noise streams of one training step.
@@ -20,21 +21,22 @@ _TIMESTEP, _LATTICE_NOISE, _COORD_NOISE, _PERMUTATION = range(4)
 @dataclass
 class NoisedBatch:
     timesteps: torch.Tensor  # (B,) in 1 .. T
-    lattice: torch.Tensor  # (B, 6) l_t
-    lattice_noise: torch.Tensor  # (B, 6) eps_l
+    lattice: torch.Tensor  # (B, D) l_t in the lattice representation (D = 6 projected, 9 matrix)
+    lattice_noise: torch.Tensor  # (B, D) eps_l
     frac_coords: torch.Tensor  # (N, 3) X_t = w(X_0 + n)
     targets: CoordinateTargets
 
 
 class Diffusion:
-    """Schedules, von Mises tables (when the objective needs them) and the coordinate target, on one device."""
+    """Schedules, von Mises tables (when the target needs them), the coordinate target and the lattice representation."""
 
     def __init__(self, config: Config, device: torch.device | str = "cpu"):
         d = config.diffusion
         self.config = config
         schedule = NoiseSchedule.build(d.timesteps, d.sigma_begin, d.sigma_end, d.cosine_offset)
+        self.lattice: LatticeRepresentation = LATTICE_REPRESENTATIONS[config.objective.lattice]
         tables = None
-        if config.objective.com_free_noise:
+        if target_class(config.objective).needs_tables:
             tables = load_or_build_tables(config.data.max_atoms, schedule.sigmas[1:], d.von_mises_samples,
                                           d.von_mises_seed).to(device)
         self.tables: VonMisesTables | None = tables
@@ -55,7 +57,7 @@ class Diffusion:
             raise ValueError(f"a crystal has {largest} atoms but data.max_atoms is {self.tables.max_atoms}")
 
     def noise(self, batch, seed: int, step: int) -> NoisedBatch:
-        """Sample t per crystal and noise lattice and coordinates (METHOD.md: Lattice, Coordinates).
+        """Sample t per crystal and noise lattice and coordinates (docs/method.md: Lattice, Coordinates).
 
         The draws are keyed by each crystal's dataset index (batch.crystal_id), the seed and the
         step (the epoch), so a crystal gets the same noise however the data is batched or
@@ -64,8 +66,8 @@ class Diffusion:
         num_crystals = batch.num_atoms.shape[0]
         keys = crystal_keys(batch)
         t = (keyed_uniform(keys, 1, seed, step, _TIMESTEP)[:, 0] * self.timesteps).long().clamp(max=self.timesteps - 1) + 1
-        lattice_0 = project_lattice(batch.lengths, batch.angles)
-        lattice_noise = keyed_normal(keys, 6, seed, step, _LATTICE_NOISE, lattice_0.dtype)
+        lattice_0 = self.lattice.encode(batch.lengths, batch.angles)
+        lattice_noise = keyed_normal(keys, self.lattice.dim, seed, step, _LATTICE_NOISE, lattice_0.dtype)
         alpha_bar = self.schedule.alpha_bars[t][:, None]
         lattice_t = alpha_bar.sqrt() * lattice_0 + (1 - alpha_bar).sqrt() * lattice_noise
         t_atom = t[batch.batch]

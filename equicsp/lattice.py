@@ -57,3 +57,123 @@ def permute_columns(per_atom: torch.Tensor, permutation_index: torch.Tensor, bat
     order = AXIS_PERMUTATIONS.to(per_atom.device)[permutation_index][batch]  # (N, 3)
     return torch.gather(per_atom, 1, order)
 
+
+
+def lattice_matrix(lengths: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
+    """(B, 3) lengths and (B, 3) angles in degrees -> (B, 3, 3) matrices with rows a, b, c.
+
+    a lies along x and b in the xy-plane; any orientation would do, since everything that
+    uses the matrix is rotation-invariant or -equivariant.
+    """
+    alpha, beta, gamma = torch.deg2rad(angles_deg).unbind(-1)
+    a, b, c = lengths.unbind(-1)
+    zero = torch.zeros_like(a)
+    c_x = c * torch.cos(beta)
+    c_y = c * (torch.cos(alpha) - torch.cos(beta) * torch.cos(gamma)) / torch.sin(gamma)
+    c_z = (c * c - c_x * c_x - c_y * c_y).clamp_min(0).sqrt()
+    rows = [torch.stack([a, zero, zero], -1),
+            torch.stack([b * torch.cos(gamma), b * torch.sin(gamma), zero], -1),
+            torch.stack([c_x, c_y, c_z], -1)]
+    return torch.stack(rows, dim=-2)
+
+
+def matrix_lengths_angles(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 3) rows a, b, c -> ((B, 3) lengths, (B, 3) angles in degrees: alpha = angle(b, c), ...)."""
+    lengths = matrix.norm(dim=-1)
+    unit = matrix / lengths.clamp_min(torch.finfo(matrix.dtype).tiny)[..., None]
+    cosines = torch.stack([(unit[:, 1] * unit[:, 2]).sum(-1), (unit[:, 0] * unit[:, 2]).sum(-1),
+                           (unit[:, 0] * unit[:, 1]).sum(-1)], -1)
+    return lengths, torch.rad2deg(torch.arccos(cosines.clamp(-1, 1)))
+
+
+class LatticeRepresentation:
+    """What the lattice DDPM diffuses and what the network sees of it (docs/method.md: Lattice).
+
+    `dim` is the width of the diffused vector l, `feature_dim` that of the network's lattice
+    input; `network_noise` turns the network's per-crystal output (B, dim) into its
+    prediction of the lattice noise.
+    """
+
+    name: str
+    dim: int
+    feature_dim: int
+    permutable: bool  # whether the six axis permutations act on l (the permutation loss, Frame Average)
+
+    def encode(self, lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def features(self, lattice: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def network_noise(self, output: torch.Tensor, lattice: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def clamp_physical(self, lattice: torch.Tensor) -> torch.Tensor:
+        """The lattice moved into physical cells (lengths 1 .. 100 A; angles 10 .. 170 degrees where l has them)."""
+        raise NotImplementedError
+
+
+MIN_LENGTH, MAX_LENGTH = 1.0, 100.0  # Angstrom
+MIN_ANGLE, MAX_ANGLE = 10.0, 170.0  # degrees
+
+
+class ProjectedLattice(LatticeRepresentation):
+    """EquiCSP: l = (log a, log b, log c, tan(alpha - pi/2), ...); the network sees l and predicts eps_l."""
+
+    name, dim, feature_dim, permutable = "projected", 6, 6, True
+
+    def encode(self, lengths, angles):
+        return project_lattice(lengths, angles)
+
+    def decode(self, lattice):
+        return unproject_lattice(lattice)
+
+    def features(self, lattice):
+        return lattice
+
+    def network_noise(self, output, lattice):
+        return output
+
+    def clamp_physical(self, lattice):
+        bound = lambda value: torch.full((1, 3), value, dtype=lattice.dtype, device=lattice.device)  # noqa: E731
+        low = project_lattice(bound(MIN_LENGTH), bound(MIN_ANGLE))
+        high = project_lattice(bound(MAX_LENGTH), bound(MAX_ANGLE))
+        return torch.maximum(torch.minimum(lattice, high), low)
+
+
+class MatrixLattice(LatticeRepresentation):
+    """DiffCSP: the 3x3 matrix L (rows a, b, c) flattened to 9.
+
+    The network sees the inner products L L^T, which a rotation of the crystal leaves
+    unchanged, and predicts the noise as its invariant 3x3 output times L, which rotates
+    with the crystal: eps_hat(L Q) = eps_hat(L) Q for any orthogonal Q.
+    """
+
+    name, dim, feature_dim, permutable = "matrix", 9, 9, False
+
+    def encode(self, lengths, angles):
+        return lattice_matrix(lengths, angles).flatten(1)
+
+    def decode(self, lattice):
+        return matrix_lengths_angles(lattice.view(-1, 3, 3))
+
+    def features(self, lattice):
+        matrix = lattice.view(-1, 3, 3)
+        return (matrix @ matrix.transpose(1, 2)).flatten(1)
+
+    def network_noise(self, output, lattice):
+        return (output.view(-1, 3, 3) @ lattice.view(-1, 3, 3).to(output.dtype)).flatten(1)
+
+    def clamp_physical(self, lattice):
+        # Each cell vector rescaled into the length range; angles are left to the matcher's degenerate-cell guard.
+        matrix = lattice.view(-1, 3, 3)
+        lengths = matrix.norm(dim=-1, keepdim=True)
+        scale = lengths.clamp(MIN_LENGTH, MAX_LENGTH) / lengths.clamp_min(torch.finfo(lattice.dtype).tiny)
+        return (matrix * scale).flatten(1)
+
+
+LATTICE_REPRESENTATIONS: dict[str, LatticeRepresentation] = {
+    representation.name: representation for representation in (ProjectedLattice(), MatrixLattice())}

@@ -1,4 +1,9 @@
-"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (METHOD.md)."""
+"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (docs/method.md: Training objective).
+
+The pieces are chosen once, when the objective is built from a config: the forward process
+(`Diffusion`, which owns the coordinate target and the lattice representation), the denoiser
+(Frame-Averaged or not) and, when the config has it, the permutation-loss term.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from equicsp.config import ObjectiveConfig
 from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion, NoisedBatch, keyed_permutations
 from equicsp.lattice import permute_columns, permute_lattice
+
+mse = nn.functional.mse_loss
 
 
 @dataclass
@@ -35,43 +43,53 @@ def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Ten
                 num_atoms=batch.num_atoms.repeat(2))
 
 
+class PermutationLoss:
+    """L_perm: phi(P M_t) should equal P phi(M_t) for an axis permutation P (docs/method.md: permutation loss).
+
+    One random non-identity permutation per crystal, keyed like the noise; the plain and the
+    permuted input go through the denoiser as one batch, and gradients flow through both.
+    """
+
+    def forward_with_loss(self, denoiser: nn.Module, batch, noised: NoisedBatch, seed: int, step: int):
+        """(the plain pass's DenoiserOutput fields, L_perm)."""
+        num_crystals, total_atoms = batch.num_atoms.shape[0], batch.atom_types.shape[0]
+        permutation = keyed_permutations(batch, seed, step)
+        inputs = _stack_two(batch, permute_columns(noised.frac_coords, permutation, batch.batch),
+                            permute_lattice(noised.lattice, permutation), noised)
+        both = denoiser(**inputs)
+        plain_lattice, perm_lattice = both.lattice_noise.split(num_crystals)
+        plain_coord, perm_coord = both.coord_noise.split(total_atoms)
+        plain_score, perm_score = both.coord_score.split(total_atoms)
+        loss = (mse(perm_lattice, permute_lattice(plain_lattice, permutation))
+                + mse(perm_coord, permute_columns(plain_coord, permutation, batch.batch))
+                + mse(perm_score, permute_columns(plain_score, permutation, batch.batch)))
+        return (plain_lattice, plain_coord, plain_score), loss
+
+
 class Objective:
     def __init__(self, diffusion: Diffusion, denoiser: nn.Module, precision: str = "fp32"):
         self.diffusion = diffusion
         self.denoiser = denoiser
-        self.objective = diffusion.config.objective
         self.precision = precision
+        weights: ObjectiveConfig = diffusion.config.objective
+        self.coord_weight = weights.cost_coord
+        self.perm_weight = weights.perm_loss_weight
+        self.permutation_loss = PermutationLoss() if weights.perm_loss and weights.perm_loss_weight > 0 else None
 
     def __call__(self, batch, seed: int = 0, step: int = 0) -> LossTerms:
         """The loss terms for one batch; its noise is keyed by (seed, step, crystal index)."""
         noised = self.diffusion.noise(batch, seed, step)
-        num_crystals, device = batch.num_atoms.shape[0], noised.lattice.device
-        use_perm = self.objective.perm_loss and self.objective.perm_loss_weight > 0
-        with autocast(device, self.precision):
-            if use_perm:
-                permutation = keyed_permutations(batch, seed, step)
-                inputs = _stack_two(batch, permute_columns(noised.frac_coords, permutation, batch.batch),
-                                    permute_lattice(noised.lattice, permutation), noised)
-                both = self.denoiser(**inputs)
-                total_atoms = batch.atom_types.shape[0]
-                plain_lattice, perm_lattice = both.lattice_noise.split(num_crystals)
-                plain_coord, perm_coord = both.coord_noise.split(total_atoms)
-                plain_score, perm_score = both.coord_score.split(total_atoms)
+        with autocast(noised.lattice.device, self.precision):
+            if self.permutation_loss is not None:
+                outputs, perm_loss = self.permutation_loss.forward_with_loss(self.denoiser, batch, noised, seed, step)
             else:
                 out = self.denoiser(batch.atom_types, noised.frac_coords, noised.lattice, noised.timesteps,
                                     batch.batch, batch.num_atoms)
-                plain_lattice, plain_coord, plain_score = out.lattice_noise, out.coord_noise, out.coord_score
-        mse = nn.functional.mse_loss
-        lattice_loss = mse(plain_lattice, noised.lattice_noise)
-        coord_loss = mse(plain_coord, noised.targets.noise)
-        score_loss = mse(plain_score, noised.targets.score)
-        zero = lattice_loss.new_zeros(())
-        perm_loss = zero
-        if use_perm:
-            # METHOD.md: phi(P M_t) should equal P phi(M_t); gradients flow through both passes.
-            perm_loss = (mse(perm_lattice, permute_lattice(plain_lattice, permutation))
-                         + mse(perm_coord, permute_columns(plain_coord, permutation, batch.batch))
-                         + mse(perm_score, permute_columns(plain_score, permutation, batch.batch)))
-        total = (lattice_loss + self.objective.cost_coord * coord_loss + score_loss
-                 + self.objective.perm_loss_weight * perm_loss)
+                outputs, perm_loss = (out.lattice_noise, out.coord_noise, out.coord_score), None
+        lattice_out, coord_out, score_out = outputs
+        lattice_loss = mse(lattice_out, noised.lattice_noise)
+        coord_loss = mse(coord_out, noised.targets.noise)
+        score_loss = mse(score_out, noised.targets.score)
+        perm_loss = lattice_loss.new_zeros(()) if perm_loss is None else perm_loss
+        total = lattice_loss + self.coord_weight * coord_loss + score_loss + self.perm_weight * perm_loss
         return LossTerms(total, lattice_loss, coord_loss, score_loss, perm_loss)

@@ -1,4 +1,9 @@
-"""Predictor-corrector sampling (METHOD.md: Sampling), batched, seeded per crystal."""
+"""Predictor-corrector sampling (docs/method.md: Sampling), batched, seeded per crystal.
+
+The sampler follows the pieces the config chose: the coordinate target turns the network's
+outputs into the score in X (PM-corrected or not), and the lattice representation says what
+the lattice DDPM runs on and how to read lengths and angles back.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,7 @@ from tqdm.auto import tqdm
 from equicsp.config import Config
 from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion
-from equicsp.lattice import project_lattice, unproject_lattice
 from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
-from equicsp.periodic import pm_corrected_score
 from equicsp.schedules import wrap
 
 # Noise streams of one step, so corrector, predictor and lattice never share a draw.
@@ -38,13 +41,6 @@ def with_sampler_options(config: Config, step_lr: float | None = None, num_steps
     return replace(config, sampler=replace(config.sampler, **changes)).validate()
 
 
-def physical_lattice_bounds(device: torch.device) -> torch.Tensor:
-    """(2, 6) lower / upper projected parameters: lengths 1 .. 100 A, angles 10 .. 170 degrees."""
-    lengths = torch.tensor([[1.0] * 3, [100.0] * 3])
-    angles = torch.tensor([[10.0] * 3, [170.0] * 3])
-    return project_lattice(lengths, angles).to(device)
-
-
 def timestep_sequence(timesteps: int, num_steps: int) -> list[int]:
     """T .. 1 descending; num_steps < T picks evenly spaced timesteps (always T and 1)."""
     if num_steps in (0, timesteps):
@@ -62,24 +58,20 @@ class Sampler:
         self.config = config
         self.device = torch.device(device)
         self.precision = precision
-        self.lattice_bounds = physical_lattice_bounds(self.device)
+        self.lattice = diffusion.lattice
 
     def score(self, atom_types, frac_coords, lattice, t, batch, num_atoms):
-        """eps_hat_l and the coordinate score s_corr in X (unnormalised, PM-corrected when on)."""
+        """eps_hat_l and the coordinate score in X (unnormalised; PM-corrected when the target has it)."""
         num_crystals = num_atoms.shape[0]
         timesteps = torch.full((num_crystals,), t, device=self.device, dtype=torch.long)
         with autocast(self.device, self.precision):
             out = self.denoiser(atom_types, frac_coords, lattice, timesteps, batch, num_atoms)
-        atom_counts, atom_t = num_atoms[batch], timesteps[batch]
-        target = self.diffusion.target
-        score = out.coord_score * target.score_scale(atom_counts, atom_t)[:, None]
-        if self.config.objective.prob_model:
-            predicted_noise = out.coord_noise * target.noise_scale(atom_counts, atom_t)[:, None]
-            score = pm_corrected_score(score, predicted_noise, batch, num_crystals)
+        score = self.diffusion.target.coordinate_score(out.coord_score, out.coord_noise, batch, num_crystals,
+                                                       num_atoms[batch], timesteps[batch])
         return out.lattice_noise, score
 
     def lattice_step(self, lattice, lattice_noise, t: int, s: int, z):
-        """DDPM from t to s < t: METHOD.md's step for s = t - 1, its strided form otherwise.
+        """DDPM from t to s < t: docs/method.md's step for s = t - 1, its strided form otherwise.
 
         Written through the implied clean lattice l0_hat = (l_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
         and the Gaussian posterior q(l_s | l_t, l0_hat), which is the same step algebraically.
@@ -92,7 +84,7 @@ class Sampler:
         beta_ts = 1 - alpha_ts
         clean = (lattice - (1 - alpha_bars[t]).sqrt() * lattice_noise) / alpha_bars[t].sqrt()
         if self.config.sampler.clip_lattice:
-            clean = torch.maximum(torch.minimum(clean, self.lattice_bounds[1]), self.lattice_bounds[0])
+            clean = self.lattice.clamp_physical(clean)
         mean = (alpha_bars[s].sqrt() * beta_ts * clean + alpha_ts.sqrt() * (1 - alpha_bars[s]) * lattice) / (1 - alpha_bars[t])
         if s == 0:
             return mean
@@ -102,31 +94,35 @@ class Sampler:
     @torch.inference_mode()
     def sample_batch(self, atom_types: torch.Tensor, num_atoms: torch.Tensor, keys: torch.Tensor, seed: int,
                      progress: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) atom types, (B,) atom counts, (B,) keys -> ((N, 3) X_0, (B, 6) projected lattice)."""
+        """(N,) atom types, (B,) atom counts, (B,) keys -> ((N, 3) X_0, (B, D) lattice in the representation)."""
         device, dtype = self.device, torch.float32
         atom_types, num_atoms, keys = atom_types.to(device), num_atoms.to(device), keys.to(device)
         self.diffusion.check_atom_counts(num_atoms)
         batch = torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms)
         per_atom = atom_keys(keys, batch, num_atoms)
         x = keyed_uniform(per_atom, 3, seed, 0, _INITIAL_COORDS, dtype)
-        lattice = keyed_normal(keys, 6, seed, 0, _INITIAL_LATTICE, dtype)
+        lattice = keyed_normal(keys, self.lattice.dim, seed, 0, _INITIAL_LATTICE, dtype)
         sigmas = self.schedule.sigmas
         step_lr = self.config.sampler.step_lr
         sequence = timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps)
         for index, t in enumerate(sequence):
             s = sequence[index + 1] if index + 1 < len(sequence) else 0
             sigma_t, sigma_s = sigmas[t], sigmas[s]
-            # Corrector: Langevin at sigma_t; the lattice stays.
+            # Corrector: Langevin at sigma_t; the lattice stays. The last step (t = 1) adds no noise,
+            # as in both reference codes: its jitter would be left in the final structure.
             _, score = self.score(atom_types, x, lattice, t, batch, num_atoms)
             step = step_lr * (sigma_t / sigmas[1]) ** 2
-            z = keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
-            x = wrap(x - step * score + (2 * step).sqrt() * z)
+            x = x - step * score
+            if t > 1:
+                x = x + (2 * step).sqrt() * keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
+            x = wrap(x)
             # Predictor: reverse-diffusion step for X, DDPM step for l.
             lattice_noise, score = self.score(atom_types, x, lattice, t, batch, num_atoms)
             variance_drop = sigma_t**2 - sigma_s**2
             z = keyed_normal(per_atom, 3, seed, t, _PREDICTOR, dtype)
             x = wrap(x - variance_drop * score + (sigma_s**2 * variance_drop / sigma_t**2).sqrt() * z)
-            lattice = self.lattice_step(lattice, lattice_noise, t, s, keyed_normal(keys, 6, seed, t, _LATTICE, dtype))
+            z = keyed_normal(keys, self.lattice.dim, seed, t, _LATTICE, dtype)
+            lattice = self.lattice_step(lattice, lattice_noise, t, s, z)
             if progress is not None:
                 progress.update(1)
         return x, lattice
@@ -138,7 +134,7 @@ class Sampler:
         keys = sample_keys(torch.tensor([index for index, _, _ in jobs], dtype=torch.long),
                            torch.tensor([sample for _, sample, _ in jobs], dtype=torch.long))
         x, lattice = self.sample_batch(torch.cat(types), num_atoms, keys, seed, progress)
-        lengths, angles = unproject_lattice(lattice.float().cpu())
+        lengths, angles = self.lattice.decode(lattice.float().cpu())
         return [SampledCrystal(index, sample, atoms, coords, length, angle)
                 for (index, sample, atoms), coords, length, angle
                 in zip(jobs, x.cpu().split(num_atoms.tolist()), lengths, angles)]

@@ -1,7 +1,9 @@
-"""Coordinate training targets, one class per choice of the paper's Table 2.
+"""Coordinate targets, one class per choice of the paper's Table 2 (docs/method.md: Coordinates).
 
-Each maps the sampled noise n to the two normalised targets (the score head's and the
-n~ head's), and tells the sampler how to undo the normalisation.
+A target is chosen once from the config and carries its own choices: it maps the sampled
+noise n to the two normalised targets (the score head's and the n~ head's), says whether it
+needs the von Mises tables, and turns the network's normalised outputs back into the score
+in X that the sampler follows (with the probabilistic-model correction when that is on).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from equicsp.config import ObjectiveConfig
-from equicsp.periodic import TWO_PI, com_free_noise
+from equicsp.periodic import TWO_PI, com_free_noise, pm_corrected_score
 from equicsp.schedules import NoiseSchedule, wrap_centered, wrapped_normal_score
 from equicsp.von_mises import VonMisesTables
 
@@ -25,8 +27,14 @@ class CoordinateTargets:
 class RawNoiseTarget:
     """DiffCSP: the wrapped-normal score of the noise itself, normalised by E[s^2](t)."""
 
+    needs_tables = False
+
     def __init__(self, schedule: NoiseSchedule):
         self.schedule = schedule
+
+    def coordinate_score(self, score_output, noise_output, batch, num_crystals, atom_counts, timesteps):
+        """(N, 3) the score in X from the score head's normalised output."""
+        return score_output * self.score_scale(atom_counts, timesteps)[:, None]
 
     def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
         sigma = self.schedule.sigmas[timesteps][:, None]
@@ -43,13 +51,28 @@ class RawNoiseTarget:
 
 
 class ComFreeTarget:
-    """EquiCSP: targets from n~ = w(n - mu); von Mises score, or the wrapped-normal one without VM."""
+    """EquiCSP: targets from n~ = w(n - mu); von Mises score, or the wrapped-normal one without VM.
 
-    def __init__(self, schedule: NoiseSchedule, tables: VonMisesTables, von_mises: bool):
+    With prob_model, the score the network gives in n~ is carried over to X by the chain rule
+    through the circular mean (docs/method.md: probabilistic model), using the n~ head's output.
+    """
+
+    needs_tables = True
+
+    def __init__(self, schedule: NoiseSchedule, tables: VonMisesTables, von_mises: bool, prob_model: bool):
         self.schedule = schedule
         self.tables = tables
         self.von_mises = von_mises
+        self.prob_model = prob_model
         self.score_norms = tables.von_mises_score_norm if von_mises else tables.wrapped_normal_score_norm
+
+    def coordinate_score(self, score_output, noise_output, batch, num_crystals, atom_counts, timesteps):
+        """(N, 3) the score in X from the heads' normalised outputs."""
+        score = score_output * self.score_scale(atom_counts, timesteps)[:, None]
+        if not self.prob_model:
+            return score
+        predicted_noise = noise_output * self.noise_scale(atom_counts, timesteps)[:, None]
+        return pm_corrected_score(score, predicted_noise, batch, num_crystals)
 
     def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
         centred = wrap_centered(com_free_noise(noise, batch, num_crystals))  # (N, 3) in [-0.5, 0.5)
@@ -68,9 +91,13 @@ class ComFreeTarget:
         return self.tables.noise_norm[atom_counts, timesteps].sqrt()
 
 
+def target_class(objective: ObjectiveConfig) -> type[RawNoiseTarget] | type[ComFreeTarget]:
+    return ComFreeTarget if objective.com_free_noise else RawNoiseTarget
+
+
 def build_target(objective: ObjectiveConfig, schedule: NoiseSchedule, tables: VonMisesTables | None):
-    if not objective.com_free_noise:
+    if target_class(objective) is RawNoiseTarget:
         return RawNoiseTarget(schedule)
     if tables is None:
         raise ValueError("CoM-free targets need von Mises tables")
-    return ComFreeTarget(schedule, tables, objective.von_mises)
+    return ComFreeTarget(schedule, tables, objective.von_mises, objective.prob_model)

@@ -61,7 +61,7 @@ class TrainingLoop:
         self.diffusion = Diffusion(config, device)
         for dataset in (train_set, val_set):
             self.diffusion.check_atom_counts(dataset.num_atoms)
-        model = build_denoiser(config.model, config.objective.frame_average).to(device)
+        model = build_denoiser(config).to(device)
         self.model = wrap_model(model) if wrap_model else model
         self.objective = Objective(self.diffusion, self.model, config.run.precision)
         o = config.optim

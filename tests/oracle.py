@@ -19,7 +19,7 @@ class OracleDenoiser(nn.Module):
         super().__init__()
         self.diffusion = diffusion
         self.clean_coords = clean_coords  # (N, 3)
-        self.clean_lattice = clean_lattice  # (B, 6) projected
+        self.clean_lattice = clean_lattice  # (B, D) in the diffusion's lattice representation
 
     def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms) -> DenoiserOutput:
         schedule = self.diffusion.schedule

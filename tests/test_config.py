@@ -11,7 +11,15 @@ def test_presets_follow_the_paper():
     assert not any([diffcsp.com_free_noise, diffcsp.von_mises, diffcsp.prob_model, diffcsp.perm_loss,
                     diffcsp.frame_average])
     assert set(OBJECTIVE_PRESETS) >= {"equicsp", "no_perm_loss", "frame_average", "no_com_free", "no_pm_vm",
-                                      "no_vm", "no_pm", "diffcsp"}
+                                      "no_vm", "no_pm", "diffcsp", "none"}
+    assert diffcsp.lattice == "matrix" and make_config("perov_5", "none").objective.lattice == "projected"
+    assert make_config("mpts_52").model.context_mean and not make_config("mp_20").model.context_mean
+
+
+def test_permutations_need_the_projected_lattice():
+    for switch in ("objective.perm_loss", "objective.frame_average"):
+        with pytest.raises(ConfigError, match="projected"):
+            make_config("smoke", "diffcsp", {switch: True})
 
 
 def test_yaml_round_trip(tmp_path):

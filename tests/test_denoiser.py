@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,14 @@ from torch_geometric.utils import scatter
 
 from equicsp.config import ModelConfig
 from equicsp.denoiser import CrystalGraph, CSPNet, FrameAveraged, sinusoidal_embedding
-from equicsp.lattice import permute_columns, permute_lattice, project_lattice
+from equicsp.lattice import (
+    LATTICE_REPRESENTATIONS,
+    lattice_matrix,
+    matrix_lengths_angles,
+    permute_columns,
+    permute_lattice,
+    project_lattice,
+)
 from equicsp.schedules import wrap
 
 SMALL = ModelConfig(num_layers=2, hidden_dim=32, num_freqs=8, time_dim=16)
@@ -129,3 +137,50 @@ def test_plain_cspnet_is_not_permutation_equivariant():
     for permutation in range(1, 6):
         moved, expected_lattice, _ = permuted_outputs(model, batch, lattice, timesteps, torch.tensor(permutation))
         assert (moved.lattice_noise - expected_lattice).abs().max() > 1e-3
+
+
+def random_orthogonal(seed: int) -> torch.Tensor:
+    """(3, 3) a random rotation, or a rotation and a reflection, in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=generator))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_the_matrix_lattice_branch_is_o3_invariant_and_equivariant(seed):
+    """DiffCSP's branch: rotating or reflecting the cell (L -> L Q) leaves the coordinate outputs and rotates eps_hat_L."""
+    torch.manual_seed(seed)
+    matrix = LATTICE_REPRESENTATIONS["matrix"]
+    model = CSPNet(SMALL, matrix).double()
+    batch, _, timesteps = inputs([2, 4, 1], seed)
+    lattice = matrix.encode(batch.lengths, batch.angles)
+    q = random_orthogonal(seed)
+    rotated = (lattice.view(-1, 3, 3) @ q).flatten(1)
+    out, moved = run(model, batch, lattice, timesteps), run(model, batch, rotated, timesteps)
+    torch.testing.assert_close(moved.coord_score, out.coord_score, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(moved.coord_noise, out.coord_noise, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(moved.lattice_noise.view(-1, 3, 3), out.lattice_noise.view(-1, 3, 3) @ q,
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_the_projected_branch_sees_the_cell_through_its_parameters_only():
+    """Rotating a cell does not change its projected parameters, so the EquiCSP branch is O(3)-invariant by construction."""
+    batch, _, _ = inputs([3])
+    projected = LATTICE_REPRESENTATIONS["projected"]
+    matrix = lattice_matrix(batch.lengths, batch.angles) @ random_orthogonal(0)
+    lengths, angles = matrix_lengths_angles(matrix)
+    torch.testing.assert_close(projected.encode(lengths, angles), projected.encode(batch.lengths, batch.angles))
+
+
+def test_context_mean_adds_each_crystals_mean_to_the_coordinate_heads():
+    """The MPTS-52 network: the same weights give the plain outputs plus their per-crystal mean."""
+    plain = network(3)
+    with_mean = network(3, replace(SMALL, context_mean=True))
+    batch, lattice, timesteps = inputs([2, 5, 1], 3)
+    out, mean_out = run(plain, batch, lattice, timesteps), run(with_mean, batch, lattice, timesteps)
+    for name in ("coord_noise", "coord_score"):
+        value = getattr(out, name)
+        expected = value + scatter(value, batch.batch, dim=0, reduce="mean")[batch.batch]
+        torch.testing.assert_close(getattr(mean_out, name), expected)
+    torch.testing.assert_close(mean_out.lattice_noise, out.lattice_noise)

@@ -35,7 +35,7 @@ def log_as_training_run(uri, checkpoint_path, config, name="memorised"):
 
 def untrained_checkpoint(config, path):
     torch.manual_seed(1)
-    save_checkpoint(path, config, build_denoiser(config.model, config.objective.frame_average))
+    save_checkpoint(path, config, build_denoiser(config))
     return path
 
 

@@ -3,7 +3,7 @@ import torch
 from torch_geometric.loader import DataLoader
 
 from equicsp.config import OBJECTIVE_PRESETS, make_config
-from equicsp.denoiser import build_denoiser
+from equicsp.denoiser import CSPNet, build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.objective import Objective
 
@@ -17,7 +17,7 @@ def batch_of(dataset):
 @pytest.mark.parametrize("preset", sorted(OBJECTIVE_PRESETS))
 def test_every_table2_row_gives_finite_losses_and_gradients(preset, tiny_dataset):
     config = make_config("smoke", preset, SMALL)
-    model = build_denoiser(config.model, config.objective.frame_average)
+    model = build_denoiser(config)
     diffusion = Diffusion(config)
     assert (diffusion.tables is None) == (not config.objective.com_free_noise)
     loss = Objective(diffusion, model)(batch_of(tiny_dataset), seed=0, step=1)
@@ -30,8 +30,8 @@ def test_every_table2_row_gives_finite_losses_and_gradients(preset, tiny_dataset
 def test_frame_averaged_model_has_zero_permutation_loss(tiny_dataset):
     config = make_config("smoke", "frame_average", SMALL)
     torch.manual_seed(0)
-    averaged = build_denoiser(config.model, frame_average=True)
-    plain = build_denoiser(config.model, frame_average=False)
+    averaged = build_denoiser(config)
+    plain = CSPNet(config.model)
     plain.load_state_dict(averaged.network.state_dict())
     with_perm = make_config("smoke", "equicsp", SMALL)
     diffusion = Diffusion(with_perm)
