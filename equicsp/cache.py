@@ -37,3 +37,14 @@ def save_atomically(obj: object, path: Path) -> None:
     temporary = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
     torch.save(obj, temporary)
     os.replace(temporary, path)
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    """Write text to a temporary name, then rename; the temporary file is removed if writing fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

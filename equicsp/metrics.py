@@ -230,14 +230,23 @@ def evaluate_matches(truths: list[CrystalArrays], predictions: list[list[Crystal
         raise ValueError(f"{len(truths)} ground truths but {len(predictions)} prediction lists")
     indices = list(range(len(truths))) if indices is None else indices
     jobs = list(zip(indices, truths, predictions))
+    return parallel_map(match_one, jobs, processes, "matching", show_progress)
+
+
+def matching_chunk_size(jobs: int, workers: int) -> int:
+    """Jobs per task: small, since StructureMatcher's time varies a lot between crystals."""
+    return max(1, min(8, jobs // (workers * 16)))
+
+
+def parallel_map(function, jobs: list, processes: int | None = None, desc: str = "matching",
+                 show_progress: bool = True) -> list:
+    """[function(job) for job in jobs] in worker processes (forked with pymatgen already imported)."""
     processes = processes or os.cpu_count() or 1
-    progress = dict(total=len(jobs), desc="matching", unit="crystal", disable=not show_progress)
+    progress = dict(total=len(jobs), desc=desc, unit="crystal", disable=not show_progress)
     if processes <= 1 or len(jobs) < 2:
-        return [match_one(job) for job in tqdm(jobs, **progress)]
-    # Small chunks: match times vary a lot between crystals. Workers fork with pymatgen already imported.
-    chunk = max(1, min(8, len(jobs) // (processes * 16)))
+        return [function(job) for job in tqdm(jobs, **progress)]
     with ProcessPoolExecutor(processes) as pool:
-        return list(tqdm(pool.map(match_one, jobs, chunksize=chunk), **progress))
+        return list(tqdm(pool.map(function, jobs, chunksize=matching_chunk_size(len(jobs), processes)), **progress))
 
 
 def write_results_csv(results: list[CrystalResult], path: str | Path) -> None:
