@@ -1,6 +1,6 @@
 """Projected lattice parameters and the six permutations of the lattice axes.
 
-METHOD.md, "Task and representation": diffusion runs on
+docs/method.md#projected-parameters: diffusion runs on
 l = (log a, log b, log c, tan(alpha - pi/2), tan(beta - pi/2), tan(gamma - pi/2)),
 so every point of R^6 maps back to valid lengths and angles in (0, pi).
 """

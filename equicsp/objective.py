@@ -1,4 +1,4 @@
-"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (METHOD.md)."""
+"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (docs/method.md#loss-terms)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Objective:
         zero = lattice_loss.new_zeros(())
         perm_loss = zero
         if use_perm:
-            # METHOD.md: phi(P M_t) should equal P phi(M_t); gradients flow through both passes.
+            # docs/method.md#permutation-loss: phi(P M_t) should equal P phi(M_t); gradients flow through both passes.
             perm_loss = (mse(perm_lattice, permute_lattice(plain_lattice, permutation))
                          + mse(perm_coord, permute_columns(plain_coord, permutation, batch.batch))
                          + mse(perm_score, permute_columns(plain_score, permutation, batch.batch)))

@@ -24,7 +24,7 @@ def circular_mean(x: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> to
 
 
 def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
-    """n~ = w(n - mu): the noise with its periodic centre of mass removed (METHOD.md).
+    """n~ = w(n - mu): the noise with its periodic centre of mass removed (docs/method.md#periodic-com-free-noise).
 
     Invariant under n -> n + tau for any per-crystal shift tau, hence under periodic
     translations of X_0. A one-atom crystal has n~ = 0 exactly (set here, not left to
@@ -38,7 +38,7 @@ def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) 
 
 def pm_corrected_score(score: torch.Tensor, predicted_noise: torch.Tensor, batch: torch.Tensor,
                        num_crystals: int) -> torch.Tensor:
-    """Chain rule from the score in n~ to the score in X (METHOD.md: probabilistic model).
+    """Chain rule from the score in n~ to the score in X (docs/method.md#pm-correction).
 
     With theta_i = 2 pi n~_i, u = mean sin, v = mean cos and
     g_i = (v cos theta_i + u sin theta_i) / ((u^2 + v^2) N), returns s_i - g_i sum_j s_j:

@@ -55,7 +55,7 @@ class ComFreeTarget:
         centred = wrap_centered(com_free_noise(noise, batch, num_crystals))  # (N, 3) in [-0.5, 0.5)
         if self.von_mises:
             kappa = self.tables.kappa[atom_counts, timesteps][:, None]
-            raw_score = kappa * torch.sin(TWO_PI * centred) * TWO_PI  # METHOD.md: minus the VM score
+            raw_score = kappa * torch.sin(TWO_PI * centred) * TWO_PI  # docs/method.md#von-mises: minus the VM score
         else:
             raw_score = wrapped_normal_score(centred, self.schedule.sigmas[timesteps][:, None])
         return CoordinateTargets(score=raw_score / self.score_scale(atom_counts, timesteps)[:, None],

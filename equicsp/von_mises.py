@@ -1,6 +1,6 @@
 """Von Mises tables: kappa(N, sigma_t) and the target normalisers, computed and cached.
 
-METHOD.md, "Von Mises simulation". For every atom count N and noise level sigma_t we draw
+docs/method.md#von-mises. For every atom count N and noise level sigma_t we draw
 CoM-free noise n~ by Monte Carlo and fit VM(0, kappa) to theta = 2 pi n~ by maximum
 likelihood, which with known mean 0 solves A1(kappa) = mean cos theta. Draws for one N
 share their standard normals across t (common random numbers), so each table is smooth in t,
