@@ -15,12 +15,23 @@ from equicsp.schedules import wrap
 TWO_PI = 2 * math.pi
 
 
+def _mean_direction(mean_sin: torch.Tensor, mean_cos: torch.Tensor) -> torch.Tensor:
+    """The angle of the mean resultant, as a fraction of a turn in [-0.5, 0.5] (paper eq. 15)."""
+    return torch.atan2(mean_sin, mean_cos) / TWO_PI
+
+
 def circular_mean(x: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
     """(B, 3) circular mean in [0, 1) of each crystal's (N, 3) fractional values, per axis."""
     angle = TWO_PI * x
     mean_sin = scatter(torch.sin(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
     mean_cos = scatter(torch.cos(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
-    return wrap(torch.atan2(mean_sin, mean_cos) / TWO_PI)
+    return wrap(_mean_direction(mean_sin, mean_cos))
+
+
+def circular_mean_last_axis(x: torch.Tensor) -> torch.Tensor:
+    """(..., 1) circular mean in [-0.5, 0.5] of x along its last axis: dense crystals of equal size, one per row."""
+    angle = TWO_PI * x
+    return _mean_direction(torch.sin(angle).mean(-1, keepdim=True), torch.cos(angle).mean(-1, keepdim=True))
 
 
 def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:

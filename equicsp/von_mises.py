@@ -17,7 +17,7 @@ import torch
 from scipy.special import i0e, i1e
 
 from equicsp.cache import cache_dir, cache_key, save_atomically
-from equicsp.periodic import TWO_PI
+from equicsp.periodic import TWO_PI, circular_mean_last_axis
 from equicsp.schedules import images_needed, wrap, wrap_centered, wrapped_normal_score
 
 TABLE_VERSION = 1
@@ -48,9 +48,7 @@ def draw_com_free_noise(num_atoms: int, sigmas: torch.Tensor, num_samples: int,
     crystals = math.ceil(num_samples / num_atoms)
     eps = torch.randn(crystals, num_atoms, generator=generator, dtype=sigmas.dtype)
     noise = sigmas.reshape(-1, 1, 1) * eps  # (S, D, N)
-    angle = TWO_PI * noise
-    mean_angle = torch.atan2(torch.sin(angle).mean(-1, keepdim=True), torch.cos(angle).mean(-1, keepdim=True))
-    return wrap(noise - mean_angle / TWO_PI)
+    return wrap(noise - circular_mean_last_axis(noise))
 
 
 @dataclass(frozen=True)
