@@ -234,10 +234,14 @@ def evaluate_matches(truths: list[CrystalArrays], predictions: list[list[Crystal
     progress = dict(total=len(jobs), desc="matching", unit="crystal", disable=not show_progress)
     if processes <= 1 or len(jobs) < 2:
         return [match_one(job) for job in tqdm(jobs, **progress)]
-    # Small chunks: match times vary a lot between crystals. Workers fork with pymatgen already imported.
-    chunk = max(1, min(8, len(jobs) // (processes * 16)))
+    # Workers fork with pymatgen already imported.
     with ProcessPoolExecutor(processes) as pool:
-        return list(tqdm(pool.map(match_one, jobs, chunksize=chunk), **progress))
+        return list(tqdm(pool.map(match_one, jobs, chunksize=match_chunk_size(len(jobs), processes)), **progress))
+
+
+def match_chunk_size(num_jobs: int, workers: int) -> int:
+    """Crystals per matching task: small (at most 8, some 16 tasks per worker), as match times vary a lot."""
+    return max(1, min(8, num_jobs // (workers * 16)))
 
 
 def write_results_csv(results: list[CrystalResult], path: str | Path) -> None:
