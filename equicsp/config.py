@@ -128,19 +128,31 @@ class Config:
         return out
 
 
-OBJECTIVE_PRESETS: dict[str, ObjectiveConfig] = {
-    "equicsp": ObjectiveConfig(),
-    "no_perm_loss": ObjectiveConfig(perm_loss=False),
-    "frame_average": ObjectiveConfig(perm_loss=False, frame_average=True),
-    "no_com_free": ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False),
-    "no_pm_vm": ObjectiveConfig(von_mises=False, prob_model=False),
-    "no_vm": ObjectiveConfig(von_mises=False),
-    "no_pm": ObjectiveConfig(prob_model=False),
+@dataclass(frozen=True)
+class Arm:
+    """A row of the paper's Table 2: its display name and its objective switches."""
+
+    label: str
+    objective: ObjectiveConfig
+
+
+# Table 2 of the paper, in its order; the keys are the objective presets (and the sweeps' arms).
+ARMS: dict[str, Arm] = {
+    "equicsp": Arm("EquiCSP", ObjectiveConfig()),
+    "no_perm_loss": Arm("w/o permutation loss", ObjectiveConfig(perm_loss=False)),
+    "frame_average": Arm("Frame Average (no permutation loss)", ObjectiveConfig(perm_loss=False, frame_average=True)),
+    "no_com_free": Arm("w/o periodic CoM-free noising",
+                       ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False)),
+    "no_pm_vm": Arm("w/o probabilistic model and von Mises", ObjectiveConfig(von_mises=False, prob_model=False)),
+    "no_vm": Arm("w/o von Mises", ObjectiveConfig(von_mises=False)),
+    "no_pm": Arm("w/o probabilistic model", ObjectiveConfig(prob_model=False)),
     # Every switch off but EquiCSP's lattice: the control between the two methods.
-    "none": ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False, perm_loss=False, cost_coord=0.0),
-    "diffcsp": ObjectiveConfig(lattice="matrix", com_free_noise=False, von_mises=False, prob_model=False,
-                               perm_loss=False, cost_coord=0.0),
+    "none": Arm("all switches off (projected lattice)",
+                ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False, perm_loss=False, cost_coord=0.0)),
+    "diffcsp": Arm("DiffCSP", ObjectiveConfig(lattice="matrix", com_free_noise=False, von_mises=False, prob_model=False,
+                                              perm_loss=False, cost_coord=0.0)),
 }
+OBJECTIVE_PRESETS: dict[str, ObjectiveConfig] = {name: arm.objective for name, arm in ARMS.items()}
 
 _LARGE = ModelConfig(num_layers=6, hidden_dim=512)
 # Step sizes are DiffCSP's tuned values per dataset; epochs from the paper's Appendix C.4.

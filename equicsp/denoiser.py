@@ -1,4 +1,4 @@
-"""CSPNet, the denoiser (docs/method.md: Denoiser), and its Frame-Average wrapper.
+"""CSPNet, the denoiser (docs/method.md#denoiser), and its Frame-Average wrapper.
 
 Message passing over the fully connected graph of each crystal, self edges included:
 m_ij = phi_m(h_i, h_j, f(l), FT(w(x_j - x_i))), h_i += phi_h(h_i, mean_j m_ij), pre-layer-norm.

@@ -57,7 +57,7 @@ class Diffusion:
             raise ValueError(f"a crystal has {largest} atoms but data.max_atoms is {self.tables.max_atoms}")
 
     def noise(self, batch, seed: int, step: int) -> NoisedBatch:
-        """Sample t per crystal and noise lattice and coordinates (docs/method.md: Lattice, Coordinates).
+        """Sample t per crystal and noise lattice and coordinates (docs/method.md#lattice, docs/method.md#coordinates).
 
         The draws are keyed by each crystal's dataset index (batch.crystal_id), the seed and the
         step (the epoch), so a crystal gets the same noise however the data is batched or

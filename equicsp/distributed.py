@@ -35,7 +35,7 @@ class LaunchOptions:
     tracking_uri: str | None = None
     experiment: str = "equicsp"
     run_name: str | None = None  # default: preset, objective preset, seed and a hash of the config
-    storage_path: str | None = None  # default: ./runs/ray (must be shared storage on a multi-node cluster)
+    storage_path: str | None = None  # default $EQUICSP_STORAGE_PATH, else ./runs/ray (shared storage on a cluster)
     max_failures: int = 3
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
@@ -52,6 +52,17 @@ class TrainingResult:
 
 def default_run_name(config: Config) -> str:
     return f"{config.preset}-{config.objective_preset}-seed{config.run.seed}-{cache_key(config.to_dict())[:8]}"
+
+
+def resolve_storage(storage_path: str | None, default_folder: str) -> str:
+    """Where Ray keeps runs: the path given, else $EQUICSP_STORAGE_PATH, else ./runs/<default_folder>.
+
+    A local path is made absolute (Ray's workers run in other directories); a URI (s3://, gs://) is kept.
+    """
+    path = storage_path or os.environ.get("EQUICSP_STORAGE_PATH") or str(Path.cwd() / "runs" / default_folder)
+    if "://" in path:
+        return path.rstrip("/")
+    return str(Path(path).expanduser().resolve())
 
 
 def connect_ray() -> None:
@@ -161,8 +172,7 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
 
         callbacks = [TuneReportCallback()]
     run_name = options.run_name or default_run_name(config)
-    storage = Path(options.storage_path or Path.cwd() / "runs" / "ray").expanduser().resolve() \
-        if "://" not in (options.storage_path or "") else options.storage_path
+    storage = resolve_storage(options.storage_path, "ray")
     experiment_id = tracking.ensure_experiment(uri, options.experiment)
     run_id = tracking.start_training_run(uri, experiment_id, config, run_key=f"{storage}/{run_name}",
                                          run_name=run_name, parent_run_id=options.parent_run_id,
@@ -177,7 +187,7 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
         scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=run_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks),

@@ -1,6 +1,6 @@
 """Projected lattice parameters and the six permutations of the lattice axes.
 
-METHOD.md, "Task and representation": diffusion runs on
+docs/method.md#projected-parameters: diffusion runs on
 l = (log a, log b, log c, tan(alpha - pi/2), tan(beta - pi/2), tan(gamma - pi/2)),
 so every point of R^6 maps back to valid lengths and angles in (0, pi).
 """
@@ -87,7 +87,7 @@ def matrix_lengths_angles(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 class LatticeRepresentation:
-    """What the lattice DDPM diffuses and what the network sees of it (docs/method.md: Lattice).
+    """What the lattice DDPM diffuses and what the network sees of it (docs/method.md#lattice).
 
     `dim` is the width of the diffused vector l, `feature_dim` that of the network's lattice
     input; `network_noise` turns the network's per-crystal output (B, dim) into its

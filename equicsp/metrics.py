@@ -1,4 +1,4 @@
-"""The CSP evaluation protocol (METHOD.md: Evaluation): validity, match rate, RMSE, best of k.
+"""The CSP evaluation protocol (docs/method.md#evaluation): validity, match rate, RMSE, best of k.
 
 A prediction counts only when both it and the ground truth are valid (SMACT charge
 neutral composition, every interatomic distance > 0.5 A, volume > 0.1 A^3) and pymatgen's

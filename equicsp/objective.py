@@ -1,4 +1,4 @@
-"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (docs/method.md: Training objective).
+"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (docs/method.md#loss-terms).
 
 The pieces are chosen once, when the objective is built from a config: the forward process
 (`Diffusion`, which owns the coordinate target and the lattice representation), the denoiser
@@ -44,7 +44,7 @@ def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Ten
 
 
 class PermutationLoss:
-    """L_perm: phi(P M_t) should equal P phi(M_t) for an axis permutation P (docs/method.md: permutation loss).
+    """L_perm: phi(P M_t) should equal P phi(M_t) for an axis permutation P (docs/method.md#permutation-loss).
 
     One random non-identity permutation per crystal, keyed like the noise; the plain and the
     permuted input go through the denoiser as one batch, and gradients flow through both.

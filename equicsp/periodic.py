@@ -15,16 +15,27 @@ from equicsp.schedules import wrap
 TWO_PI = 2 * math.pi
 
 
+def _mean_direction(mean_sin: torch.Tensor, mean_cos: torch.Tensor) -> torch.Tensor:
+    """The angle of the mean resultant, as a fraction of a turn in [-0.5, 0.5] (paper eq. 15)."""
+    return torch.atan2(mean_sin, mean_cos) / TWO_PI
+
+
 def circular_mean(x: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
     """(B, 3) circular mean in [0, 1) of each crystal's (N, 3) fractional values, per axis."""
     angle = TWO_PI * x
     mean_sin = scatter(torch.sin(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
     mean_cos = scatter(torch.cos(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
-    return wrap(torch.atan2(mean_sin, mean_cos) / TWO_PI)
+    return wrap(_mean_direction(mean_sin, mean_cos))
+
+
+def circular_mean_last_axis(x: torch.Tensor) -> torch.Tensor:
+    """(..., 1) circular mean in [-0.5, 0.5] of x along its last axis: dense crystals of equal size, one per row."""
+    angle = TWO_PI * x
+    return _mean_direction(torch.sin(angle).mean(-1, keepdim=True), torch.cos(angle).mean(-1, keepdim=True))
 
 
 def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
-    """n~ = w(n - mu): the noise with its periodic centre of mass removed (METHOD.md).
+    """n~ = w(n - mu): the noise with its periodic centre of mass removed (docs/method.md#periodic-com-free-noise).
 
     Invariant under n -> n + tau for any per-crystal shift tau, hence under periodic
     translations of X_0. A one-atom crystal has n~ = 0 exactly (set here, not left to
@@ -38,7 +49,7 @@ def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) 
 
 def pm_corrected_score(score: torch.Tensor, predicted_noise: torch.Tensor, batch: torch.Tensor,
                        num_crystals: int) -> torch.Tensor:
-    """Chain rule from the score in n~ to the score in X (METHOD.md: probabilistic model).
+    """Chain rule from the score in n~ to the score in X (docs/method.md#pm-correction).
 
     With theta_i = 2 pi n~_i, u = mean sin, v = mean cos and
     g_i = (v cos theta_i + u sin theta_i) / ((u^2 + v^2) N), returns s_i - g_i sum_j s_j:

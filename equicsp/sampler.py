@@ -1,4 +1,4 @@
-"""Predictor-corrector sampling (docs/method.md: Sampling), batched, seeded per crystal.
+"""Predictor-corrector sampling (docs/method.md#predictor-corrector), batched, seeded per crystal.
 
 The sampler follows the pieces the config chose: the coordinate target turns the network's
 outputs into the score in X (PM-corrected or not), and the lattice representation says what
@@ -71,7 +71,7 @@ class Sampler:
         return out.lattice_noise, score
 
     def lattice_step(self, lattice, lattice_noise, t: int, s: int, z):
-        """DDPM from t to s < t: docs/method.md's step for s = t - 1, its strided form otherwise.
+        """DDPM from t to s < t: the step of docs/method.md#lattice-step for s = t - 1, its strided form otherwise.
 
         Written through the implied clean lattice l0_hat = (l_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
         and the Gaussian posterior q(l_s | l_t, l0_hat), which is the same step algebraically.

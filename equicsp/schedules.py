@@ -15,7 +15,7 @@ WRAPPED_NORMAL_IMAGES = 10
 
 
 def cosine_betas(timesteps: int, offset: float = 0.008) -> torch.Tensor:
-    """(T,) betas of the cosine schedule, clipped to [1e-4, 0.9999] (METHOD.md: Lattice)."""
+    """(T,) betas of the cosine schedule, clipped to [1e-4, 0.9999] (docs/method.md#lattice-ddpm)."""
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     alpha_bar = torch.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
     alpha_bar = alpha_bar / alpha_bar[0]

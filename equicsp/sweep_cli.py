@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 
 from equicsp.config import DATASET_PRESETS, ConfigError
-from equicsp.sweep import SweepError, SweepLaunch, SweepSpec, run_sweep, table_markdown
+from equicsp.sweep.driver import run_sweep
+from equicsp.sweep.report import table_markdown
+from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def apply_arguments(spec: SweepSpec, args: argparse.Namespace) -> SweepSpec:
 
 def launch_from_arguments(args: argparse.Namespace) -> SweepLaunch:
     return SweepLaunch(tracking_uri=args.tracking_uri, experiment=args.experiment,
-                       storage_path=args.storage_path or os.environ.get("EQUICSP_STORAGE_PATH"),
+                       storage_path=args.storage_path,
                        workers_per_trial=args.workers_per_trial,
                        use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], max_concurrent=args.max_concurrent)
 

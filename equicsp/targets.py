@@ -1,4 +1,4 @@
-"""Coordinate targets, one class per choice of the paper's Table 2 (docs/method.md: Coordinates).
+"""Coordinate targets, one class per choice of the paper's Table 2 (docs/method.md#coordinates).
 
 A target is chosen once from the config and carries its own choices: it maps the sampled
 noise n to the two normalised targets (the score head's and the n~ head's), says whether it
@@ -54,7 +54,7 @@ class ComFreeTarget:
     """EquiCSP: targets from n~ = w(n - mu); von Mises score, or the wrapped-normal one without VM.
 
     With prob_model, the score the network gives in n~ is carried over to X by the chain rule
-    through the circular mean (docs/method.md: probabilistic model), using the n~ head's output.
+    through the circular mean (docs/method.md#pm-correction), using the n~ head's output.
     """
 
     needs_tables = True
@@ -78,7 +78,7 @@ class ComFreeTarget:
         centred = wrap_centered(com_free_noise(noise, batch, num_crystals))  # (N, 3) in [-0.5, 0.5)
         if self.von_mises:
             kappa = self.tables.kappa[atom_counts, timesteps][:, None]
-            raw_score = kappa * torch.sin(TWO_PI * centred) * TWO_PI  # METHOD.md: minus the VM score
+            raw_score = kappa * torch.sin(TWO_PI * centred) * TWO_PI  # docs/method.md#von-mises: minus the VM score
         else:
             raw_score = wrapped_normal_score(centred, self.schedule.sigmas[timesteps][:, None])
         return CoordinateTargets(score=raw_score / self.score_scale(atom_counts, timesteps)[:, None],

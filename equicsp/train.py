@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
     parser.add_argument("--experiment", default="equicsp", help="MLflow experiment")
     parser.add_argument("--run-name", help="stable name: relaunching with it continues the run")
-    parser.add_argument("--storage-path", help="Ray Train storage (shared on a cluster; default ./runs/ray)")
+    parser.add_argument("--storage-path",
+                        help="Ray Train storage (shared on a cluster; default $EQUICSP_STORAGE_PATH, else ./runs/ray)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     parser.add_argument("--local", action="store_true", help="train in this process, without Ray or MLflow")
     parser.add_argument("--out", type=Path, default=Path("runs/train"),

@@ -1,6 +1,6 @@
 """Von Mises tables: kappa(N, sigma_t) and the target normalisers, computed and cached.
 
-METHOD.md, "Von Mises simulation". For every atom count N and noise level sigma_t we draw
+docs/method.md#von-mises. For every atom count N and noise level sigma_t we draw
 CoM-free noise n~ by Monte Carlo and fit VM(0, kappa) to theta = 2 pi n~ by maximum
 likelihood, which with known mean 0 solves A1(kappa) = mean cos theta. Draws for one N
 share their standard normals across t (common random numbers), so each table is smooth in t,
@@ -17,7 +17,7 @@ import torch
 from scipy.special import i0e, i1e
 
 from equicsp.cache import cache_dir, cache_key, save_atomically
-from equicsp.periodic import TWO_PI
+from equicsp.periodic import TWO_PI, circular_mean_last_axis
 from equicsp.schedules import images_needed, wrap, wrap_centered, wrapped_normal_score
 
 TABLE_VERSION = 1
@@ -48,9 +48,7 @@ def draw_com_free_noise(num_atoms: int, sigmas: torch.Tensor, num_samples: int,
     crystals = math.ceil(num_samples / num_atoms)
     eps = torch.randn(crystals, num_atoms, generator=generator, dtype=sigmas.dtype)
     noise = sigmas.reshape(-1, 1, 1) * eps  # (S, D, N)
-    angle = TWO_PI * noise
-    mean_angle = torch.atan2(torch.sin(angle).mean(-1, keepdim=True), torch.cos(angle).mean(-1, keepdim=True))
-    return wrap(noise - mean_angle / TWO_PI)
+    return wrap(noise - circular_mean_last_axis(noise))
 
 
 @dataclass(frozen=True)

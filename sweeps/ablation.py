@@ -12,7 +12,9 @@ is evaluated on the test split. Running the same command again resumes an interr
 import argparse
 from dataclasses import replace
 
-from equicsp.sweep import ARM_LABELS, FloatRange, SweepSpec
+from equicsp.config import ARMS
+from equicsp.sweep.space import FloatRange
+from equicsp.sweep.spec import SweepSpec
 from equicsp.sweep_cli import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 
 PROFILES = {
@@ -31,7 +33,7 @@ PROFILES = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sweeps/ablation.py", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    parser.add_argument("--arms", nargs="+", default=list(ARM_LABELS), help=f"from {list(ARM_LABELS)}")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"from {list(ARMS)}")
     add_launch_arguments(parser)
     args = parser.parse_args(argv)
     spec = apply_arguments(PROFILES[args.profile], args)

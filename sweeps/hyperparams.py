@@ -11,7 +11,9 @@ per seed is evaluated on the test split, and everything lands in one MLflow pare
 import argparse
 from dataclasses import replace
 
-from equicsp.sweep import ARM_LABELS, Choice, FloatRange, IntRange, SweepSpec
+from equicsp.config import ARMS
+from equicsp.sweep.space import Choice, FloatRange, IntRange
+from equicsp.sweep.spec import SweepSpec
 from equicsp.sweep_cli import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 
 SPACE = {
@@ -40,7 +42,7 @@ PROFILES = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sweeps/hyperparams.py", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    parser.add_argument("--arm", default="equicsp", help=f"the objective preset to tune, from {list(ARM_LABELS)}")
+    parser.add_argument("--arm", default="equicsp", help=f"the objective preset to tune, from {list(ARMS)}")
     add_launch_arguments(parser)
     args = parser.parse_args(argv)
     if args.profile == "paper" and not args.data:

@@ -50,7 +50,7 @@ def test_edges_are_all_ordered_pairs_of_each_crystal():
 
 
 def naive_forward(model: CSPNet, atom_types, frac_coords, lattice, timesteps, batch, num_atoms):
-    """METHOD.md's CSPNet written the direct way: per-edge features and one concatenated Linear."""
+    """The CSPNet of docs/method.md#denoiser written the direct way: per-edge features and one concatenated Linear."""
     graph = CrystalGraph.fully_connected(num_atoms)
     k = torch.arange(model.config.num_freqs, dtype=frac_coords.dtype)
     time = sinusoidal_embedding(timesteps, model.config.time_dim).to(frac_coords.dtype)[batch]

@@ -10,7 +10,7 @@ from equicsp import tracking
 from equicsp.checkpoint import read_checkpoint
 from equicsp.config import make_config
 from equicsp.diffusion import Diffusion
-from equicsp.distributed import LaunchOptions, run_training
+from equicsp.distributed import LaunchOptions, resolve_storage, run_training
 from equicsp.sampler import Sampler
 from equicsp.train import main as train_main
 
@@ -34,6 +34,16 @@ def ray_session_that_kills_a_worker(tmp_path):
              runtime_env={"env_vars": {"EQUICSP_KILL_WORKER": f"25:{marker}"}})
     yield marker
     ray.shutdown()
+
+
+def test_ray_storage_is_the_path_given_else_the_environment_else_a_folder_under_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EQUICSP_STORAGE_PATH", raising=False)
+    assert resolve_storage(None, "sweeps") == str(tmp_path.resolve() / "runs" / "sweeps")
+    assert resolve_storage("here", "ray") == str(tmp_path.resolve() / "here")
+    monkeypatch.setenv("EQUICSP_STORAGE_PATH", "s3://bucket/ray/")
+    assert resolve_storage(None, "ray") == "s3://bucket/ray"
+    assert resolve_storage("/shared/runs", "ray") == "/shared/runs"
 
 
 def options(tmp_path, name, **extra):

@@ -7,7 +7,7 @@ from scipy.stats import circmean
 
 from equicsp.config import make_config
 from equicsp.diffusion import Diffusion
-from equicsp.periodic import circular_mean, com_free_noise, pm_corrected_score
+from equicsp.periodic import circular_mean, circular_mean_last_axis, com_free_noise, pm_corrected_score
 from equicsp.schedules import wrap, wrap_centered
 
 atom_counts = st.lists(st.integers(1, 8), min_size=1, max_size=5)
@@ -20,6 +20,12 @@ def test_circular_mean_matches_scipy():
         values = batch.frac_coords[batch.batch == crystal].numpy()
         expected = circmean(values, high=1.0, low=0.0, axis=0)
         np.testing.assert_allclose(np.cos(2 * np.pi * (mean[crystal].numpy() - expected)), 1.0, atol=1e-10)
+
+
+def test_the_dense_circular_mean_is_the_same_mean():
+    x = torch.rand(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # 4 crystals of 6 atoms, one axis
+    flat = circular_mean(x.reshape(-1, 1), torch.arange(4).repeat_interleave(6), 4)  # (4, 1) in [0, 1)
+    np.testing.assert_allclose(wrap(circular_mean_last_axis(x)).numpy(), flat.numpy(), atol=1e-12)
 
 
 @settings(max_examples=50, deadline=None)

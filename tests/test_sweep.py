@@ -13,18 +13,11 @@ import optuna
 import pytest
 
 from equicsp import tracking
-from equicsp.sweep import (
-    ARM_LABELS,
-    Choice,
-    FloatRange,
-    SearchSpace,
-    SweepError,
-    SweepLaunch,
-    SweepSpec,
-    initial_points,
-    run_sweep,
-    validate_spec,
-)
+from equicsp.config import ARMS
+from equicsp.sweep.driver import run_sweep
+from equicsp.sweep.search import SearchSpace, initial_points
+from equicsp.sweep.space import Choice, FloatRange
+from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
 
 ROOT = Path(__file__).parent.parent
 TINY = ["model.num_layers=1", "model.hidden_dim=16", "model.num_freqs=4", "model.time_dim=8", "optim.epochs=4",
@@ -60,7 +53,7 @@ def test_optuna_searches_the_permutation_weight_only_where_the_arm_has_the_loss(
         if "objective.perm_loss_weight" in trial.params:
             assert 0.1 <= trial.params["objective.perm_loss_weight"] <= 10
         study.tell(trial, 0.0)
-    assert seen == set(ARM_LABELS)
+    assert seen == set(ARMS)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -119,10 +112,10 @@ def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_ru
     [parent] = runs_of_kind(uri, "sweep")
     training = runs_of_kind(uri, "training")
     evaluations = runs_of_kind(uri, "evaluation")
-    assert sorted(run.data.tags["arm"] for run in training) == sorted(ARM_LABELS)
+    assert sorted(run.data.tags["arm"] for run in training) == sorted(ARMS)
     assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in training)
     assert all("val_total" in run.data.metrics and "tuned_step_lr" in run.data.metrics for run in training)
-    assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(ARM_LABELS)
+    assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(ARMS)
     artifacts = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id)}
     assert {"ablation_table.md", "ablation_table.csv", "ablation_cells.csv", "ablation_bars.png",
             "learning_curves.png"} <= artifacts

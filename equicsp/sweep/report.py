@@ -1,0 +1,92 @@
+"""The sweep's report: the ablation table (Markdown and CSV), per-cell CSV, bar chart and learning curves."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from equicsp import tracking
+from equicsp.config import ARMS
+from equicsp.plots import ablation_bars, arm_learning_curves
+from equicsp.sweep.final import CellResult
+from equicsp.sweep.spec import SweepSpec
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, Any]]:
+    """One row per arm: test match rate and RMSE as mean and standard deviation over seeds."""
+    rows = []
+    for arm in spec.arms:
+        mine = [cell for cell in cells if cell.arm == arm]
+        if not mine:
+            continue
+        match_mean, match_std = _mean_spread([100 * cell.test_match_rate for cell in mine])
+        rmse_mean, rmse_std = _mean_spread([cell.test_rmse for cell in mine])
+        rows.append({"arm": arm, "variant": ARMS[arm].label, "seeds": len(mine),
+                     "match_rate_mean": match_mean, "match_rate_std": match_std,
+                     "rmse_mean": rmse_mean, "rmse_std": rmse_std,
+                     "val_match_rate_mean": _mean_spread([100 * cell.val_match_rate for cell in mine])[0],
+                     "step_lr": " ".join(f"{cell.step_lr:.3g}" for cell in mine),
+                     "searched": "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in cell.searched.items()) for cell in mine)})
+    return rows
+
+
+def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
+    lines = [f"# Ablation: {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), k = {spec.test_samples})", "",
+             "| variant | match rate (%) | RMSE | val match rate (%) | step_lr | searched |",
+             "|---|---|---|---|---|---|"]
+    for row in table:
+        spread = row["seeds"] > 1  # one seed has no spread to show
+        match = f"{row['match_rate_mean']:.2f}" + (f" ± {row['match_rate_std']:.2f}" if spread else "")
+        rmse = "n/a" if math.isnan(row["rmse_mean"]) else \
+            f"{row['rmse_mean']:.4f}" + (f" ± {row['rmse_std']:.4f}" if spread else "")
+        lines.append(f"| {row['variant']} | {match} | {rmse} | "
+                     f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} |")
+    return "\n".join(lines) + "\n\nMean ± standard deviation over seeds; each seed's best trial, at its tuned step size.\n"
+
+
+def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spec: SweepSpec, uri: str,
+                       parent: str) -> dict[str, Path]:
+    """The table (Markdown + CSV), the per-cell CSV, the bar chart and learning curves, logged to the parent."""
+    out = Path(tempfile.mkdtemp(prefix="equicsp-sweep-"))
+    files = {"table_md": out / "ablation_table.md", "table_csv": out / "ablation_table.csv",
+             "cells_csv": out / "ablation_cells.csv", "bars": out / "ablation_bars.png",
+             "curves": out / "learning_curves.png"}
+    files["table_md"].write_text(table_markdown(table, spec))
+    _write_csv(files["table_csv"], table)
+    _write_csv(files["cells_csv"], [{**asdict(cell), "searched": cell.searched} for cell in cells])
+    ablation_bars(table, files["bars"], title=spec.name)
+    curves = {cell.arm: [] for cell in cells}
+    for cell in cells:
+        curves[cell.arm].append((cell.seed, tracking.metric_history(uri, cell.training_run_id, "val_total"),
+                                 tracking.metric_history(uri, cell.training_run_id, "train_total")))
+    arm_learning_curves(curves, files["curves"], labels={name: arm.label for name, arm in ARMS.items()})
+    metrics = {}
+    for row in table:
+        metrics[f"{row['arm']}/match_rate"] = row["match_rate_mean"] / 100
+        if not math.isnan(row["rmse_mean"]):
+            metrics[f"{row['arm']}/rmse"] = row["rmse_mean"]
+    tracking.log_metrics(uri, parent, metrics)
+    for path in files.values():
+        tracking.log_artifact(uri, parent, path)
+    tracking.client(uri).set_terminated(parent, "FINISHED")
+    return files
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["arm"])
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,54 @@
+"""Optuna's side of a sweep: the define-by-run space of a trial, the seeded first points, the Tune searcher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from equicsp.sweep.space import domain_contains, suggest
+from equicsp.sweep.spec import SweepSpec
+
+
+class SearchSpace:
+    """Optuna's define-by-run space: the cell (arm, seed), then the arm's searched fields.
+
+    A class rather than a closure: Tune pickles the searcher with the space when it saves
+    the sweep's state for a resume.
+    """
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+
+    def __call__(self, trial) -> None:
+        arm = trial.suggest_categorical("arm", list(self.spec.arms))
+        trial.suggest_categorical("run.seed", list(self.spec.seeds))
+        for name, domain in self.spec.arm_space(arm).items():
+            suggest(trial, name, domain)
+
+
+def initial_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every cell trials_per_cell times; the first trial of a cell runs the config's own values."""
+    points = []
+    for arm in spec.arms:
+        defaults = spec.config_for(arm, {}).flat()
+        for seed in spec.seeds:
+            for trial in range(spec.trials_per_cell):
+                point: dict[str, Any] = {"arm": arm, "run.seed": seed}
+                if trial == 0:
+                    point.update({name: defaults[name] for name, domain in spec.arm_space(arm).items()
+                                  if domain_contains(domain, defaults[name])})
+                points.append(point)
+    return points
+
+
+class FinalResultOptunaSearch(OptunaSearch):
+    """OptunaSearch that learns from each trial's final result only.
+
+    The epochs a trial reports along the way (for ASHA and the progress table) do not hold
+    the search metric, which only exists once the step size has been searched.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)

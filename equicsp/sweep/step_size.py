@@ -1,0 +1,61 @@
+"""The Langevin step size of one trained model, searched by Optuna on validation crystals (no retraining)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import optuna
+
+from equicsp import tracking
+from equicsp.checkpoint import read_checkpoint
+from equicsp.config import config_from_dict
+from equicsp.data import load_splits
+from equicsp.distributed import connect_ray
+from equicsp.distributed_eval import EvaluationSettings, SamplingPool, evaluate_checkpoint
+from equicsp.sweep.spec import SweepSpec
+
+STEP_LR_METRIC = "val_match_rate"  # what the step-size search maximises, and the sweep's search metric
+
+
+def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: bool) -> dict[str, float]:
+    """Optuna over the Langevin step size (log scale): match rate on validation crystals, most wins.
+
+    Logged to the training run (one step per Optuna trial); a run that holds the search
+    already (a trial resumed after its driver died) answers from it.
+    """
+    uri = tracking_uri
+    logged = tracking.get_run(uri, run_id).data.metrics
+    if "tuned_step_lr" in logged:
+        return {key: logged[key] for key in ("tuned_step_lr", STEP_LR_METRIC, "val_rmse") if key in logged}
+    checkpoint = read_checkpoint(tracking.download_checkpoint(uri, run_id))
+    config = config_from_dict(checkpoint["config"])
+    validation = load_splits(config, ("val",), show_progress=False)["val"]
+    connect_ray()
+    settings = EvaluationSettings(num_samples=1, seed=0, limit=spec.step_lr_crystals,
+                                  workers=0 if use_gpu else 1, threads=1)
+
+    def objective(trial: optuna.Trial) -> float:
+        step_lr = trial.suggest_float("step_lr", spec.step_lr.low, spec.step_lr.high, log=spec.step_lr.log)
+        # One seed for every step size: the step sizes are compared on the same noise.
+        evaluation = evaluate_checkpoint(checkpoint, validation, replace(settings, step_lr=step_lr),
+                                         show_progress=False, pool=pool)
+        trial.set_user_attr("rmse", evaluation.summary.rmse)
+        tracking.log_metrics(uri, run_id, {"step_lr_search/step_lr": step_lr,
+                                           "step_lr_search/match_rate": evaluation.summary.match_rate},
+                             step=trial.number)
+        return evaluation.summary.match_rate
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=spec.search_seed))
+    default = config.sampler.step_lr
+    if spec.step_lr.low <= default <= spec.step_lr.high:
+        study.enqueue_trial({"step_lr": default})  # never worse on validation than the config's step size
+    with SamplingPool(checkpoint, settings.workers, settings.threads) as pool:
+        study.optimize(objective, n_trials=spec.step_lr_trials)
+    best = study.best_trial
+    result = {"tuned_step_lr": best.params["step_lr"], STEP_LR_METRIC: best.value}
+    if not math.isnan(best.user_attrs["rmse"]):
+        result["val_rmse"] = best.user_attrs["rmse"]
+    tracking.log_metrics(uri, run_id, result)
+    return result

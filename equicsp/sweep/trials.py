@@ -1,0 +1,44 @@
+"""One Ray Tune trial of a sweep: train the cell's config with Ray Train, then search its step size."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray.tune
+
+from equicsp.distributed import LaunchOptions, run_training
+from equicsp.sweep.spec import SweepLaunch, SweepSpec
+from equicsp.sweep.step_size import search_step_lr
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs besides its own parameters (passed once through the object store)."""
+
+    spec: SweepSpec
+    launch: SweepLaunch
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    storage: str
+
+
+def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
+    """One Tune trial: train (Ray Train, reporting each checkpoint to Tune), then search step_lr on validation."""
+    spec, launch = context.spec, context.launch
+    arm = params["arm"]
+    values = {name: value for name, value in params.items() if name != "arm"}
+    config = spec.config_for(arm, values)
+    trial_id = ray.tune.get_context().get_trial_id()
+    tags = {"arm": arm, "seed": str(config.run.seed), "equicsp.sweep": context.parent_run_id, "trial_id": trial_id,
+            **{f"switch.{name}": str(value) for name, value in asdict(config.objective).items()}}
+    options = LaunchOptions(num_workers=launch.workers_per_trial, use_gpu=launch.use_gpu,
+                            tracking_uri=context.tracking_uri, experiment=context.experiment,
+                            run_name=f"{spec.name}-{arm}-seed{config.run.seed}-{trial_id}",
+                            storage_path=f"{context.storage}/train", max_failures=launch.max_failures,
+                            parent_run_id=context.parent_run_id, extra_tags=tags, report_to_tune=True)
+    result = run_training(config, options)
+    search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu)
+    final = {**result.history[-1], **search, "training_run_id": result.run_id}
+    ray.tune.report(final)
