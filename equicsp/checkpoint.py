@@ -44,14 +44,33 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return stored
 
 
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """The checkpoint's weights into model; a CheckpointError naming what does not fit, not torch's traceback."""
+    expected = unwrap(model).state_dict()
+    problems = [f"{name} has shape {tuple(weights[name].shape)}, the config wants {tuple(value.shape)}"
+                for name, value in expected.items() if name in weights and weights[name].shape != value.shape]
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    if missing:
+        problems.append(f"{len(missing)} weights missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights the config has no place for "
+                        f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(f"{source}: the weights do not fit its config: {shown}")
+    unwrap(model).load_state_dict(weights)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, nn.Module]:
     """The config and the denoiser (Frame-Averaged when the config says so) of a checkpoint."""
-    return model_from_checkpoint(read_checkpoint(path, device), device)
+    return model_from_checkpoint(read_checkpoint(path, device), device, source=path)
 
 
-def model_from_checkpoint(stored: dict[str, Any], device: str | torch.device = "cpu") -> tuple[Config, nn.Module]:
+def model_from_checkpoint(stored: dict[str, Any], device: str | torch.device = "cpu",
+                          source: str | Path = "checkpoint") -> tuple[Config, nn.Module]:
     """(config, eval-mode denoiser) from a checkpoint already read into memory."""
     config = config_from_dict(stored["config"])
     model = build_denoiser(config)
-    unwrap(model).load_state_dict(stored["model"])
+    load_weights(model, stored["model"], source)
     return config, model.to(device).eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -119,13 +120,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """{"objective.perm_loss": True, ...}: the names used by MLflow params and sweeps."""
-        out: dict[str, Any] = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                out.update({f"{key}.{name}": inner for name, inner in value.items()})
-            else:
-                out[key] = value
-        return out
+        return flatten(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -259,7 +254,16 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: is a folder, not a YAML config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, not a YAML config") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}: {getattr(error, 'problem', None) or error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return config_from_dict(raw)
@@ -282,16 +286,27 @@ def validate(config: Config) -> None:
     if o.frame_average and o.perm_loss:
         problems.append("objective.frame_average and objective.perm_loss exclude each other: "
                         "a frame-averaged model is equivariant already")
+    for name, value in config.flat().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{name} must be a finite number, not {value}")
     if o.perm_loss_weight < 0 or o.cost_coord < 0:
-        problems.append("loss weights must be >= 0")
+        problems.append("loss weights (objective.perm_loss_weight, objective.cost_coord) must be >= 0")
     if d.timesteps < 1:
         problems.append("diffusion.timesteps must be >= 1")
     if not 0 < d.sigma_begin < d.sigma_end:
         problems.append("need 0 < diffusion.sigma_begin < diffusion.sigma_end")
     if not 0 <= s.num_steps <= d.timesteps:
         problems.append(f"sampler.num_steps must be in 0 .. diffusion.timesteps ({d.timesteps})")
-    if s.step_lr <= 0:
-        problems.append("sampler.step_lr must be > 0")
+    for name, value in (("sampler.step_lr", s.step_lr), ("optim.lr", opt.lr), ("optim.grad_clip", opt.grad_clip)):
+        if not value > 0:
+            problems.append(f"{name} must be > 0, not {value}")
+    if not opt.min_lr >= 0:
+        problems.append(f"optim.min_lr must be >= 0, not {opt.min_lr}")
+    if not 0 < opt.plateau_factor < 1:
+        problems.append(f"optim.plateau_factor must be in (0, 1), not {opt.plateau_factor}")
+    if min(r.checkpoint_every, r.log_every) < 1:
+        problems.append(f"run.checkpoint_every and run.log_every must be >= 1 (epochs), "
+                        f"not {r.checkpoint_every} and {r.log_every}")
     if min(m.num_layers, m.hidden_dim, m.num_freqs, m.time_dim, opt.batch_size, s.batch_size, opt.epochs) < 1:
         problems.append("sizes, batch sizes and epochs must be >= 1")
     if config.data.max_atoms < 1:
@@ -302,6 +317,38 @@ def validate(config: Config) -> None:
         problems.append(f"run.device must be auto, cpu, cuda or cuda:N, not {r.device!r}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+# What a resumed run may change: how long it trains, how often it checkpoints and logs, where it
+# runs, and the sampler (used after training only). Anything else would continue another run.
+RESUMABLE_FIELDS = ("optim.epochs", "run.checkpoint_every", "run.log_every", "run.device", "sampler.step_lr",
+                    "sampler.num_steps", "sampler.batch_size", "sampler.clip_lattice")
+
+
+def resume_differences(stored: dict[str, Any], config: Config) -> list[str]:
+    """"name old -> new" for each field of config that a run stored with these flat values may not change.
+
+    stored is `Config.flat()` of the stored run, or its MLflow params (the same values as strings).
+    """
+    differences = []
+    for name, value in config.flat().items():
+        if name in RESUMABLE_FIELDS:
+            continue
+        old = stored.get(name, "<absent>")
+        if str(old) != str(value):
+            differences.append(f"{name} {old} -> {value}")
+    return differences
+
+
+def flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict (as stored in a checkpoint or config.yaml) as `section.field` names."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

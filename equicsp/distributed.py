@@ -5,7 +5,11 @@ each worker runs `TrainingLoop`, the same loop as single-process training. Rank 
 epoch to MLflow and reports a checkpoint (last.pt and best.pt) every `run.checkpoint_every`
 epochs. A worker that dies is replaced and the group resumes from the latest checkpoint;
 epochs that MLflow already holds are not logged twice, so the run keeps one history.
-Relaunching the same command (same run name and storage path) continues the same run.
+Relaunching the same command (same run name and storage path) continues the same run; a
+relaunch whose config differs from the run's params (beyond `RESUMABLE_FIELDS`) is refused
+before Ray starts. A diverged loop (`TrainingDiverged`) ends every worker without a checkpoint
+and without a retry (it would diverge again); rank 0 records why in the run's
+`tracking.DIVERGED_TAG`, and the driver marks the run FAILED and raises the error.
 Ray Train (and Tune, inside a sweep) hears of the run at each checkpoint; MLflow of every epoch.
 """
 
@@ -22,10 +26,10 @@ from typing import Any
 from equicsp import tracking
 from equicsp.cache import cache_key
 from equicsp.checkpoint import read_checkpoint
-from equicsp.config import Config, config_from_dict
+from equicsp.config import Config, ConfigError, config_from_dict, resume_differences
 from equicsp.data import load_splits
 from equicsp.plots import learning_curve
-from equicsp.training import TrainingLoop
+from equicsp.training import TrainingDiverged, TrainingLoop
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         logged = {step for step, _ in tracking.metric_history(uri, run_id, "train_total")}
         if checkpoint is not None:
             tracking.client(uri).log_metric(run_id, "resumed_from_epoch", loop.state.epoch, step=loop.state.epoch)
+    diverged = ""
     while loop.state.epoch < config.optim.epochs:
-        metrics = loop.step_epoch()
+        try:
+            metrics = loop.step_epoch()
+        except TrainingDiverged as error:  # every rank sees it: the loss sums are all-reduced
+            diverged = str(error)
+            break
         epoch = loop.state.epoch
         _injected_failure(epoch, rank)
         if rank == 0:
@@ -127,7 +136,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
     shutil.rmtree(local, ignore_errors=True)
     if rank == 0:
-        mlflow.end_run()
+        if diverged:
+            tracking.client(uri).set_tag(run_id, tracking.DIVERGED_TAG, diverged)
+        mlflow.end_run(status="FAILED" if diverged else "FINISHED")
 
 
 def _injected_failure(epoch: int, rank: int) -> None:
@@ -159,6 +170,17 @@ def validate_launch(config: Config, options: LaunchOptions) -> tuple[str, str]:
     return uri, report
 
 
+def refuse_another_config(uri: str, experiment_id: str, run_key: str, config: Config) -> None:
+    """A ConfigError when run_key names an MLflow run trained with another config (its params)."""
+    existing = tracking.find_run(uri, experiment_id, run_key)
+    if existing is None:
+        return
+    differences = resume_differences(existing.data.params, config)
+    if differences:
+        raise ConfigError(f"MLflow run {existing.info.run_id} ({existing.info.run_name}) was trained with another "
+                          f"config ({'; '.join(differences)}); choose another --run-name, or relaunch with its config")
+
+
 def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> TrainingResult:
     """Train with Ray Train (DDP) and record the run in MLflow; continues the run when relaunched."""
     import ray.train
@@ -174,12 +196,15 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
     run_name = options.run_name or default_run_name(config)
     storage = resolve_storage(options.storage_path, "ray")
     experiment_id = tracking.ensure_experiment(uri, options.experiment)
+    refuse_another_config(uri, experiment_id, f"{storage}/{run_name}", config)
     run_id = tracking.start_training_run(uri, experiment_id, config, run_key=f"{storage}/{run_name}",
                                          run_name=run_name, parent_run_id=options.parent_run_id,
                                          extra_tags={"num_workers": str(options.num_workers),
                                                      "use_gpu": str(options.use_gpu), **options.extra_tags})
     tracking.log_text(uri, run_id, config.to_yaml(), "config.yaml")
     tracking.log_text(uri, run_id, data_report, "data_report.json")
+    if tracking.DIVERGED_TAG in tracking.get_run(uri, run_id).data.tags:  # from an earlier launch
+        tracking.client(uri).delete_tag(run_id, tracking.DIVERGED_TAG)
     connect_ray()
     trainer = TorchTrainer(
         train_worker,
@@ -195,6 +220,10 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    diverged = tracking.get_run(uri, run_id).data.tags.get(tracking.DIVERGED_TAG)
+    if diverged:
+        tracking.client(uri).set_terminated(run_id, "FAILED")
+        raise TrainingDiverged(diverged)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="equicsp-result-"))
     with result.checkpoint.as_directory() as directory:
         for name in ("best.pt", "last.pt"):

@@ -245,8 +245,9 @@ def write_predictions(predictions: list[SampledCrystal], formulas: dict[int, str
         for crystal in sorted(predictions, key=lambda c: (c.composition_index, c.sample_index)):
             name = f"{crystal.composition_index:06d}_{formulas.get(crystal.composition_index, 'x')}_" \
                    f"{crystal.sample_index}.cif"
+            part = crystal.non_finite_part()
             try:
-                text = str(CifWriter(structure_of(crystal)))
+                text = f"# not writable as a structure: non-finite {part}\n" if part else str(CifWriter(structure_of(crystal)))
             except Exception as error:  # a sampled lattice pymatgen cannot build
                 text = f"# not writable as a structure: {error}\n"
             archive.writestr(name, text)

@@ -124,6 +124,8 @@ def validity_problem(crystal: CrystalArrays) -> str:
         return "composition not SMACT-valid"
     if not all(math.isfinite(v) for v in crystal.lengths + crystal.angles):
         return "non-finite lattice"
+    if not np.isfinite(crystal.frac_coords).all():
+        return "non-finite coordinates"
     try:
         return structure_problem(crystal.to_structure())
     except Exception as error:  # a degenerate lattice pymatgen cannot build

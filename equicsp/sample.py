@@ -1,8 +1,13 @@
-"""`python -m equicsp.sample`: crystal structures for a formula from a trained checkpoint, as CIFs."""
+"""`python -m equicsp.sample`: crystal structures for a formula from a trained checkpoint, as CIFs.
+
+A sampled crystal with a non-finite lattice or coordinates (a diverged model) is not written:
+it is reported on stderr, the others are written, and the command exits non-zero.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +40,8 @@ def composition_of(formula: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m equicsp.sample", description=__doc__.split(":", 1)[1].strip())
+    parser = argparse.ArgumentParser(prog="python -m equicsp.sample",
+                                     description=__doc__.split(":", 1)[1].strip().split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--formula", required=True, action="append", help="e.g. SrTiO3; repeat for several")
     parser.add_argument("--num-samples", type=int, default=1)
@@ -60,12 +66,21 @@ def main(argv: list[str] | None = None) -> None:
     sampler = Sampler(model, Diffusion(config, device), config, device, args.precision)
     crystals = sampler.sample(compositions, args.num_samples, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    unwritten = 0
     for crystal in crystals:
-        structure = structure_of(crystal)
         name = f"{args.formula[crystal.composition_index]}_{crystal.sample_index}.cif"
+        part = crystal.non_finite_part()
+        if part:
+            unwritten += 1
+            print(f"{name}: not written: non-finite {part} (the model's weights or --step-lr may have diverged)",
+                  file=sys.stderr)
+            continue
+        structure = structure_of(crystal)
         structure.to(filename=str(args.out / name))
         print(f"{name}: {structure.composition.reduced_formula}, a b c = "
               f"{' '.join(f'{v:.3f}' for v in structure.lattice.abc)}, volume {structure.volume:.1f} A^3")
+    if unwritten:
+        raise SystemExit(f"error: {unwritten} of {len(crystals)} sampled crystals were not finite and not written")
 
 
 if __name__ == "__main__":

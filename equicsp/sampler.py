@@ -32,6 +32,14 @@ class SampledCrystal:
     lengths: torch.Tensor  # (3,)
     angles: torch.Tensor  # (3,) degrees
 
+    def non_finite_part(self) -> str:
+        """"" when every number is finite, else which part is not (a diverged model samples nan)."""
+        if not (torch.isfinite(self.lengths).all() and torch.isfinite(self.angles).all()):
+            return "lattice"
+        if not torch.isfinite(self.frac_coords).all():
+            return "coordinates"
+        return ""
+
 
 def with_sampler_options(config: Config, step_lr: float | None = None, num_steps: int | None = None,
                          batch_size: int | None = None) -> Config:

@@ -26,6 +26,7 @@ from pathlib import Path
 from equicsp.config import Config
 
 RUN_KEY_TAG = "equicsp.run_key"
+DIVERGED_TAG = "equicsp.diverged"  # why a training run stopped on a non-finite loss
 KIND_TAG = "equicsp.kind"  # training | evaluation | sweep
 # An evaluation run carries these tags of its training run, so the UI lines it up with the arm it scores.
 INHERITED_TAGS = ("preset", "objective_preset", "dataset", "arm", "seed", "equicsp.sweep")

@@ -11,7 +11,7 @@ from equicsp.config import ConfigError, add_config_arguments, config_from_argume
 from equicsp.data import DatasetError
 from equicsp.distributed import LaunchOptions, run_training
 from equicsp.tracking import TrackingError
-from equicsp.training import train
+from equicsp.training import TrainingDiverged, train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             if (result.checkpoint_dir / name).exists():
                 shutil.copy(result.checkpoint_dir / name, args.out / name)
         (args.out / "config.yaml").write_text(config.to_yaml())
-    except (ConfigError, DatasetError, ValueError) as error:
+    except (ConfigError, DatasetError, ValueError, TrainingDiverged) as error:
         raise SystemExit(f"error: {error}") from None
     best = min((row["val_total"] for row in result.history), default=math.nan)
     print(f"done: {len(result.history)} epochs, best val loss {best:.4f}; MLflow run {result.run_id} "

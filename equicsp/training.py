@@ -5,6 +5,17 @@ checkpoint every `run.checkpoint_every` epochs plus the best one, and resume fro
 Every epoch's shuffling is seeded by (seed, epoch) and every crystal's noise is keyed by
 (seed, epoch, dataset index), so a resumed run continues exactly as an uninterrupted one
 would, and the noise does not depend on the batch size or the number of workers.
+
+A run resumes only a run of the same config: the fields in `RESUMABLE_FIELDS` (epochs,
+checkpoint and log intervals, device, sampler) may change, any other difference is an error
+naming the fields, raised before anything in the folder is written.
+
+When training diverges: a non-finite training loss in any step, or a non-finite validation
+loss, stops the run with `TrainingDiverged` naming the epoch and the first bad step. Nothing
+of that epoch is saved, so last.pt and best.pt keep the last good weights. The losses are
+summed on the device and read once per epoch, so the check costs no host synchronisation per
+step; a step with non-finite gradients but a finite loss (gradients are clipped by value, so
+infinities become finite) shows up as a non-finite loss in the next step or in validation.
 """
 
 from __future__ import annotations
@@ -17,12 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from torch import nn
 from torch_geometric.loader import DataLoader
 from tqdm.auto import tqdm
 
-from equicsp.checkpoint import read_checkpoint, save_checkpoint, unwrap
-from equicsp.config import Config, ConfigError
+from equicsp.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from equicsp.config import Config, ConfigError, flatten, resume_differences
 from equicsp.data import CrystalDataset, load_splits
 from equicsp.denoiser import build_denoiser
 from equicsp.devices import resolve_device
@@ -30,6 +42,10 @@ from equicsp.diffusion import Diffusion
 from equicsp.objective import Objective
 
 LOSS_NAMES = ("total", "lattice", "coord", "score", "perm")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops and the epoch's weights are not saved."""
 
 
 def shuffle_generator(seed: int, epoch: int) -> torch.Generator:
@@ -86,11 +102,13 @@ class TrainingLoop:
     def train_epoch(self) -> dict[str, float]:
         epoch = self.state.epoch
         self.model.train()
-        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
+        first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 1-based step of the first nan/inf loss
         crystals = 0
         start = time.perf_counter()
         loader = self._shard(self.train_set, epoch, shuffle=True)
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress):
+        progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
+        for step, batch in enumerate(progress, start=1):
             batch = batch.to(self.device)
             loss = self.objective(batch, self.config.run.seed, epoch + 1)
             self.optimizer.zero_grad(set_to_none=True)
@@ -99,20 +117,25 @@ class TrainingLoop:
             self.optimizer.step()
             size = batch.num_atoms.shape[0]
             crystals += size
-            for name, value in loss.as_floats().items():
-                sums[name] += value * size
+            sums += _stacked(loss) * size
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.total.detach()), step, first_bad)
         elapsed = time.perf_counter() - start
         metrics = self._mean_over_workers(sums, crystals, "train")
+        if not all(math.isfinite(metrics[f"train_{name}"]) for name in LOSS_NAMES):
+            bad = int(first_bad)
+            where = f"first at step {bad} of {len(loader)}" if bad else "first on another worker"
+            raise TrainingDiverged(f"training diverged: non-finite training loss in epoch {epoch + 1}, {where} "
+                                   f"(optim.lr {self.optimizer.param_groups[0]['lr']:g}); nothing of this epoch "
+                                   "is saved, the last checkpoints keep the last good weights")
         metrics.update(crystals_per_s=crystals * self.world_size / elapsed, epoch_time_s=elapsed)
         return metrics
 
-    def _mean_over_workers(self, sums: dict[str, float], crystals: int, prefix: str) -> dict[str, float]:
-        """Per-crystal means of the loss sums over every worker's shard."""
-        totals = torch.tensor([sums[name] for name in LOSS_NAMES] + [crystals], dtype=torch.float64)
+    def _mean_over_workers(self, sums: torch.Tensor, crystals: int, prefix: str) -> dict[str, float]:
+        """Per-crystal means of the (len(LOSS_NAMES),) loss sums over every worker's shard."""
+        totals = torch.cat([sums, sums.new_tensor([crystals])])
         if self.world_size > 1 and torch.distributed.is_initialized():
-            totals = totals.to(self.device)
             torch.distributed.all_reduce(totals)
-            totals = totals.cpu()
+        totals = totals.cpu()  # the epoch's one read-back
         count = max(float(totals[-1]), 1.0)
         return {f"{prefix}_{name}": float(value) / count for name, value in zip(LOSS_NAMES, totals[:-1])}
 
@@ -120,16 +143,20 @@ class TrainingLoop:
     def validate(self) -> dict[str, float]:
         """The objective on the validation set with fixed noise (the same draws every epoch)."""
         self.model.eval()
-        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
         crystals = 0
         for batch in self._shard(self.val_set, 0, shuffle=False):
             batch = batch.to(self.device)
             loss = self.objective(batch, self.config.run.seed, 0)  # step 0: the same draws every epoch
             size = batch.num_atoms.shape[0]
             crystals += size
-            for name, value in loss.as_floats().items():
-                sums[name] += value * size
-        return self._mean_over_workers(sums, crystals, "val")
+            sums += _stacked(loss) * size
+        metrics = self._mean_over_workers(sums, crystals, "val")
+        if not all(math.isfinite(value) for value in metrics.values()):
+            raise TrainingDiverged(f"training diverged: non-finite validation loss after epoch {self.state.epoch + 1} "
+                                   "(its last step left non-finite weights); nothing of this epoch is saved, "
+                                   "the last checkpoints keep the last good weights")
+        return metrics
 
     def step_epoch(self) -> dict[str, float]:
         """Train one epoch, validate, step the LR schedule; returns the epoch's metrics."""
@@ -152,24 +179,56 @@ class TrainingLoop:
 
     def restore(self, path: Path) -> None:
         stored = read_checkpoint(path, self.device)
-        unwrap(self.model).load_state_dict(stored["model"])
+        load_weights(self.model, stored["model"], path)
         self.optimizer.load_state_dict(stored["optimizer"])
         self.scheduler.load_state_dict(stored["scheduler"])
         self.state = TrainingState(int(stored["epoch"]), float(stored["best_val"]), list(stored.get("history", [])))
 
 
+def _stacked(loss) -> torch.Tensor:
+    """(len(LOSS_NAMES),) float64 loss terms, kept on the device (float64 as the running sums were in Python)."""
+    return torch.stack([getattr(loss, name).detach() for name in LOSS_NAMES]).double()
+
+
+def check_resumable(config: Config, out_dir: Path) -> None:
+    """A ConfigError when out_dir holds a run (last.pt, else config.yaml) of another config."""
+    last, saved = out_dir / "last.pt", out_dir / "config.yaml"
+    if last.exists():
+        source, stored = last, read_checkpoint(last)["config"]
+    elif saved.is_file():
+        try:
+            source, stored = saved, yaml.safe_load(saved.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise ConfigError(f"{saved}: not a readable config; remove it or train into another --out") from None
+        if not isinstance(stored, dict):
+            raise ConfigError(f"{saved}: not a config; remove it or train into another --out")
+    else:
+        return
+    differences = resume_differences(flatten(stored), config)
+    if differences:
+        raise ConfigError(f"{source} belongs to a run with another config ({'; '.join(differences)}); "
+                          "train into another --out, or pass --no-resume to start this config from epoch 0 there "
+                          "(overwriting that run)")
+
+
 def train(config: Config, out_dir: Path, resume: bool = True, show_progress: bool = True,
           on_epoch_end: Callable[[dict[str, float]], None] | None = None) -> TrainingLoop:
-    """Single-process training into out_dir/{last,best}.pt, resuming from last.pt when present."""
+    """Single-process training into out_dir/{last,best}.pt, resuming from last.pt when present.
+
+    Resuming needs the same config as the stored run (see check_resumable); every check runs
+    before anything in out_dir is written.
+    """
     out_dir = Path(out_dir)
+    device = resolve_device(config.run.device)
+    if resume:
+        check_resumable(config, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config.to_yaml())
     datasets = load_splits(config, ("train", "val"), show_progress)
     for dataset in datasets.values():
         if dataset.report.skipped:
             print(dataset.report.summary(), file=sys.stderr)
-    loop = TrainingLoop(config, datasets["train"], datasets["val"], resolve_device(config.run.device),
-                        show_progress=show_progress)
+    loop = TrainingLoop(config, datasets["train"], datasets["val"], device, show_progress=show_progress)
     last = out_dir / "last.pt"
     if resume and last.exists():
         loop.restore(last)

@@ -1,6 +1,14 @@
 import pytest
 
-from equicsp.config import OBJECTIVE_PRESETS, ConfigError, apply_overrides, config_from_dict, load_config, make_config
+from equicsp.config import (
+    OBJECTIVE_PRESETS,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    make_config,
+    resume_differences,
+)
 
 
 def test_presets_follow_the_paper():
@@ -51,3 +59,43 @@ def test_unknown_names_and_bad_values_are_errors():
         apply_overrides(make_config("smoke"), {"objective.perm_loss": "maybe"})
     with pytest.raises(ConfigError, match="unknown config field"):
         config_from_dict({"preset": "smoke", "modle": {"num_layers": 2}})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optim.lr": "nan"}, "optim.lr"),
+    ({"optim.lr": "inf"}, "optim.lr"),
+    ({"optim.lr": 0}, "optim.lr"),
+    ({"optim.min_lr": "nan"}, "optim.min_lr"),
+    ({"optim.grad_clip": "inf"}, "optim.grad_clip"),
+    ({"sampler.step_lr": "nan"}, "sampler.step_lr"),
+    ({"diffusion.sigma_end": "inf"}, "sigma_end"),
+    ({"objective.perm_loss_weight": "nan"}, "perm_loss_weight"),
+    ({"objective.cost_coord": "inf"}, "cost_coord"),
+    ({"run.checkpoint_every": 0}, "run.checkpoint_every"),
+    ({"run.log_every": 0}, "run.log_every"),
+])
+def test_rates_must_be_finite_and_positive_and_intervals_at_least_one(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config("smoke", "equicsp", overrides)
+
+
+def test_an_unreadable_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path}: .*folder"):
+        load_config(tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {num_layers: 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+
+
+def test_resume_compares_every_field_but_the_resumable_ones():
+    stored = make_config("smoke", "equicsp", {"optim.epochs": 10, "sampler.step_lr": 1e-5})
+    longer = make_config("smoke", "equicsp", {"optim.epochs": 20, "run.checkpoint_every": 5})
+    assert resume_differences(stored.flat(), longer) == []
+    other = make_config("smoke", "diffcsp", {"optim.epochs": 10, "run.seed": 1, "model.hidden_dim": 32})
+    differences = resume_differences(stored.flat(), other)
+    assert "run.seed 0 -> 1" in differences and "model.hidden_dim 128 -> 32" in differences
+    assert "objective_preset equicsp -> diffcsp" in differences
+    as_mlflow_params = {name: str(value) for name, value in stored.flat().items()}  # MLflow keeps strings
+    assert resume_differences(as_mlflow_params, longer) == []
+    assert resume_differences(as_mlflow_params, other) == differences

@@ -122,3 +122,35 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path, tiny_data_dir, capsy
     import ray
 
     assert not ray.is_initialized() and time.time() - started < 60
+
+
+def test_a_reused_run_name_with_another_config_is_refused_before_ray_starts(tmp_path, tiny_data_dir):
+    import ray
+
+    from equicsp.config import ConfigError
+
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir), "optim.epochs": 2})
+    launch = options(tmp_path, "reused")
+    uri = launch.tracking_uri
+    storage = (tmp_path / "ray").resolve()
+    experiment = tracking.ensure_experiment(uri, "equicsp")
+    run_id = tracking.start_training_run(uri, experiment, config, run_key=f"{storage}/reused", run_name="reused")
+    other = make_config("smoke", "diffcsp", {**FAST, "data.path": str(tiny_data_dir), "run.seed": 1})
+    with pytest.raises(ConfigError, match=rf"MLflow run {run_id} .*objective_preset equicsp -> diffcsp.*run.seed 0 -> 1"):
+        run_training(other, launch)
+    assert not ray.is_initialized()
+    assert not tracking.client(uri).list_artifacts(run_id), "nothing logged to the other run"
+
+
+@pytest.mark.slow
+def test_a_diverging_ray_run_fails_without_retries_or_a_bad_checkpoint(ray_session, tiny_data_dir, tmp_path):
+    from equicsp.training import TrainingDiverged
+
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir), "optim.epochs": 2,
+                                              "optim.lr": 1e6, "run.checkpoint_every": 1})
+    with pytest.raises(TrainingDiverged, match="non-finite training loss in epoch 1"):
+        run_training(config, options(tmp_path, "diverged"))
+    [run] = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [tracking.ensure_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "equicsp")])
+    assert run.info.status == "FAILED" and "epoch 1" in run.data.tags[tracking.DIVERGED_TAG]
+    assert "train_total" not in run.data.metrics and not list((tmp_path / "ray").rglob("last.pt"))

@@ -78,3 +78,24 @@ def test_parallel_and_serial_matching_agree(tiny_dataset, tmp_path):
     write_results_csv(serial, tmp_path / "per_crystal.csv")
     header = (tmp_path / "per_crystal.csv").read_text().splitlines()[0]
     assert header.startswith("index,formula,num_atoms,matched,rms")
+
+
+def test_a_non_finite_sample_is_invalid_and_not_written_as_a_cif(tiny_dataset, tmp_path):
+    import zipfile
+
+    import torch
+
+    from equicsp.distributed_eval import write_predictions
+    from equicsp.metrics import validity_problem
+    from equicsp.sampler import SampledCrystal
+
+    truth = crystals_of(tiny_dataset, 1)[0]
+    coords = np.array(truth.frac_coords)
+    coords[0] = np.nan
+    assert "non-finite" in validity_problem(CrystalArrays.of(truth.atom_types, coords, truth.lengths, truth.angles))
+    assert "non-finite" in validity_problem(CrystalArrays.of(truth.atom_types, truth.frac_coords,
+                                                             (np.nan, 4.0, 4.0), truth.angles))
+    sampled = [SampledCrystal(0, 0, torch.tensor(truth.atom_types), torch.tensor(coords), torch.tensor(truth.lengths),
+                              torch.tensor(truth.angles))]
+    with zipfile.ZipFile(write_predictions(sampled, {0: "SrTiO3"}, tmp_path / "p.zip")) as archive:
+        assert archive.read(archive.namelist()[0]).decode().startswith("# not writable")

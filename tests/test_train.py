@@ -77,3 +77,66 @@ def test_train_and_sample_commands_run(tiny_data_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "equicsp.sample", "--checkpoint", str(tmp_path / "run" / "last.pt"),
                           "--formula", "Xx2O", "--out", str(tmp_path / "cifs")], capture_output=True, text=True)
     assert bad.returncode != 0 and "Xx2O" in bad.stderr
+
+
+def fast_arguments(data_dir, out, **extra):
+    overrides = {**FAST, "data.path": str(data_dir), "run.checkpoint_every": 2, **extra}
+    return ["--local", "--preset", "smoke", "--out", str(out),
+            *[arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]]
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path, monkeypatch):
+    import math
+
+    import torch
+
+    from equicsp.objective import Objective
+    from equicsp.training import TrainingDiverged
+
+    out = tmp_path / "run"
+    train(fast_config(tiny_data_dir, **{"optim.epochs": 2}), out, show_progress=False)
+    good = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    calls = []
+    plain = Objective.__call__
+
+    def poisoned(self, batch, seed=0, step=0):
+        loss = plain(self, batch, seed, step)
+        if self.denoiser.training and step == 3:  # epoch 3's second batch blows up
+            calls.append(step)
+            if len(calls) == 2:
+                loss.total = loss.total * math.nan
+        return loss
+
+    monkeypatch.setattr(Objective, "__call__", poisoned)
+    with pytest.raises(TrainingDiverged, match="epoch 3, first at step 2 of 2"):
+        train(fast_config(tiny_data_dir, **{"optim.epochs": 4}), out, show_progress=False)
+    assert {name: (out / name).read_bytes() for name in good} == good, "the last good checkpoints are kept"
+    assert all(torch.isfinite(value).all() for value in read_checkpoint(out / "last.pt")["model"].values())
+
+
+def test_the_train_command_fails_on_a_nan_loss(tiny_data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="error: training diverged: non-finite training loss in epoch 1"):
+        train_main(fast_arguments(tiny_data_dir, tmp_path / "run", **{"optim.lr": 1e6, "optim.epochs": 2}))
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_relaunch_with_another_config_is_refused_before_anything_is_written(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 2}))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(SystemExit, match=r"run.seed 0 -> 1.*--out.*--no-resume"):
+        train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 2, "run.seed": 1}))
+    with pytest.raises(SystemExit, match=r"model.hidden_dim 16 -> 32"):
+        train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 2, "model.hidden_dim": 32}))
+    with pytest.raises(SystemExit, match=r"objective_preset equicsp -> diffcsp"):
+        train_main([*fast_arguments(tiny_data_dir, out, **{"optim.epochs": 2}), "--objective-preset", "diffcsp"])
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 3, "run.checkpoint_every": 3}))  # may change
+    assert read_checkpoint(out / "last.pt")["epoch"] == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_absent_device_is_one_sentence_before_anything_is_written(tiny_data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="error: device 'cuda' asked for, but CUDA is not available"):
+        train_main(fast_arguments(tiny_data_dir, tmp_path / "run", **{"run.device": "cuda"}))
+    assert not (tmp_path / "run").exists()
