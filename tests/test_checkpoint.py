@@ -10,7 +10,7 @@ from equicsp.denoiser import build_denoiser
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     config = make_config("smoke", "equicsp", FAST)
     path = tmp_path / "model.pt"
-    save_checkpoint(path, config, build_denoiser(config.model, False))
+    save_checkpoint(path, config, build_denoiser(config))
     stored = torch.load(path, weights_only=True)
     stored["config"]["model"]["hidden_dim"] = 32
     torch.save(stored, path)

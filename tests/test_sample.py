@@ -11,7 +11,7 @@ from equicsp.sample import main as sample_main
 def checkpoint(path, poisoned: bool = False):
     config = make_config("smoke", "equicsp", FAST)
     torch.manual_seed(0)
-    model = build_denoiser(config.model, False)
+    model = build_denoiser(config)
     if poisoned:  # what a diverged run used to leave behind
         with torch.no_grad():
             for parameter in model.parameters():
