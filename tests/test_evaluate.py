@@ -111,7 +111,7 @@ def test_bad_rows_in_the_test_file_are_reported_and_count_as_not_matched(ray_two
         table = list(csv.DictReader(handle))
     assert len(table) == 4
     [unusable] = [row for row in table if row["index"] == "-1"]
-    assert unusable["matched"] == "False" and "row 0" in unusable["reason"] and "unparsable CIF" in unusable["reason"]
+    assert unusable["matched"] == "False" and "line 2" in unusable["reason"] and "unparsable CIF" in unusable["reason"]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["num_crystals"] == 4
     report = json.loads((tmp_path / "eval" / "data_report.json").read_text())
