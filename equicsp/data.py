@@ -312,6 +312,27 @@ def preprocess_options(config: Config) -> PreprocessOptions:
     return PreprocessOptions(config.data.max_atoms, config.data.niggli, config.data.primitive)
 
 
+def find_data_folder(path: str, fallbacks: list[Path] = ()) -> str:
+    """A model's data.path, or where it is from here when it does not name a folder from this working folder.
+
+    A relative data.path means the folder it was trained from; evaluating elsewhere, the
+    fallbacks (for a logged run: the absolute folder recorded at launch; for a checkpoint file:
+    the same relative path under the checkpoint's folders) are tried in order. The error
+    names every place looked at.
+    """
+    resolved = resolve_path(path)
+    if not path or "://" in path or path.startswith(BUNDLED_PREFIX) or resolved.is_dir():
+        return path
+    tried = [resolved.resolve()]
+    for candidate in fallbacks:
+        if candidate.is_dir():
+            print(f"data.path {path!r} is not a folder from {Path.cwd()}; using {candidate}", file=sys.stderr)
+            return str(candidate)
+        tried.append(candidate)
+    looked = ", ".join(dict.fromkeys(str(place) for place in tried))
+    raise DatasetError(f"data.path {path!r} is not a folder (looked at {looked}); pass --data")
+
+
 def load_splits(config: Config, splits: tuple[str, ...] = SPLITS, show_progress: bool = True) -> dict[str, CrystalDataset]:
     """train/val/test from `data.path`: a folder holding train.csv, val.csv, test.csv (or train/, ... CIF folders)."""
     root = resolve_path(config.data.path)

@@ -28,7 +28,6 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from equicsp import tracking
-from equicsp.checkpoint import read_checkpoint
 from equicsp.config import OBJECTIVE_PRESETS, ConfigError, apply_overrides, config_from_dict, make_config
 from equicsp.data import DatasetError, load_splits, resolve_path
 from equicsp.distributed import LaunchOptions, connect_ray, run_training
@@ -251,7 +250,7 @@ def search_step_lr(run_id: str, context: TrialContext) -> dict[str, float]:
     logged = tracking.get_run(uri, run_id).data.metrics
     if "tuned_step_lr" in logged:
         return {key: logged[key] for key in ("tuned_step_lr", STEP_LR_METRIC, "val_rmse") if key in logged}
-    checkpoint = read_checkpoint(tracking.download_checkpoint(uri, run_id))
+    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
     config = config_from_dict(checkpoint["config"])
     validation = load_splits(config, ("val",), show_progress=False)["val"]
     connect_ray()
