@@ -4,7 +4,9 @@ A CSV has one crystal per row in a `cif` column (other columns are kept as metad
 folder holds one crystal per `.cif` file. Every structure is parsed by pymatgen, optionally
 reduced to its primitive cell, Niggli-reduced, and stored as atom types, fractional
 coordinates and the six lattice parameters. A row that cannot be used is skipped and
-reported with its row number (or file name) and the reason; it never fails the dataset.
+reported with the reason and where it is: "line N" of a CSV (the file's own line number,
+1-based, header included, the line where the row's record starts: a CIF cell spans many
+lines) or the CIF file's name; it never fails the dataset.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
-from equicsp.cache import cache_dir, cache_key, save_atomically
+from equicsp.cache import cache_dir, cache_key, load_cached, save_atomically
 from equicsp.config import Config
 
 PREPROCESS_VERSION = 1
@@ -52,7 +54,7 @@ class PreprocessOptions:
 @dataclass(frozen=True)
 class SkippedRow:
     row: int  # 0-based data row of a CSV (header excluded), or index in the sorted CIF folder
-    source: str  # "row 17" or the CIF file name
+    source: str  # "line 17" (the CSV line where the row starts, 1-based, header included) or the CIF file name
     reason: str
 
 
@@ -138,27 +140,42 @@ class RawRecords:
     cifs: list[str]
     sources: list[str]
     metadata: list[dict[str, str]]
-    missing: list[SkippedRow]  # rows without a usable cif cell
+    empty_reason: str = "empty cif cell"  # the reason given for a row whose CIF text is blank
+
+
+def _check_text_file(path: Path) -> None:
+    """A binary file given as a CSV (a NUL byte near the start, which no CSV text holds) is an error naming it."""
+    with open(path, "rb") as handle:
+        if b"\0" in handle.read(65536):
+            raise DatasetError(f"{path}: not a readable CSV text file (it holds NUL bytes: a binary file?)")
 
 
 def read_records(path: Path) -> RawRecords:
     if path.is_dir():
         files = sorted(path.glob("*.cif"))
         return RawRecords([f.read_text(errors="replace") for f in files], [f.name for f in files],
-                          [{"file": f.name} for f in files], [])
-    records = RawRecords([], [], [], [])
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "cif" not in reader.fieldnames:
-            raise DatasetError(f"{path}: no 'cif' column (columns: {reader.fieldnames})")
-        for row_number, row in enumerate(reader):
-            text = row.pop("cif", None)
-            if not text:
-                records.missing.append(SkippedRow(row_number, f"row {row_number}", "unparsable CIF: empty cif cell"))
-                text = ""
-            records.cifs.append(text)
-            records.sources.append(f"row {row_number}")
-            records.metadata.append({key or "index": value or "" for key, value in row.items()})
+                          [{"file": f.name} for f in files], "empty file")
+    _check_text_file(path)
+    records = RawRecords([], [], [])
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or "cif" not in header:
+                raise DatasetError(f"{path}: no 'cif' column (columns: {header})")
+            while True:
+                line = reader.line_num + 1  # where the next record starts (its CIF cell may span many lines)
+                values = next(reader, None)
+                if values is None:
+                    break
+                if not values:  # a blank line holds no row
+                    continue
+                row = {name: values[i] if i < len(values) else "" for i, name in enumerate(header)}
+                records.cifs.append(row.pop("cif"))
+                records.sources.append(f"line {line}")
+                records.metadata.append({key or "index": value for key, value in row.items()})
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"{path}: not a readable CSV text file ({error})") from None
     return records
 
 
@@ -247,10 +264,10 @@ def load_crystals(path: str | Path, options: PreprocessOptions = PreprocessOptio
         raise DatasetError(f"{path}: no such file or folder")
     key = cache_key("crystals", PREPROCESS_VERSION, _content_hash(resolved), asdict(options))
     cached = cache_dir() / "crystals" / f"{key}.pt"
-    if use_cache and cached.exists():
-        stored = torch.load(cached, weights_only=True)
-        report = DataReport(str(path), stored["total"], [SkippedRow(*s) for s in stored["skipped"]])
-        return CrystalDataset(stored["tensors"], stored["metadata"], report)
+    if use_cache:
+        dataset = load_cached(cached, lambda stored: _dataset_from_cache(stored, str(path)))
+        if dataset is not None:
+            return dataset
 
     records = read_records(resolved)
     parsed = parse_records(records, options, workers, show_progress)
@@ -258,6 +275,8 @@ def load_crystals(path: str | Path, options: PreprocessOptions = PreprocessOptio
     kept: list[ParsedCrystal] = []
     metadata: list[dict[str, str]] = []
     for row, (result, source, meta) in enumerate(zip(parsed, records.sources, records.metadata)):
+        if not records.cifs[row].strip():
+            result = records.empty_reason
         if isinstance(result, str):
             report.skipped.append(SkippedRow(row, source, result))
         else:
@@ -279,9 +298,39 @@ def load_crystals(path: str | Path, options: PreprocessOptions = PreprocessOptio
     return CrystalDataset(tensors, metadata, report)
 
 
+def _dataset_from_cache(stored: dict, path: str) -> CrystalDataset:
+    tensors = stored["tensors"]
+    missing = {"atom_types", "frac_coords", "lengths", "angles", "num_atoms"} - set(tensors)
+    if missing:
+        raise KeyError(f"no {', '.join(sorted(missing))} tensors")
+    report = DataReport(path, int(stored["total"]), [SkippedRow(*s) for s in stored["skipped"]])
+    return CrystalDataset(tensors, list(stored["metadata"]), report)
+
+
 def preprocess_options(config: Config) -> PreprocessOptions:
     """The preprocessing a model's config asks for (its test crystals must be read the same way)."""
     return PreprocessOptions(config.data.max_atoms, config.data.niggli, config.data.primitive)
+
+
+def find_data_folder(path: str, fallbacks: list[Path] = ()) -> str:
+    """A model's data.path, or where it is from here when it does not name a folder from this working folder.
+
+    A relative data.path means the folder it was trained from; evaluating elsewhere, the
+    fallbacks (for a logged run: the absolute folder recorded at launch; for a checkpoint file:
+    the same relative path under the checkpoint's folders) are tried in order. The error
+    names every place looked at.
+    """
+    resolved = resolve_path(path)
+    if not path or "://" in path or path.startswith(BUNDLED_PREFIX) or resolved.is_dir():
+        return path
+    tried = [resolved.resolve()]
+    for candidate in fallbacks:
+        if candidate.is_dir():
+            print(f"data.path {path!r} is not a folder from {Path.cwd()}; using {candidate}", file=sys.stderr)
+            return str(candidate)
+        tried.append(candidate)
+    looked = ", ".join(dict.fromkeys(str(place) for place in tried))
+    raise DatasetError(f"data.path {path!r} is not a folder (looked at {looked}); pass --data")
 
 
 def load_splits(config: Config, splits: tuple[str, ...] = SPLITS, show_progress: bool = True) -> dict[str, CrystalDataset]:
@@ -300,13 +349,38 @@ def load_splits(config: Config, splits: tuple[str, ...] = SPLITS, show_progress:
     return datasets
 
 
+def check_fractions(fractions: tuple[float, float, float]) -> None:
+    """train/val/test fractions: finite, none negative, and a positive train fraction (they need not sum to 1)."""
+    if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions):
+        raise ValueError(f"--fractions must be three finite numbers >= 0 (train val test), not {list(fractions)}")
+    if fractions[0] <= 0:
+        raise ValueError(f"the train fraction must be > 0, not {fractions[0]}")
+
+
 def split_csv(source: Path, out_dir: Path, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-              limit: int | None = None, seed: int = 0) -> dict[str, int]:
-    """Shuffle the rows of a CDVAE CSV (optionally keep `limit`) into train/val/test CSVs."""
-    with open(source, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        rows = list(reader)
+              limit: int | None = None, seed: int = 0, force: bool = False) -> dict[str, int]:
+    """Shuffle the rows of a CDVAE CSV (optionally keep `limit`) into train/val/test CSVs.
+
+    Existing train/val/test CSVs in out_dir are replaced only with force.
+    """
+    check_fractions(fractions)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, not {limit}")
+    existing = [str(out_dir / f"{name}.csv") for name in SPLITS if (out_dir / f"{name}.csv").exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} exist already; pass --force to replace them")
+    if not Path(source).is_file():
+        raise DatasetError(f"{source}: no such file")
+    _check_text_file(source)
+    try:
+        with open(source, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            rows = [row for row in reader if row]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"{source}: not a readable CSV text file ({error})") from None
+    if header is None or "cif" not in header:
+        raise DatasetError(f"{source}: no 'cif' column (columns: {header})")
     random.Random(seed).shuffle(rows)
     rows = rows[:limit] if limit else rows
     total = sum(fractions)
@@ -331,25 +405,27 @@ def main(argv: list[str] | None = None) -> None:
     split.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2))
     split.add_argument("--limit", type=int, default=None, help="keep this many rows after shuffling")
     split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--force", action="store_true", help="replace train/val/test CSVs already in --out")
     check = commands.add_parser("check", help="parse a CSV or CIF folder and report unusable rows")
     check.add_argument("path")
     check.add_argument("--max-atoms", type=int, default=PreprocessOptions.max_atoms)
     check.add_argument("--report", type=Path, help="write the machine-readable report (JSON) here")
     args = parser.parse_args(argv)
-    if args.command == "split":
-        counts = split_csv(args.source, args.out, tuple(args.fractions), args.limit, args.seed)
-        print(", ".join(f"{name}: {count}" for name, count in counts.items()))
-    else:
-        try:
-            dataset = load_crystals(args.path, PreprocessOptions(max_atoms=args.max_atoms))
-        except DatasetError as error:
-            raise SystemExit(f"error: {error}") from None
+    try:
+        if args.command == "split":
+            counts = split_csv(args.source, args.out, tuple(args.fractions), args.limit, args.seed, args.force)
+            print(", ".join(f"{name}: {count}" for name, count in counts.items()))
+            return
+        if args.report and not args.report.parent.is_dir():  # before the parsing, which can take long
+            raise DatasetError(f"cannot write the report to {args.report}: no folder {args.report.parent}")
+        dataset = load_crystals(args.path, PreprocessOptions(max_atoms=args.max_atoms))
         print(dataset.report.summary())
         for skipped in dataset.report.skipped:
             print(f"  {skipped.source}: {skipped.reason}")
         if args.report:
             args.report.write_text(dataset.report.to_json())
-
+    except (ValueError, OSError) as error:  # DatasetError is a ValueError
+        raise SystemExit(f"error: {error}") from None
 
 if __name__ == "__main__":
     main()

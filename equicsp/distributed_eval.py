@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 import zipfile
@@ -22,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from equicsp import tracking
-from equicsp.cache import cache_key
-from equicsp.checkpoint import model_from_checkpoint, read_checkpoint
+from equicsp.cache import cache_key, check_writable_folder
+from equicsp.checkpoint import model_from_checkpoint
 from equicsp.config import Config, config_from_dict
 from equicsp.csp import MatchJob, matching_jobs, unusable_rows
-from equicsp.data import CrystalDataset, PreprocessOptions, load_crystals, load_splits
+from equicsp.data import CrystalDataset, PreprocessOptions, find_data_folder, load_crystals, load_splits
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
 from equicsp.distributed import connect_ray
@@ -286,14 +287,20 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     """Evaluate the model of MLflow training run `run_id` and log a child evaluation run under it.
 
     The same evaluation (run, data content, settings) asked for again is answered from its
-    finished MLflow run instead of being computed and logged twice.
+    finished MLflow run instead of being computed and logged twice. The report goes to MLflow
+    first and is copied to `out` afterwards, so a folder that fails late loses nothing logged;
+    `out` is checked before any work.
     """
 
+    began_ms = int(time.time() * 1000)
     settings.check()
+    if out:
+        check_writable_folder(Path(out))
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
-    checkpoint = read_checkpoint(tracking.download_checkpoint(uri, run_id))
-    tuned = tracking.get_run(uri, run_id).data.metrics.get("tuned_step_lr")
+    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
+    training_run = tracking.get_run(uri, run_id)
+    tuned = training_run.data.metrics.get("tuned_step_lr")
     if settings.step_lr is None and tuned is not None:  # a sweep searched this model's step size
         settings = replace(settings, step_lr=tuned)
     model_config = config_from_dict(checkpoint["config"])
@@ -301,7 +308,9 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
         options = PreprocessOptions(model_config.data.max_atoms, model_config.data.niggli, model_config.data.primitive)
         dataset = load_crystals(data, options, show_progress=show_progress)
     else:
-        dataset = load_splits(model_config, ("test",), show_progress)["test"]
+        root = find_data_folder(model_config.data.path, logged_data_folders(uri, training_run, model_config.data.path))
+        dataset = load_splits(replace(model_config, data=replace(model_config.data, path=root)), ("test",),
+                              show_progress)["test"]
     if dataset.report.skipped and show_progress:
         print(dataset.report.summary())
     run_key = "evaluate:" + cache_key(run_id, data or model_config.data.path, dataset.num_atoms.tolist(),
@@ -315,10 +324,42 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     params.update(step_lr=evaluation.config.sampler.step_lr, num_steps=evaluation.config.sampler.num_steps,
                   batch_size=evaluation.config.sampler.batch_size, workers=evaluation.workers)
     with tempfile.TemporaryDirectory(prefix="equicsp-eval-") as scratch:
-        files = write_report(evaluation, dataset, Path(out) if out else Path(scratch))
-        evaluation.run_id = tracking.log_evaluation_run(uri, run_id, run_key, params, summary_record(evaluation),
-                                                        list(files.values()), extra_tags or {})
+        files = write_report(evaluation, dataset, Path(scratch))
+        try:
+            evaluation.run_id = tracking.log_evaluation_run(uri, run_id, run_key, params, summary_record(evaluation),
+                                                            list(files.values()), extra_tags or {}, began_ms)
+        except Exception:
+            if out:  # the evaluation is kept on disk when it cannot be logged
+                copy_report(files, Path(out))
+            raise
+        if out:
+            copy_report(files, Path(out), evaluation.run_id)
     return evaluation
+
+
+def logged_data_folders(uri: str, training_run, data_path: str) -> list[Path]:
+    """Where a training run's relative data.path may be: the folder recorded at launch, else (runs logged
+    before that tag, to the default store <working folder>/mlflow/mlflow.db) under the store's working folder."""
+    folders = []
+    if training_run.data.tags.get(tracking.DATA_DIR_TAG):
+        folders.append(Path(training_run.data.tags[tracking.DATA_DIR_TAG]))
+    store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if store is not None and store.parent.name == "mlflow" and not Path(data_path).is_absolute():
+        folders.append(store.parent.parent / data_path)
+    return folders
+
+
+def copy_report(files: dict[str, Path], out: Path, run_id: str | None = None) -> dict[str, Path]:
+    """The report's files copied into out; an error that says where the evaluation is kept when it fails."""
+    copied = {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, path in files.items():
+            copied[name] = Path(shutil.copy(path, out / path.name))
+    except OSError as error:
+        logged = f" (the evaluation is logged as MLflow run {run_id})" if run_id else ""
+        raise OSError(f"cannot write the report to {out}: {error.strerror or error}{logged}") from None
+    return copied
 
 
 def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, dataset: CrystalDataset) -> Evaluation:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 from pathlib import Path
 
+from equicsp.cache import check_writable_folder
 from equicsp.checkpoint import CheckpointError, read_checkpoint
 from equicsp.config import ConfigError, config_from_dict
-from equicsp.data import DatasetError, PreprocessOptions, load_crystals, load_splits
+from equicsp.data import DatasetError, PreprocessOptions, find_data_folder, load_crystals, load_splits
 from equicsp.distributed_eval import (
     Evaluation,
     EvaluationSettings,
@@ -59,13 +61,18 @@ def summary_table(evaluation: Evaluation) -> str:
 
 
 def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings) -> Evaluation:
+    if args.out:
+        check_writable_folder(args.out)
     checkpoint = read_checkpoint(args.checkpoint)
     config = config_from_dict(checkpoint["config"])
     if args.data:
         dataset = load_crystals(args.data, PreprocessOptions(config.data.max_atoms, config.data.niggli,
                                                              config.data.primitive))
     else:
-        dataset = load_splits(config, ("test",))["test"]
+        # A relative data.path is the training's working folder's: look for it under the checkpoint's folders too.
+        above = [folder / config.data.path for folder in args.checkpoint.resolve().parents]
+        root = find_data_folder(config.data.path, above)
+        dataset = load_splits(replace(config, data=replace(config.data, path=root)), ("test",))["test"]
     if dataset.report.skipped:
         print(dataset.report.summary())
     evaluation = evaluate_checkpoint(checkpoint, dataset, settings)
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             evaluation = evaluate_logged_run(args.run_id, settings, args.data, args.tracking_uri, args.out)
         else:
             evaluation = evaluate_file(args, settings)
-    except (ValueError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
+    except (ValueError, OSError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n" + summary_table(evaluation))
     if evaluation.reused:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from equicsp.cache import check_writable_folder
 from equicsp.checkpoint import CheckpointError, load_model
 from equicsp.data import MAX_ATOMIC_NUMBER
 from equicsp.devices import resolve_device
@@ -55,17 +56,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.num_samples < 1:
             raise ValueError("--num-samples must be >= 1")
+        check_writable_folder(args.out)  # before the sampling, whose results would be lost
         compositions = [composition_of(formula) for formula in args.formula]
         device = resolve_device(args.device)
         config, model = load_model(args.checkpoint, device)
         config = with_sampler_options(config, args.step_lr, args.num_steps)
         if max(len(c) for c in compositions) > config.data.max_atoms:
             raise ValueError(f"a formula has more atoms than the model's data.max_atoms ({config.data.max_atoms})")
-    except (ValueError, CheckpointError) as error:
+    except (ValueError, OSError, CheckpointError) as error:
         raise SystemExit(f"error: {error}") from None
     sampler = Sampler(model, Diffusion(config, device), config, device, args.precision)
     crystals = sampler.sample(compositions, args.num_samples, seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
     unwritten = 0
     for crystal in crystals:
         name = f"{args.formula[crystal.composition_index]}_{crystal.sample_index}.cif"

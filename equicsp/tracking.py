@@ -2,8 +2,10 @@
 
 The one module that knows the run layout:
 - params: every config field under its `section.field` name;
-- tags: preset, objective preset, dataset, git commit, `equicsp.run_key` (a stable key that
-  lets a relaunched run continue its MLflow run instead of opening a new one);
+- tags: preset, objective preset, dataset (and `equicsp.data_dir`, its absolute folder at launch),
+  git commit, `equicsp.run_key` (a stable key that lets a relaunched run continue its MLflow run
+  instead of opening a new one) and `equicsp.run_key_hash` (the key's SHA-256, what runs are
+  searched by: a key holds user text such as a run name or a folder, which may hold quotes);
 - metrics per epoch (step = epoch);
 - artifacts: `config.yaml`, `von_mises_key.txt`, `checkpoints/{best,last}.pt`,
   `learning_curve.png`, `data_report.json`.
@@ -15,6 +17,7 @@ evaluation's settings as params, the CSP metrics, `per_crystal.csv`, `prediction
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -22,11 +25,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from equicsp.config import Config
+from equicsp.data import BUNDLED_PREFIX
 
 RUN_KEY_TAG = "equicsp.run_key"
 DIVERGED_TAG = "equicsp.diverged"  # why a training run stopped on a non-finite loss
+RUN_KEY_HASH_TAG = "equicsp.run_key_hash"
+DATA_DIR_TAG = "equicsp.data_dir"
 KIND_TAG = "equicsp.kind"  # training | evaluation | sweep
 # An evaluation run carries these tags of its training run, so the UI lines it up with the arm it scores.
 INHERITED_TAGS = ("preset", "objective_preset", "dataset", "arm", "seed", "equicsp.sweep")
@@ -93,11 +100,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_key_hash(run_key: str) -> str:
+    return hashlib.sha256(run_key.encode()).hexdigest()
+
+
 def find_run(uri: str, experiment_id: str, run_key: str):
-    """The run recorded under run_key (the resume key), or None."""
-    found = client(uri).search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                                    max_results=1)
-    return found[0] if found else None
+    """The run recorded under run_key (the resume key), or None.
+
+    Searched by the key's hash (hex digits): the key itself may hold quotes, which MLflow's
+    filter strings cannot carry. Runs logged before the hash tag existed are found by the key
+    itself when it holds no quote.
+    """
+    mlflow_client = client(uri)
+    found = mlflow_client.search_runs([experiment_id], max_results=1,
+                                      filter_string=f"tags.`{RUN_KEY_HASH_TAG}` = '{run_key_hash(run_key)}'")
+    if not found and not any(quote in run_key for quote in "'\"\\"):
+        found = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                          max_results=1)
+    return found[0] if found and found[0].data.tags.get(RUN_KEY_TAG) == run_key else None
 
 
 def log_params(uri: str, run_id: str, params: dict[str, object]) -> None:
@@ -109,15 +129,21 @@ def log_params(uri: str, run_id: str, params: dict[str, object]) -> None:
 
 
 def open_keyed_run(uri: str, experiment_id: str, run_key: str, run_name: str, kind: str, tags: dict[str, str],
-                   params: dict[str, object]) -> str:
-    """The run recorded under run_key, set RUNNING again (a resume), else a new one with these tags and params."""
+                   params: dict[str, object], start_time_ms: int | None = None) -> str:
+    """The run recorded under run_key, set RUNNING again (a resume), else a new one with these tags and params.
+
+    start_time_ms: when the work began (default: now), for work that is logged once it is done.
+    """
     existing = find_run(uri, experiment_id, run_key)
     if existing is not None:
         if existing.info.status != "RUNNING":
             client(uri).update_run(existing.info.run_id, status="RUNNING")
+        if not existing.data.tags.get(RUN_KEY_HASH_TAG):  # a run found by its key alone: searchable by hash from now on
+            client(uri).set_tag(existing.info.run_id, RUN_KEY_HASH_TAG, run_key_hash(run_key))
         return existing.info.run_id
-    tags = {RUN_KEY_TAG: run_key, KIND_TAG: kind, "mlflow.runName": run_name, "git_commit": git_commit(), **tags}
-    run_id = client(uri).create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+    tags = {RUN_KEY_TAG: run_key, RUN_KEY_HASH_TAG: run_key_hash(run_key), KIND_TAG: kind, "mlflow.runName": run_name,
+            "git_commit": git_commit(), **tags}
+    run_id = client(uri).create_run(experiment_id, start_time=start_time_ms, tags=tags, run_name=run_name).info.run_id
     log_params(uri, run_id, params)
     return run_id
 
@@ -127,6 +153,9 @@ def start_training_run(uri: str, experiment_id: str, config: Config, run_key: st
     """The run for run_key: the existing one when this key ran before (resume), else a new one."""
     tags = {"preset": config.preset, "objective_preset": config.objective_preset, "dataset": config.data.path,
             **(extra_tags or {})}
+    if config.data.path and "://" not in config.data.path and not config.data.path.startswith(BUNDLED_PREFIX):
+        # Where a relative data.path pointed at launch: an evaluation started in another folder finds it here.
+        tags[DATA_DIR_TAG] = str(Path(config.data.path).expanduser().resolve())
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return open_keyed_run(uri, experiment_id, run_key, run_name, "training", tags, config.flat())
@@ -164,21 +193,25 @@ def find_finished_run(uri: str, parent_run_id: str, run_key: str):
 
 
 def log_evaluation_run(uri: str, training_run_id: str, run_key: str, params: dict[str, object],
-                       metrics: dict[str, float], files: list[Path], extra_tags: dict[str, str]) -> str:
+                       metrics: dict[str, float], files: list[Path], extra_tags: dict[str, str],
+                       start_time_ms: int | None = None) -> str:
     """A child run of the training run holding an evaluation's params, metrics and files.
 
-    An unfinished run left under the same key (an evaluation that was interrupted) is reused.
+    The run is created once the evaluation is done; start_time_ms (when it began) gives it its
+    real duration in MLflow. An unfinished run left under the same key (an evaluation that was
+    interrupted) is reused.
     """
     training = get_run(uri, training_run_id)
     tags = {"mlflow.parentRunId": training_run_id,
             **{key: value for key, value in training.data.tags.items() if key in INHERITED_TAGS
                or key.startswith("switch.")}, **extra_tags}
     run_id = open_keyed_run(uri, training.info.experiment_id, run_key,
-                            f"eval-{training.info.run_name}-k{params['num_samples']}", "evaluation", tags, params)
+                            f"eval-{training.info.run_name}-k{params['num_samples']}", "evaluation", tags, params,
+                            start_time_ms)
     log_metrics(uri, run_id, metrics)
     for path in files:
         log_artifact(uri, run_id, path)
-    client(uri).set_terminated(run_id, "FINISHED")
+    client(uri).set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000))
     return run_id
 
 
@@ -213,22 +246,31 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
 
-def download_checkpoint(uri: str, run_id: str, artifact: str = CHECKPOINT_ARTIFACT) -> Path:
-    """The run's checkpoint file, downloaded to a temporary folder; a clear error when the run has none."""
+def download_checkpoint(uri: str, run_id: str, folder: Path, artifact: str = CHECKPOINT_ARTIFACT) -> Path:
+    """The run's checkpoint file, downloaded into folder; a clear error when the run has none."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     get_run(uri, run_id)
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri,
-                                                   dst_path=tempfile.mkdtemp(prefix="equicsp-"))
+                                                   dst_path=str(folder))
     except (MlflowException, OSError) as error:
         raise TrackingError(f"run {run_id} has no {artifact} artifact: {error}") from None
     return Path(local)
 
 
+def read_logged_checkpoint(uri: str, run_id: str, artifact: str = CHECKPOINT_ARTIFACT,
+                           map_location: str = "cpu") -> dict[str, Any]:
+    """A logged run's checkpoint read into memory; the downloaded file is removed afterwards."""
+    from equicsp.checkpoint import read_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="equicsp-") as folder:
+        return read_checkpoint(download_checkpoint(uri, run_id, Path(folder), artifact), map_location)
+
+
 def load_logged_model(run_id: str, uri: str | None = None, device: str = "cpu"):
     """(config, model) of a logged training run, by run id alone."""
-    from equicsp.checkpoint import load_model
+    from equicsp.checkpoint import model_from_checkpoint
 
-    return load_model(download_checkpoint(resolve_tracking_uri(uri), run_id), device)
+    return model_from_checkpoint(read_logged_checkpoint(resolve_tracking_uri(uri), run_id, map_location=device), device)

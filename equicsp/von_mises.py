@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy.special import i0e, i1e
 
-from equicsp.cache import cache_dir, cache_key, save_atomically
+from equicsp.cache import cache_dir, cache_key, load_cached, save_atomically
 from equicsp.periodic import TWO_PI, circular_mean_last_axis
 from equicsp.schedules import images_needed, wrap, wrap_centered, wrapped_normal_score
 
@@ -123,14 +123,24 @@ def table_key(max_atoms: int, sigmas: torch.Tensor, num_samples: int, seed: int)
     return cache_key("von_mises", TABLE_VERSION, max_atoms, num_samples, seed, sigmas.double())
 
 
+TABLE_NAMES = ("kappa", "von_mises_score_norm", "wrapped_normal_score_norm", "noise_norm")
+
+
+def _tables_from_cache(stored: dict, key: str, max_atoms: int, steps: int) -> VonMisesTables:
+    tables = VonMisesTables(**{name: stored[name] for name in TABLE_NAMES}, key=key)
+    shapes = {tuple(getattr(tables, name).shape) for name in TABLE_NAMES}
+    if shapes != {(max_atoms + 1, steps + 1)}:
+        raise ValueError(f"tables of shape {shapes}, expected {(max_atoms + 1, steps + 1)}")
+    return tables
+
+
 def load_or_build_tables(max_atoms: int, sigmas: torch.Tensor, num_samples: int = 10_000, seed: int = 0) -> VonMisesTables:
     """The tables for these inputs from the cache, computing and caching them on a miss."""
     key = table_key(max_atoms, sigmas, num_samples, seed)
     path = cache_dir() / "von_mises" / f"{key}.pt"
-    if path.exists():
-        stored = torch.load(path, weights_only=True)
-        return VonMisesTables(**stored, key=key)
+    cached = load_cached(path, lambda stored: _tables_from_cache(stored, key, max_atoms, sigmas.shape[0]))
+    if cached is not None:
+        return cached
     tables = build_tables(max_atoms, sigmas, num_samples, seed)
-    save_atomically({name: getattr(tables, name) for name in
-                     ("kappa", "von_mises_score_norm", "wrapped_normal_score_norm", "noise_norm")}, path)
+    save_atomically({name: getattr(tables, name) for name in TABLE_NAMES}, path)
     return tables

@@ -39,6 +39,22 @@ def test_the_gpu_cluster_gives_explicit_resources_and_installs_the_project():
     assert any("MLFLOW_TRACKING_URI" in command for command in config["worker_start_ray_commands"])
 
 
+@pytest.mark.parametrize("name", ["gpu.yaml", "local.yaml"])
+def test_no_server_listens_on_every_address_and_no_password_is_written_down(name):
+    import re
+
+    text = (ROOT / "cluster" / name).read_text()
+    commands = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    for wildcard in ("0.0.0.0", "[::]", "--host ::", "--dashboard-host=::"):
+        assert not any(wildcard in line for line in commands), f"{name} binds {wildcard}"
+    assert not re.search(r"PASSWORD\s+'(?!%s')[^']*'", text, re.IGNORECASE), f"{name} holds a literal SQL password"
+    assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), f"{name} puts a password in a URI"
+    config = yaml.safe_load(text)
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start, "Ray's dashboard (its job API runs any code) on loopback only"
+    assert re.search(r"mlflow server\s+--host \$\(hostname -I", head_start), "MLflow on the head's private address"
+
+
 def free_port_22() -> bool:
     import socket
 

@@ -51,10 +51,15 @@ def test_bad_rows_are_skipped_and_reported_with_row_and_reason(tiny_csv, tmp_pat
     assert len(dataset) == 3
     skipped = {s.row: s.reason for s in dataset.report.skipped}
     assert set(skipped) == {1, 3, 4}
-    assert skipped[1].startswith("unparsable CIF") and skipped[4].startswith("unparsable CIF")
+    assert skipped[1].startswith("unparsable CIF") and skipped[4] == "empty cif cell"
     assert "Xx" in skipped[3]
     assert "3 of 6 crystals usable" in dataset.report.summary()
-    assert json.loads(dataset.report.to_json())["skipped"][0]["source"] == "row 1"
+    # Sources are the file's own line numbers: where each row's (multi-line) record starts.
+    lines = path.read_text().splitlines()
+    for row in dataset.report.skipped:
+        number = int(row.source.removeprefix("line "))
+        assert lines[number - 1].startswith(rows_of(path)[1][row.row][fieldnames[0]] + ",")
+    assert json.loads(dataset.report.to_json())["skipped"][0]["source"] == f"line {3 + rows[0]['cif'].count(chr(10))}"
     only_bad = tmp_path / "only_bad.csv"
     write_rows(only_bad, fieldnames, [malformed, unknown, empty])
     with pytest.raises(DatasetError, match="no usable crystal in 3 rows"):
@@ -103,3 +108,50 @@ def test_split_cli_shuffles_into_three_files(tiny_csv, tmp_path, capsys):
     counts = {name: len(rows_of(tmp_path / "split" / f"{name}.csv")[1]) for name in ("train", "val", "test")}
     assert counts == {"train": 4, "val": 2, "test": 2}
     assert split_csv(tiny_csv, tmp_path / "again", seed=0) == split_csv(tiny_csv, tmp_path / "again2", seed=0)
+
+
+def test_a_binary_file_is_named_not_a_traceback(tmp_path):
+    for name, content in (("nul.csv", b"cif,a\n\x00\x01\x02,3\n"), ("latin.csv", b"cif\n\xff\xfe\xfa\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DatasetError, match=f"{name}: not a readable CSV text file"):
+            load_crystals(tmp_path / name, show_progress=False)
+        with pytest.raises(SystemExit, match=f"error: .*{name}: not a readable CSV"):
+            data_main(["split", str(tmp_path / name), "--out", str(tmp_path / "out")])
+
+
+def test_check_report_into_a_missing_folder_is_a_sentence(tiny_csv, tmp_path):
+    with pytest.raises(SystemExit, match="error: cannot write the report .* no folder"):
+        data_main(["check", str(tiny_csv), "--report", str(tmp_path / "missing" / "report.json")])
+
+
+def test_a_corrupted_cache_file_is_named_removed_and_rebuilt(tiny_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_crystals(tiny_csv, show_progress=False)
+    [cached] = (tmp_path / "cache" / "crystals").glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])  # a write cut short
+    with pytest.warns(UserWarning, match=f"cache file {cached} is unreadable.*rebuilding"):
+        again = load_crystals(tiny_csv, show_progress=False)
+    torch.testing.assert_close(again.frac_coords, first.frac_coords)
+    torch.save({"something": "else"}, cached)  # readable, but not a dataset
+    with pytest.warns(UserWarning, match="unreadable"):
+        load_crystals(tiny_csv, show_progress=False)
+    assert torch.load(cached, weights_only=True).keys() >= {"tensors", "metadata"}
+
+
+def test_split_refuses_to_overwrite_without_force(tiny_csv, tmp_path, capsys):
+    out = tmp_path / "split"
+    data_main(["split", str(tiny_csv), "--out", str(out)])
+    (out / "val.csv").write_text("precious")
+    with pytest.raises(SystemExit, match=f"error: .*{out / 'val.csv'}.* exist already; pass --force"):
+        data_main(["split", str(tiny_csv), "--out", str(out), "--seed", "1"])
+    assert (out / "val.csv").read_text() == "precious"
+    data_main(["split", str(tiny_csv), "--out", str(out), "--seed", "1", "--force"])
+    assert rows_of(out / "val.csv")[1]
+
+
+@pytest.mark.parametrize("fractions", [["0", "0", "0"], ["-0.5", "1", "0.5"], ["nan", "0.2", "0.2"],
+                                       ["inf", "0.2", "0.2"], ["0", "0.5", "0.5"]])
+def test_split_rejects_impossible_fractions(tiny_csv, tmp_path, fractions):
+    with pytest.raises(SystemExit, match="error: .*fraction"):
+        data_main(["split", str(tiny_csv), "--out", str(tmp_path / "split"), "--fractions", *fractions])
+    assert not (tmp_path / "split").exists()

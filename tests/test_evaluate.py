@@ -111,7 +111,7 @@ def test_bad_rows_in_the_test_file_are_reported_and_count_as_not_matched(ray_two
         table = list(csv.DictReader(handle))
     assert len(table) == 4
     [unusable] = [row for row in table if row["index"] == "-1"]
-    assert unusable["matched"] == "False" and "row 0" in unusable["reason"] and "unparsable CIF" in unusable["reason"]
+    assert unusable["matched"] == "False" and "line 2" in unusable["reason"] and "unparsable CIF" in unusable["reason"]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["num_crystals"] == 4
     report = json.loads((tmp_path / "eval" / "data_report.json").read_text())
@@ -134,3 +134,82 @@ def test_bad_requests_fail_clearly(tmp_path, tiny_data_dir):
         evaluate_main(["--checkpoint", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit, match="cannot reach the MLflow tracking server"):
         evaluate_main(["--run-id", "abc", "--tracking-uri", "http://127.0.0.1:9"])
+
+
+class Stop(Exception):
+    """Raised by a stand-in for the sampling, once a test has seen what it wanted."""
+
+
+def test_an_unwritable_out_fails_before_any_sampling(tmp_path, monkeypatch):
+    config = make_config("smoke", "equicsp", FAST)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "best.pt"), config)
+    (tmp_path / "file.txt").write_text("")
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled although the output folder cannot be written")
+
+    monkeypatch.setattr("equicsp.distributed_eval.evaluate_checkpoint", sampled)
+    monkeypatch.setattr("equicsp.evaluate.evaluate_checkpoint", sampled)
+    out = tmp_path / "file.txt" / "sub"
+    for source in (["--run-id", run_id, "--tracking-uri", uri], ["--checkpoint", str(tmp_path / "best.pt")]):
+        with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: Not a directory"):
+            evaluate_main([*source, "--data", str(tmp_path / "nowhere.csv"), "--out", str(out)])
+
+
+def test_a_report_folder_failing_late_loses_nothing_logged(ray_two_cpus, tiny_csv, tmp_path, monkeypatch):
+    import equicsp.distributed_eval as distributed_eval
+
+    config = make_config("smoke", "equicsp", FAST)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "best.pt"), config)
+    out = tmp_path / "out"
+    real = distributed_eval.evaluate_checkpoint
+
+    def evaluate_then_lose_the_folder(*args, **kwargs):
+        evaluation = real(*args, **kwargs)
+        out.rmdir()
+        out.write_text("the folder became a file while sampling")
+        return evaluation
+
+    monkeypatch.setattr(distributed_eval, "evaluate_checkpoint", evaluate_then_lose_the_folder)
+    with pytest.raises(SystemExit, match=f"error: cannot write the report to {out}: .*logged as MLflow run") as raised:
+        evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--data", str(tiny_csv), "--limit", "2",
+                       "--out", str(out)])
+    [child] = tracking.client(uri).search_runs([tracking.get_run(uri, run_id).info.experiment_id],
+                                               filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert child.info.run_id in str(raised.value) and child.info.status == "FINISHED"
+    assert "match_rate" in child.data.metrics
+    assert {"per_crystal.csv", "summary.json"} <= {a.path for a in tracking.client(uri).list_artifacts(child.info.run_id)}
+
+
+def test_a_relative_data_path_resolves_from_another_working_folder(tiny_data_dir, tmp_path, tmp_path_factory,
+                                                                    monkeypatch):
+    project = tiny_data_dir.parent
+    monkeypatch.chdir(project)
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": tiny_data_dir.name})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (project / "runs" / "train").mkdir(parents=True)
+    checkpoint = untrained_checkpoint(config, project / "runs" / "train" / "best.pt")
+    run_id = log_as_training_run(uri, checkpoint, config)
+    seen = []
+
+    def stop_before_sampling(checkpoint, dataset, *args, **kwargs):
+        seen.append(len(dataset))
+        raise Stop
+
+    monkeypatch.setattr("equicsp.distributed_eval.evaluate_checkpoint", stop_before_sampling)
+    monkeypatch.setattr("equicsp.evaluate.evaluate_checkpoint", stop_before_sampling)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for source in (["--run-id", run_id, "--tracking-uri", uri], ["--checkpoint", str(checkpoint)]):
+        with pytest.raises(Stop):
+            evaluate_main(source)
+    assert seen == [8, 8]
+    lonely = tmp_path_factory.mktemp("lonely") / "best.pt"
+    (project / "runs" / "train" / "best.pt").rename(lonely)
+    with pytest.raises(SystemExit, match=f"data.path '{tiny_data_dir.name}' is not a folder \\(looked at "
+                                         f"{elsewhere / tiny_data_dir.name}, {lonely.parent / tiny_data_dir.name}.*\\); "
+                                         "pass --data"):
+        evaluate_main(["--checkpoint", str(lonely)])

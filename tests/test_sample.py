@@ -1,3 +1,5 @@
+"""`python -m equicsp.sample`: non-finite crystals are never written, bad options and output folders are sentences."""
+
 import pytest
 import torch
 from conftest import FAST
@@ -37,3 +39,18 @@ def test_bad_sampling_options_are_one_sentence(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="error: device 'cuda' asked for, but CUDA is not available"):
             sample_main(["--checkpoint", str(path), "--formula", "SrTiO3", "--out", str(tmp_path), "--device", "cuda"])
+
+
+def test_an_unwritable_out_fails_before_sampling(tmp_path, monkeypatch):
+    config = make_config("smoke", "equicsp", FAST)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "best.pt", config, build_denoiser(config))
+    (tmp_path / "file.txt").write_text("")
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled although the output folder cannot be written")
+
+    monkeypatch.setattr("equicsp.sample.Sampler.sample", sampled)
+    out = tmp_path / "file.txt" / "sub"
+    with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: Not a directory"):
+        sample_main(["--checkpoint", str(tmp_path / "best.pt"), "--formula", "SrTiO3", "--out", str(out)])

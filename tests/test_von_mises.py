@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from scipy.stats import vonmises
 
@@ -53,3 +54,15 @@ def test_cached_tables_are_reused(tmp_path, monkeypatch):
     torch.testing.assert_close(first.kappa, second.kappa)
     other = load_or_build_tables(4, sigmas, 1000, 1)
     assert other.key != first.key and len(list((tmp_path / "von_mises").glob("*.pt"))) == 2
+
+
+def test_a_truncated_cache_file_is_named_and_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path))
+    sigmas = geometric_sigmas(10, 0.005, 0.5)
+    first = load_or_build_tables(4, sigmas, 1000, 0)
+    [cached] = (tmp_path / "von_mises").glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:200])
+    with pytest.warns(UserWarning, match=f"cache file {cached} is unreadable.*rebuilding"):
+        again = load_or_build_tables(4, sigmas, 1000, 0)
+    torch.testing.assert_close(again.kappa, first.kappa)
+    torch.testing.assert_close(load_or_build_tables(4, sigmas, 1000, 0).kappa, first.kappa)  # the rebuilt file reads

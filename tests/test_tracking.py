@@ -1,0 +1,61 @@
+"""MLflow run layout: keyed runs found again whatever the key holds, real durations, no leftover downloads."""
+
+import time
+
+import pytest
+import torch
+from conftest import FAST
+
+from equicsp import tracking
+from equicsp.checkpoint import save_checkpoint
+from equicsp.config import make_config
+from equicsp.denoiser import build_denoiser
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, tracking.ensure_experiment(uri, "equicsp")
+
+
+@pytest.mark.parametrize("key", ["/home/o'brien/runs/ray/o'brien", 'say "hi"', "back\\slash'", "plain/key"])
+def test_a_keyed_run_is_found_again_whatever_its_key_holds(store, key):
+    uri, experiment = store
+    first = tracking.open_keyed_run(uri, experiment, key, "o'brien", "training", {}, {"a": 1})
+    tracking.client(uri).set_terminated(first, "FINISHED")
+    other = tracking.open_keyed_run(uri, experiment, key + "x", "other", "training", {}, {})
+    assert tracking.open_keyed_run(uri, experiment, key, "o'brien", "training", {}, {"a": 1}) == first != other
+    assert tracking.find_run(uri, experiment, key).data.tags[tracking.RUN_KEY_TAG] == key
+
+
+def test_runs_logged_before_the_key_hash_are_still_found(store):
+    uri, experiment = store
+    old = tracking.client(uri).create_run(experiment, tags={tracking.RUN_KEY_TAG: "/runs/ray/old"}).info.run_id
+    assert tracking.open_keyed_run(uri, experiment, "/runs/ray/old", "old", "training", {}, {}) == old
+    assert tracking.get_run(uri, old).data.tags[tracking.RUN_KEY_HASH_TAG] == tracking.run_key_hash("/runs/ray/old")
+
+
+def test_an_evaluation_run_lasts_as_long_as_the_evaluation(store):
+    uri, experiment = store
+    training = tracking.open_keyed_run(uri, experiment, "train", "train", "training", {}, {})
+    began = int(time.time() * 1000) - 34_000
+    run_id = tracking.log_evaluation_run(uri, training, "evaluate:x", {"num_samples": 1}, {"match_rate": 0.5}, [], {},
+                                         start_time_ms=began)
+    info = tracking.get_run(uri, run_id).info
+    assert info.start_time == began and 34_000 <= info.end_time - info.start_time < 60_000
+
+
+def test_a_downloaded_checkpoint_leaves_no_folder_behind(store, tmp_path, monkeypatch):
+    uri, experiment = store
+    config = make_config("smoke", "equicsp", FAST)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "best.pt", config, build_denoiser(config))
+    run_id = tracking.open_keyed_run(uri, experiment, "train", "train", "training", {}, {})
+    tracking.log_artifact(uri, run_id, tmp_path / "best.pt", "checkpoints")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    assert tracking.read_logged_checkpoint(uri, run_id)["config"] == config.to_dict()
+    loaded_config, _ = tracking.load_logged_model(run_id, uri)
+    assert loaded_config == config
+    assert list(scratch.iterdir()) == []
