@@ -149,6 +149,20 @@ ARMS: dict[str, Arm] = {
 }
 OBJECTIVE_PRESETS: dict[str, ObjectiveConfig] = {name: arm.objective for name, arm in ARMS.items()}
 
+# Switches that act in the sampler only: objectives that differ in nothing else train the same model.
+SAMPLING_ONLY_SWITCHES = ("prob_model",)
+
+
+def trains_the_same(first: ObjectiveConfig, second: ObjectiveConfig) -> bool:
+    """Whether training under the two objectives computes the same losses, step for step."""
+    return replace(first, **{name: getattr(second, name) for name in SAMPLING_ONLY_SWITCHES}) == second
+
+
+def with_sampling_switches(config: Config, objective: ObjectiveConfig) -> Config:
+    """The config with objective's sampling-only switches: how another arm samples a model trained here."""
+    changes = {name: getattr(objective, name) for name in SAMPLING_ONLY_SWITCHES}
+    return replace(config, objective=replace(config.objective, **changes)).validate()
+
 _LARGE = ModelConfig(num_layers=6, hidden_dim=512)
 # Step sizes are DiffCSP's tuned values per dataset; epochs from the paper's Appendix C.4.
 DATASET_PRESETS: dict[str, dict[str, Any]] = {

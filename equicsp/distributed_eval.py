@@ -25,13 +25,21 @@ from tqdm.auto import tqdm
 from equicsp import tracking
 from equicsp.cache import cache_key, check_writable_folder
 from equicsp.checkpoint import model_from_checkpoint
-from equicsp.config import Config, config_from_dict
+from equicsp.config import ARMS, Config, config_from_dict, with_sampling_switches
 from equicsp.csp import MatchJob, matching_jobs, unusable_rows
 from equicsp.data import CrystalDataset, PreprocessOptions, find_data_folder, load_crystals, load_splits
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
 from equicsp.distributed import connect_ray
-from equicsp.metrics import CrystalResult, MatchSummary, match_one, structure_of, summarise, write_results_csv
+from equicsp.metrics import (
+    CrystalResult,
+    MatchSummary,
+    match_one,
+    matching_chunk_size,
+    structure_of,
+    summarise,
+    write_results_csv,
+)
 from equicsp.plots import evaluation_figure
 from equicsp.sampler import SampledCrystal, Sampler, SamplingJob, sampling_batches, with_sampler_options
 
@@ -48,6 +56,7 @@ class EvaluationSettings:
     step_lr: float | None = None  # None: the model's own config
     num_steps: int | None = None
     batch_size: int | None = None
+    sampling_arm: str | None = None  # sample with this arm's sampling-only switches (a model it shares); None: the model's
 
     def check(self) -> None:
         if self.num_samples < 1:
@@ -56,6 +65,8 @@ class EvaluationSettings:
             raise ValueError(f"need workers >= 0 and threads >= 1, not {self.workers} and {self.threads}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, not {self.limit}")
+        if self.sampling_arm is not None and self.sampling_arm not in ARMS:
+            raise ValueError(f"unknown arm {self.sampling_arm!r}; the arms are {list(ARMS)}")
 
 
 @dataclass
@@ -158,7 +169,8 @@ class SamplingPool:
         """StructureMatcher on the pool's own actors (which hold their CPUs for as long as the pool lives)."""
         from ray.util import ActorPool
 
-        chunks = [jobs[start:start + 4] for start in range(0, len(jobs), 4)]
+        size = matching_chunk_size(len(jobs), len(self.actors))
+        chunks = [jobs[start:start + size] for start in range(0, len(jobs), size)]
         outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(chunk), chunks)
         results = [result for part in tqdm(outputs, total=len(chunks), desc="matching", unit="chunk",
                                            disable=not show_progress) for result in part]
@@ -183,7 +195,7 @@ def match_on_ray(jobs: list[MatchJob], show_progress: bool = True) -> list[Cryst
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    chunk = max(1, min(8, len(jobs) // (cpus * 16)))  # small chunks: match times vary a lot between crystals
+    chunk = matching_chunk_size(len(jobs), cpus)
     task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(_match_chunk)
     pending = [task.remote(jobs[start:start + chunk]) for start in range(0, len(jobs), chunk)]
     results: list[CrystalResult] = []
@@ -214,6 +226,8 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
     settings.check()
     config = with_sampler_options(config_from_dict(checkpoint["config"]), settings.step_lr, settings.num_steps,
                                   settings.batch_size)
+    if settings.sampling_arm is not None:
+        config = with_sampling_switches(config, ARMS[settings.sampling_arm].objective)
     connect_ray()
     own_pool = pool is None
     indices = list(range(len(dataset) if settings.limit is None else min(settings.limit, len(dataset))))

@@ -1,7 +1,9 @@
+
 """`python -m equicsp.evaluate`: sharded sampling and matching on Ray, logged as a child run of the training run."""
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,6 +58,21 @@ def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus
     other_seed = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=6, workers=2),
                                      show_progress=False)
     assert not torch.equal(other_seed.predictions[0].frac_coords, one.predictions[0].frac_coords)
+
+
+def test_a_shared_model_sampled_as_another_arm_is_that_arms_sampler(ray_two_cpus, tiny_dataset, tmp_path):
+    """sampling_arm = no_pm on an EquiCSP checkpoint samples exactly as the same weights saved as no_pm."""
+    config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 8})
+    as_equicsp = read_checkpoint(untrained_checkpoint(config, tmp_path / "equicsp.pt"))
+    as_no_pm = read_checkpoint(untrained_checkpoint(make_config("smoke", "no_pm", {**FAST, "sampler.batch_size": 8}),
+                                                    tmp_path / "no_pm.pt"))
+    settings = EvaluationSettings(num_samples=1, seed=2, workers=1, limit=3)
+    shared = evaluate_checkpoint(as_equicsp, tiny_dataset, replace(settings, sampling_arm="no_pm"), show_progress=False)
+    own = evaluate_checkpoint(as_no_pm, tiny_dataset, settings, show_progress=False)
+    pm = evaluate_checkpoint(as_equicsp, tiny_dataset, settings, show_progress=False)
+    assert not shared.config.objective.prob_model
+    assert all(torch.equal(a.frac_coords, b.frac_coords) for a, b in zip(shared.predictions, own.predictions))
+    assert not all(torch.equal(a.frac_coords, b.frac_coords) for a, b in zip(shared.predictions, pm.predictions))
 
 
 @pytest.mark.slow

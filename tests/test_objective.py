@@ -55,3 +55,18 @@ def test_noise_is_keyed_by_crystal_not_by_batch(tiny_dataset):
     assert whole.frac_coords.min() >= 0 and whole.frac_coords.max() < 1
     other = diffusion.noise(batch_of(tiny_dataset), seed=5, step=4)
     assert not torch.equal(other.targets.score, whole.targets.score)
+
+
+@pytest.mark.parametrize("trained, sampled", [("equicsp", "no_pm"), ("no_vm", "no_pm_vm")])
+def test_arms_differing_only_in_the_pm_correction_train_identically(trained, sampled, tiny_dataset):
+    """What lets a sweep train such arms once: the same losses and gradients, bit for bit."""
+    losses = []
+    for preset in (trained, sampled):
+        config = make_config("smoke", preset, SMALL)
+        torch.manual_seed(0)
+        model = build_denoiser(config)
+        loss = Objective(Diffusion(config), model)(batch_of(tiny_dataset), seed=2, step=3)
+        loss.total.backward()
+        losses.append((loss.as_floats(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert losses[0][0] == losses[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))

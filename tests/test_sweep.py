@@ -15,6 +15,7 @@ import pytest
 from equicsp import tracking
 from equicsp.config import ARMS
 from equicsp.sweep.driver import run_sweep
+from equicsp.sweep.final import best_per_cell
 from equicsp.sweep.search import SearchSpace, initial_points
 from equicsp.sweep.space import Choice, FloatRange
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
@@ -53,7 +54,26 @@ def test_optuna_searches_the_permutation_weight_only_where_the_arm_has_the_loss(
         if "objective.perm_loss_weight" in trial.params:
             assert 0.1 <= trial.params["objective.perm_loss_weight"] <= 10
         study.tell(trial, 0.0)
-    assert seen == set(ARMS)
+    assert seen == set(spec.trained_arms) == set(ARMS) - {"no_pm", "no_vm"}  # those two sample others' models
+
+
+def test_arms_that_differ_only_at_sampling_time_share_one_trained_model():
+    spec = SweepSpec(name="s", preset="smoke", arms=("no_pm", "equicsp", "no_vm", "no_pm_vm", "diffcsp", "none"))
+    assert spec.trained_arms == ("no_pm", "no_vm", "diffcsp", "none")
+    assert spec.model_owner("equicsp") == "no_pm" and spec.sharing_arms("no_pm") == ("equicsp",)
+    assert spec.sharing_arms("no_vm") == ("no_pm_vm",) and spec.sharing_arms("diffcsp") == ()
+    assert {p["arm"] for p in initial_points(spec)} == set(spec.trained_arms)
+    separate = SweepSpec(name="s", preset="smoke", arms=spec.arms, share_models=False)
+    assert separate.trained_arms == separate.arms
+
+
+def test_a_sharing_arm_picks_its_best_trial_by_its_own_step_size_search():
+    spec = SweepSpec(name="s", preset="smoke", arms=("equicsp", "no_pm"), seeds=(0,))
+    trials = [{"config": {"arm": "equicsp", "run.seed": 0}, "training_run_id": run, "val_match_rate": own,
+               "no_pm/val_match_rate": shared, "tuned_step_lr": 1e-4, "no_pm/tuned_step_lr": 2e-4}
+              for run, own, shared in (("a", 0.5, 0.1), ("b", 0.2, 0.4))]
+    chosen = dict(best_per_cell(trials, spec))
+    assert chosen["equicsp"]["training_run_id"] == "a" and chosen["no_pm"]["training_run_id"] == "b"
 
 
 @pytest.mark.parametrize("changes, message", [

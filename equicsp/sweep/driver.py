@@ -59,7 +59,7 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
     if not trials:
         errors = [str(result.error) for result in grid if result.error is not None]
         raise SweepError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
-    cells = [evaluate_cell(best, spec, launch, uri, show_progress) for best in best_per_cell(trials, spec)]
+    cells = [evaluate_cell(arm, best, spec, launch, uri, show_progress) for arm, best in best_per_cell(trials, spec)]
     table = ablation_table(cells, spec)
     artifacts = write_sweep_report(cells, table, spec, uri, parent)
     return SweepResult(parent, uri, cells, table, artifacts)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from equicsp.config import ARMS
 from equicsp.distributed_eval import EvaluationSettings, evaluate_logged_run
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
 from equicsp.sweep.step_size import STEP_LR_METRIC
@@ -24,29 +25,45 @@ class CellResult:
     test_match_rate: float
     test_rmse: float  # nan when nothing matched
     searched: dict[str, Any] = field(default_factory=dict)
+    model_of: str = ""  # the arm whose training produced the model (this arm's own, or one it shares)
 
 
-def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[dict[str, Any]]:
-    """Each (arm, seed)'s best trial: highest validation match rate, then lowest validation loss."""
-    best: dict[tuple[str, int], dict[str, Any]] = {}
-    for trial in trials:
-        params = trial["config"]
-        key = (params["arm"], int(params["run.seed"]))
-        rank = (trial[STEP_LR_METRIC], -trial.get("val_denoise", math.inf))
-        if key not in best or rank > (best[key][STEP_LR_METRIC], -best[key].get("val_denoise", math.inf)):
-            best[key] = trial
-    return [best[(arm, seed)] for arm in spec.arms for seed in spec.seeds if (arm, seed) in best]
+def metric_name(arm: str, owner: str, name: str) -> str:
+    """A trial's metric for arm: its own name when arm trained the model, else prefixed by arm."""
+    return name if arm == owner else f"{arm}/{name}"
 
 
-def evaluate_cell(trial: dict[str, Any], spec: SweepSpec, launch: SweepLaunch, uri: str,
+def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+    """(arm, trial) for each (arm, seed): the trial of the arm's model with its highest validation match rate,
+    then lowest validation loss. An arm that shares another's model picks among that arm's trials by its own
+    step-size search."""
+    chosen = []
+    for arm in spec.arms:
+        owner = spec.model_owner(arm)
+        score_name = metric_name(arm, owner, STEP_LR_METRIC)
+        for seed in spec.seeds:
+            mine = [trial for trial in trials if trial["config"]["arm"] == owner
+                    and int(trial["config"]["run.seed"]) == seed and score_name in trial]
+            if mine:
+                chosen.append((arm, max(mine, key=lambda t: (t[score_name], -t.get("val_denoise", math.inf)))))
+    return chosen
+
+
+def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: SweepLaunch, uri: str,
                   show_progress: bool) -> CellResult:
     """The final test evaluation of one cell's best model at its tuned step size (an MLflow child run)."""
     params = trial["config"]
-    arm, seed = params["arm"], int(params["run.seed"])
+    owner, seed = params["arm"], int(params["run.seed"])
+    step_lr = trial[metric_name(arm, owner, "tuned_step_lr")]
     settings = EvaluationSettings(num_samples=spec.test_samples, seed=0, limit=spec.test_limit,
-                                  workers=launch.eval_workers, step_lr=trial["tuned_step_lr"])
-    evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri,
-                                     show_progress=show_progress)  # the run inherits arm, seed and switches
+                                  workers=launch.eval_workers, step_lr=step_lr,
+                                  sampling_arm=None if arm == owner else arm)
+    # The run inherits the training run's tags; an arm sampling a shared model says which arm it is.
+    tags = {} if arm == owner else {"arm": arm, "shares_model_of": owner, **{
+        f"switch.{name}": str(value) for name, value in asdict(ARMS[arm].objective).items()}}
+    evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri, extra_tags=tags,
+                                     show_progress=show_progress)
     searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
-    return CellResult(arm, seed, trial["training_run_id"], evaluation.run_id, trial["tuned_step_lr"],
-                      trial[STEP_LR_METRIC], evaluation.summary.match_rate, evaluation.summary.rmse, searched)
+    return CellResult(arm, seed, trial["training_run_id"], evaluation.run_id, step_lr,
+                      trial[metric_name(arm, owner, STEP_LR_METRIC)], evaluation.summary.match_rate,
+                      evaluation.summary.rmse, searched, owner)

@@ -33,7 +33,9 @@ def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, A
             continue
         match_mean, match_std = _mean_spread([100 * cell.test_match_rate for cell in mine])
         rmse_mean, rmse_std = _mean_spread([cell.test_rmse for cell in mine])
+        owner = mine[0].model_of or arm
         rows.append({"arm": arm, "variant": ARMS[arm].label, "seeds": len(mine),
+                     "model": "own" if owner == arm else f"shares {ARMS[owner].label}'s",
                      "match_rate_mean": match_mean, "match_rate_std": match_std,
                      "rmse_mean": rmse_mean, "rmse_std": rmse_std,
                      "val_match_rate_mean": _mean_spread([100 * cell.val_match_rate for cell in mine])[0],
@@ -45,16 +47,19 @@ def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, A
 
 def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
     lines = [f"# Ablation: {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), k = {spec.test_samples})", "",
-             "| variant | match rate (%) | RMSE | val match rate (%) | step_lr | searched |",
-             "|---|---|---|---|---|---|"]
+             "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched |",
+             "|---|---|---|---|---|---|---|"]
     for row in table:
         spread = row["seeds"] > 1  # one seed has no spread to show
         match = f"{row['match_rate_mean']:.2f}" + (f" ± {row['match_rate_std']:.2f}" if spread else "")
         rmse = "n/a" if math.isnan(row["rmse_mean"]) else \
             f"{row['rmse_mean']:.4f}" + (f" ± {row['rmse_std']:.4f}" if spread else "")
-        lines.append(f"| {row['variant']} | {match} | {rmse} | "
+        lines.append(f"| {row['variant']} | {row['model']} | {match} | {rmse} | "
                      f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} |")
-    return "\n".join(lines) + "\n\nMean ± standard deviation over seeds; each seed's best trial, at its tuned step size.\n"
+    note = ("\n\nMean ± standard deviation over seeds; each seed's best trial, at its tuned step size. "
+            "Arms that differ only in a sampling-time switch (the PM correction) sample one trained model: "
+            "the model column names whose.\n")
+    return "\n".join(lines) + note
 
 
 def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spec: SweepSpec, uri: str,

@@ -21,16 +21,16 @@ class SearchSpace:
         self.spec = spec
 
     def __call__(self, trial) -> None:
-        arm = trial.suggest_categorical("arm", list(self.spec.arms))
+        arm = trial.suggest_categorical("arm", list(self.spec.trained_arms))
         trial.suggest_categorical("run.seed", list(self.spec.seeds))
         for name, domain in self.spec.arm_space(arm).items():
             suggest(trial, name, domain)
 
 
 def initial_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every cell trials_per_cell times; the first trial of a cell runs the config's own values."""
+    """Every trained cell trials_per_cell times; the first trial of a cell runs the config's own values."""
     points = []
-    for arm in spec.arms:
+    for arm in spec.trained_arms:
         defaults = spec.config_for(arm, {}).flat()
         for seed in spec.seeds:
             for trial in range(spec.trials_per_cell):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from equicsp.config import ARMS, ConfigError, apply_overrides, make_config
+from equicsp.config import ARMS, ConfigError, apply_overrides, make_config, trains_the_same
 from equicsp.sweep.space import Domain, FloatRange, domain_problem, example_value
 
 
@@ -31,6 +31,7 @@ class SweepSpec:
     test_limit: int | None = None  # None: the whole test split
     asha: bool = False  # stop poor trials early on the validation loss
     search_seed: int = 0
+    share_models: bool = True  # arms that differ only at sampling time (PM on/off) sample one trained model
 
     def arm_space(self, arm: str) -> dict[str, Domain]:
         """The searched fields that act in this arm (the permutation-loss weight only with the loss)."""
@@ -40,6 +41,26 @@ class SweepSpec:
 
     def config_for(self, arm: str, values: dict[str, Any]):
         return make_config(self.preset, arm, {**self.overrides, **values})
+
+    def model_owner(self, arm: str) -> str:
+        """The arm whose trained model `arm` samples: the first arm listed that trains the same (else itself).
+
+        The PM correction acts in the sampler only, so e.g. `equicsp` and `no_pm` compute the
+        same losses epoch for epoch: the sweep trains one and samples it both ways.
+        """
+        if not self.share_models:
+            return arm
+        objective = self.config_for(arm, {}).objective
+        return next(other for other in self.arms if trains_the_same(self.config_for(other, {}).objective, objective))
+
+    @property
+    def trained_arms(self) -> tuple[str, ...]:
+        """The arms the sweep trains models for; every other arm samples one of theirs."""
+        return tuple(arm for arm in self.arms if self.model_owner(arm) == arm)
+
+    def sharing_arms(self, owner: str) -> tuple[str, ...]:
+        """The other arms that sample owner's trained model."""
+        return tuple(arm for arm in self.arms if arm != owner and self.model_owner(arm) == owner)
 
 
 @dataclass(frozen=True)

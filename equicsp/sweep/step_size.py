@@ -8,7 +8,6 @@ from dataclasses import replace
 import optuna
 
 from equicsp import tracking
-from equicsp.checkpoint import read_checkpoint
 from equicsp.config import config_from_dict
 from equicsp.data import load_splits
 from equicsp.distributed import connect_ray
@@ -18,22 +17,26 @@ from equicsp.sweep.spec import SweepSpec
 STEP_LR_METRIC = "val_match_rate"  # what the step-size search maximises, and the sweep's search metric
 
 
-def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: bool) -> dict[str, float]:
+def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: bool,
+                   sampling_arm: str | None = None) -> dict[str, float]:
     """Optuna over the Langevin step size (log scale): match rate on validation crystals, most wins.
 
     Logged to the training run (one step per Optuna trial); a run that holds the search
-    already (a trial resumed after its driver died) answers from it.
+    already (a trial resumed after its driver died) answers from it. With sampling_arm, the
+    model is sampled with that arm's sampling-only switches and every name gets its prefix.
     """
     uri = tracking_uri
+    prefix = f"{sampling_arm}/" if sampling_arm else ""
     logged = tracking.get_run(uri, run_id).data.metrics
-    if "tuned_step_lr" in logged:
-        return {key: logged[key] for key in ("tuned_step_lr", STEP_LR_METRIC, "val_rmse") if key in logged}
-    checkpoint = read_checkpoint(tracking.download_checkpoint(uri, run_id))
+    if f"{prefix}tuned_step_lr" in logged:
+        return {prefix + key: logged[prefix + key] for key in ("tuned_step_lr", STEP_LR_METRIC, "val_rmse")
+                if prefix + key in logged}
+    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
     config = config_from_dict(checkpoint["config"])
     validation = load_splits(config, ("val",), show_progress=False)["val"]
     connect_ray()
     settings = EvaluationSettings(num_samples=1, seed=0, limit=spec.step_lr_crystals,
-                                  workers=0 if use_gpu else 1, threads=1)
+                                  workers=0 if use_gpu else 1, threads=1, sampling_arm=sampling_arm)
 
     def objective(trial: optuna.Trial) -> float:
         step_lr = trial.suggest_float("step_lr", spec.step_lr.low, spec.step_lr.high, log=spec.step_lr.log)
@@ -41,8 +44,8 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: boo
         evaluation = evaluate_checkpoint(checkpoint, validation, replace(settings, step_lr=step_lr),
                                          show_progress=False, pool=pool)
         trial.set_user_attr("rmse", evaluation.summary.rmse)
-        tracking.log_metrics(uri, run_id, {"step_lr_search/step_lr": step_lr,
-                                           "step_lr_search/match_rate": evaluation.summary.match_rate},
+        tracking.log_metrics(uri, run_id, {f"{prefix}step_lr_search/step_lr": step_lr,
+                                           f"{prefix}step_lr_search/match_rate": evaluation.summary.match_rate},
                              step=trial.number)
         return evaluation.summary.match_rate
 
@@ -54,8 +57,8 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: boo
     with SamplingPool(checkpoint, settings.workers, settings.threads) as pool:
         study.optimize(objective, n_trials=spec.step_lr_trials)
     best = study.best_trial
-    result = {"tuned_step_lr": best.params["step_lr"], STEP_LR_METRIC: best.value}
+    result = {f"{prefix}tuned_step_lr": best.params["step_lr"], f"{prefix}{STEP_LR_METRIC}": best.value}
     if not math.isnan(best.user_attrs["rmse"]):
-        result["val_rmse"] = best.user_attrs["rmse"]
+        result[f"{prefix}val_rmse"] = best.user_attrs["rmse"]
     tracking.log_metrics(uri, run_id, result)
     return result

@@ -25,7 +25,11 @@ class TrialContext:
 
 
 def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """One Tune trial: train (Ray Train, reporting each checkpoint to Tune), then search step_lr on validation."""
+    """One Tune trial: train (Ray Train, reporting each checkpoint to Tune), then search step_lr on validation.
+
+    Arms that sample this arm's model (spec.sharing_arms) get their own step-size search on
+    it, reported as `<arm>/tuned_step_lr` and `<arm>/val_match_rate`.
+    """
     spec, launch = context.spec, context.launch
     arm = params["arm"]
     values = {name: value for name, value in params.items() if name != "arm"}
@@ -40,5 +44,7 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
                             parent_run_id=context.parent_run_id, extra_tags=tags, report_to_tune=True)
     result = run_training(config, options)
     search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu)
+    for other in spec.sharing_arms(arm):
+        search.update(search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu, sampling_arm=other))
     final = {**result.history[-1], **search, "training_run_id": result.run_id}
     ray.tune.report(final)
