@@ -20,9 +20,10 @@ import torch
 
 from equicsp.checkpoint import read_checkpoint
 from equicsp.config import make_config
+from equicsp.csp import EvaluationSettings
 from equicsp.data import load_splits
 from equicsp.distributed import connect_ray
-from equicsp.distributed_eval import EvaluationSettings, evaluate_checkpoint
+from equicsp.ray_evaluation import evaluate_checkpoint
 from equicsp.training import train
 
 

@@ -16,14 +16,11 @@ from pathlib import Path
 from equicsp.cache import check_writable_folder
 from equicsp.checkpoint import CheckpointError, read_checkpoint
 from equicsp.config import ConfigError, config_from_dict
-from equicsp.data import DatasetError, PreprocessOptions, find_data_folder, load_crystals, load_splits
-from equicsp.distributed_eval import (
-    Evaluation,
-    EvaluationSettings,
-    evaluate_checkpoint,
-    evaluate_logged_run,
-    write_report,
-)
+from equicsp.csp import Evaluation, EvaluationSettings, add_leakage
+from equicsp.data import DatasetError, find_data_folder, load_crystals, load_splits, preprocess_options
+from equicsp.evaluation_report import write_report
+from equicsp.logged_evaluation import evaluate_logged_run
+from equicsp.ray_evaluation import evaluate_checkpoint
 from equicsp.tracking import TrackingError
 
 
@@ -36,7 +33,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="test CSV or CIF folder (default: the model's own test split)")
     parser.add_argument("--num-samples", type=int, default=1, help="k samples per composition (best of k)")
     parser.add_argument("--step-lr", type=float,
-                        help="Langevin step size (default: the step size a sweep tuned for the run, else the config's)")
+                        help="Langevin step size (default: the step size a sweep tuned for the model, else the config's)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: every timestep)")
     parser.add_argument("--batch-size", type=int, help="crystals per sampling batch (default: the model's config)")
     parser.add_argument("--workers", type=int, default=0,
@@ -47,6 +44,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
     parser.add_argument("--out", type=Path, help="also write the per-crystal CSV, CIFs, summary and figure here")
+    parser.add_argument("--leakage", action="store_true",
+                        help="also mark test crystals a training crystal of the same reduced composition matches, and "
+                             "score the others (needs the model's training split; cached per train/test content)")
     return parser.parse_args(argv)
 
 
@@ -57,7 +57,19 @@ def summary_table(evaluation: Evaluation) -> str:
             "matching s |\n|---|---|---|---|---|---|---|---|---|---|\n"
             f"| {summary.num_crystals} | {summary.num_samples} | {evaluation.config.sampler.step_lr:g} | "
             f"{100 * summary.match_rate:.2f} % | {rmse} | {100 * summary.valid_rate:.1f} % | {evaluation.workers} | "
-            f"{evaluation.startup_s:.1f} | {evaluation.sampling_s:.1f} | {evaluation.matching_s:.1f} |")
+            f"{evaluation.startup_s:.1f} | {evaluation.sampling_s:.1f} | {evaluation.matching_s:.1f} |"
+            + leakage_table(evaluation))
+
+
+def leakage_table(evaluation: Evaluation) -> str:
+    """Leaked fraction and the scores on unleaked crystals, when the evaluation has them."""
+    leakage = evaluation.leakage
+    if leakage is None:
+        return ""
+    rmse = "n/a" if math.isnan(leakage.unleaked_rmse) else f"{leakage.unleaked_rmse:.4f}"
+    return ("\n\n| leaked test crystals | unleaked crystals | unleaked match rate | unleaked RMSE |\n|---|---|---|---|\n"
+            f"| {100 * leakage.leaked_fraction:.1f} % | {leakage.num_unleaked} | "
+            f"{100 * leakage.unleaked_match_rate:.2f} % | {rmse} |")
 
 
 def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings) -> Evaluation:
@@ -65,17 +77,22 @@ def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings) -> Eva
         check_writable_folder(args.out)
     checkpoint = read_checkpoint(args.checkpoint)
     config = config_from_dict(checkpoint["config"])
-    if args.data:
-        dataset = load_crystals(args.data, PreprocessOptions(config.data.max_atoms, config.data.niggli,
-                                                             config.data.primitive))
-    else:
+    if settings.step_lr is None and "tuned_step_lr" in checkpoint:  # a sweep searched this model's step size
+        settings = replace(settings, step_lr=float(checkpoint["tuned_step_lr"]))
+        print(f"step_lr {settings.step_lr:g}: the step size a sweep tuned for this checkpoint")
+
+    def model_split(split: str):
         # A relative data.path is the training's working folder's: look for it under the checkpoint's folders too.
         above = [folder / config.data.path for folder in args.checkpoint.resolve().parents]
         root = find_data_folder(config.data.path, above)
-        dataset = load_splits(replace(config, data=replace(config.data, path=root)), ("test",))["test"]
+        return load_splits(replace(config, data=replace(config.data, path=root)), (split,))[split]
+
+    dataset = load_crystals(args.data, preprocess_options(config)) if args.data else model_split("test")
     if dataset.report.skipped:
         print(dataset.report.summary())
     evaluation = evaluate_checkpoint(checkpoint, dataset, settings)
+    if settings.leakage:
+        add_leakage(evaluation, model_split("train"), dataset)
     if args.out:
         files = write_report(evaluation, dataset, args.out)
         print(f"per-crystal table: {files['per_crystal']}")
@@ -86,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     settings = EvaluationSettings(num_samples=args.num_samples, seed=args.seed, limit=args.limit,
                                   workers=args.workers, threads=args.threads, precision=args.precision, step_lr=args.step_lr,
-                                  num_steps=args.num_steps, batch_size=args.batch_size)
+                                  num_steps=args.num_steps, batch_size=args.batch_size, leakage=args.leakage)
     try:
         if args.run_id:
             evaluation = evaluate_logged_run(args.run_id, settings, args.data, args.tracking_uri, args.out)

@@ -95,6 +95,7 @@ class CrystalResult:
     valid_samples: int
     num_samples: int
     reason: str  # "" when matched
+    leaked: bool | None = None  # a training crystal matches this test crystal (None: not checked)
 
 
 @lru_cache(maxsize=65536)

@@ -12,9 +12,10 @@ from conftest import FAST
 from equicsp import tracking
 from equicsp.checkpoint import read_checkpoint, save_checkpoint
 from equicsp.config import make_config
+from equicsp.csp import EvaluationSettings
 from equicsp.denoiser import build_denoiser
-from equicsp.distributed_eval import EvaluationSettings, evaluate_checkpoint
 from equicsp.evaluate import main as evaluate_main
+from equicsp.ray_evaluation import evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,31 @@ def test_bad_rows_in_the_test_file_are_reported_and_count_as_not_matched(ray_two
     assert report["skipped"][0]["row"] == 0
 
 
+def test_leakage_scores_are_reported_logged_and_in_the_per_crystal_table(ray_two_cpus, tiny_data_dir, tmp_path,
+                                                                         capsys):
+    """The tiny data's test split repeats its training split: every test crystal is leaked."""
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir)})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "best.pt"), config)
+    evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--leakage", "--out", str(tmp_path / "eval")])
+    assert "| 100.0 % | 0 |" in capsys.readouterr().out  # leaked fraction, unleaked crystals
+    with open(tmp_path / "eval" / "per_crystal.csv", newline="") as handle:
+        assert {row["leaked"] for row in csv.DictReader(handle)} == {"True"}
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["leaked_fraction"] == 1.0
+    [logged] = tracking.client(uri).search_runs([tracking.get_run(uri, run_id).info.experiment_id],
+                                                "tags.`equicsp.kind` = 'evaluation'")
+    assert logged.data.metrics["leaked_fraction"] == 1.0 and logged.data.metrics["num_unleaked"] == 0
+
+
+def test_a_checkpoint_carrying_a_tuned_step_size_is_sampled_with_it(ray_two_cpus, tiny_data_dir, tmp_path, capsys):
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir)})
+    path = untrained_checkpoint(config, tmp_path / "best.pt")
+    save_checkpoint(path, config, build_denoiser(config), tuned_step_lr=1.25e-4)
+    evaluate_main(["--checkpoint", str(path), "--limit", "2"])
+    out = capsys.readouterr().out
+    assert "step_lr 0.000125: the step size a sweep tuned" in out and "| 2 | 1 | 0.000125 |" in out
+
+
 def test_bad_requests_fail_clearly(tmp_path, tiny_data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.ensure_experiment(uri, "equicsp")
@@ -166,7 +192,7 @@ def test_an_unwritable_out_fails_before_any_sampling(tmp_path, monkeypatch):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled although the output folder cannot be written")
 
-    monkeypatch.setattr("equicsp.distributed_eval.evaluate_checkpoint", sampled)
+    monkeypatch.setattr("equicsp.logged_evaluation.evaluate_checkpoint", sampled)
     monkeypatch.setattr("equicsp.evaluate.evaluate_checkpoint", sampled)
     out = tmp_path / "file.txt" / "sub"
     for source in (["--run-id", run_id, "--tracking-uri", uri], ["--checkpoint", str(tmp_path / "best.pt")]):
@@ -175,13 +201,13 @@ def test_an_unwritable_out_fails_before_any_sampling(tmp_path, monkeypatch):
 
 
 def test_a_report_folder_failing_late_loses_nothing_logged(ray_two_cpus, tiny_csv, tmp_path, monkeypatch):
-    import equicsp.distributed_eval as distributed_eval
+    import equicsp.logged_evaluation as logged_evaluation
 
     config = make_config("smoke", "equicsp", FAST)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "best.pt"), config)
     out = tmp_path / "out"
-    real = distributed_eval.evaluate_checkpoint
+    real = logged_evaluation.evaluate_checkpoint
 
     def evaluate_then_lose_the_folder(*args, **kwargs):
         evaluation = real(*args, **kwargs)
@@ -189,7 +215,7 @@ def test_a_report_folder_failing_late_loses_nothing_logged(ray_two_cpus, tiny_cs
         out.write_text("the folder became a file while sampling")
         return evaluation
 
-    monkeypatch.setattr(distributed_eval, "evaluate_checkpoint", evaluate_then_lose_the_folder)
+    monkeypatch.setattr(logged_evaluation, "evaluate_checkpoint", evaluate_then_lose_the_folder)
     with pytest.raises(SystemExit, match=f"error: cannot write the report to {out}: .*logged as MLflow run") as raised:
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--data", str(tiny_csv), "--limit", "2",
                        "--out", str(out)])
@@ -215,7 +241,7 @@ def test_a_relative_data_path_resolves_from_another_working_folder(tiny_data_dir
         seen.append(len(dataset))
         raise Stop
 
-    monkeypatch.setattr("equicsp.distributed_eval.evaluate_checkpoint", stop_before_sampling)
+    monkeypatch.setattr("equicsp.logged_evaluation.evaluate_checkpoint", stop_before_sampling)
     monkeypatch.setattr("equicsp.evaluate.evaluate_checkpoint", stop_before_sampling)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

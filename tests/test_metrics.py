@@ -85,7 +85,7 @@ def test_a_non_finite_sample_is_invalid_and_not_written_as_a_cif(tiny_dataset, t
 
     import torch
 
-    from equicsp.distributed_eval import write_predictions
+    from equicsp.evaluation_report import write_predictions
     from equicsp.metrics import validity_problem
     from equicsp.sampler import SampledCrystal
 

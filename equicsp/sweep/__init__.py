@@ -7,7 +7,7 @@ permutation-loss weight only for arms that have the loss. A trial is a Ray Train
 (`distributed.run_training`, a child MLflow run of the sweep's parent run), then an Optuna
 search of the Langevin step size on validation crystals (sampling only: the model is not
 retrained per step size). The best trial of each cell is evaluated on the test set
-(`distributed_eval`), and the parent run receives the ablation table, a bar chart and the
+(`logged_evaluation`, on Ray through `ray_evaluation`), and the parent run receives the ablation table, a bar chart and the
 learning curves.
 
 Resume: the same sweep (name and storage path) started again restores the Tuner: finished

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from equicsp.config import ARMS
-from equicsp.distributed_eval import EvaluationSettings, evaluate_logged_run
+from equicsp.csp import EvaluationSettings
+from equicsp.logged_evaluation import evaluate_logged_run
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
 from equicsp.sweep.step_size import STEP_LR_METRIC
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import optuna
 
 from equicsp import tracking
+from equicsp.cache import save_atomically
 from equicsp.config import config_from_dict
+from equicsp.csp import EvaluationSettings
 from equicsp.data import load_splits
 from equicsp.distributed import connect_ray
-from equicsp.distributed_eval import EvaluationSettings, SamplingPool, evaluate_checkpoint
+from equicsp.ray_evaluation import SamplingPool, evaluate_checkpoint
 from equicsp.sweep.spec import SweepSpec
 
 STEP_LR_METRIC = "val_match_rate"  # what the step-size search maximises, and the sweep's search metric
@@ -61,4 +65,9 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: boo
     if not math.isnan(best.user_attrs["rmse"]):
         result[f"{prefix}val_rmse"] = best.user_attrs["rmse"]
     tracking.log_metrics(uri, run_id, result)
+    if sampling_arm is None:  # the best checkpoint carries its step size, for `evaluate --checkpoint` and `sample`
+        with tempfile.TemporaryDirectory(prefix="equicsp-tuned-") as folder:
+            path = Path(folder) / Path(tracking.CHECKPOINT_ARTIFACT).name
+            save_atomically({**checkpoint, "tuned_step_lr": best.params["step_lr"]}, path)
+            tracking.log_artifact(uri, run_id, path, str(Path(tracking.CHECKPOINT_ARTIFACT).parent))
     return result

@@ -1,0 +1,108 @@
+"""Evaluating a logged MLflow training run: its model and data found by run id, a finished identical
+evaluation reused, the result logged as a child evaluation run."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from equicsp import tracking
+from equicsp.cache import cache_key, check_writable_folder
+from equicsp.config import Config, config_from_dict
+from equicsp.csp import Evaluation, EvaluationSettings, add_leakage
+from equicsp.data import CrystalDataset, find_data_folder, load_crystals, load_splits, preprocess_options
+from equicsp.evaluation_report import copy_report, summary_record, write_report
+from equicsp.leakage import LeakageSummary
+from equicsp.metrics import MatchSummary
+from equicsp.ray_evaluation import evaluate_checkpoint
+
+
+def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
+                        tracking_uri: str | None = None, out: Path | None = None,
+                        extra_tags: dict[str, str] | None = None, show_progress: bool = True) -> Evaluation:
+    """Evaluate the model of MLflow training run `run_id` and log a child evaluation run under it.
+
+    The same evaluation (run, data content, settings) asked for again is answered from its
+    finished MLflow run instead of being computed and logged twice. The report goes to MLflow
+    first and is copied to `out` afterwards, so a folder that fails late loses nothing logged;
+    `out` is checked before any work. With settings.leakage, the test crystals are also checked
+    against the model's training split (see leakage.py).
+    """
+    began_ms = int(time.time() * 1000)
+    settings.check()
+    if out:
+        check_writable_folder(Path(out))
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
+    training_run = tracking.get_run(uri, run_id)
+    tuned = training_run.data.metrics.get("tuned_step_lr")
+    if settings.step_lr is None and tuned is not None:  # a sweep searched this model's step size
+        settings = replace(settings, step_lr=tuned)
+    model_config = config_from_dict(checkpoint["config"])
+
+    def model_split(split: str) -> CrystalDataset:
+        root = find_data_folder(model_config.data.path, logged_data_folders(uri, training_run, model_config.data.path))
+        return load_splits(replace(model_config, data=replace(model_config.data, path=root)), (split,), show_progress)[split]
+
+    if data:
+        dataset = load_crystals(data, preprocess_options(model_config), show_progress=show_progress)
+    else:
+        dataset = model_split("test")
+    if dataset.report.skipped and show_progress:
+        print(dataset.report.summary())
+    run_key = "evaluate:" + cache_key(run_id, data or model_config.data.path, dataset.num_atoms.tolist(),
+                                      dataset.frac_coords.sum().item(), asdict(settings))[:16]
+    params = {**asdict(settings), "data": data or f"{model_config.data.path} (test)",
+              "training_run_id": run_id}
+    finished = tracking.find_finished_run(uri, run_id, run_key)
+    if finished is not None:
+        return _answer_from_run(finished, settings, model_config, dataset)
+    evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress)
+    if settings.leakage:
+        add_leakage(evaluation, model_split("train"), dataset, show_progress=show_progress)
+    params.update(step_lr=evaluation.config.sampler.step_lr, num_steps=evaluation.config.sampler.num_steps,
+                  batch_size=evaluation.config.sampler.batch_size, workers=evaluation.workers)
+    with tempfile.TemporaryDirectory(prefix="equicsp-eval-") as scratch:
+        files = write_report(evaluation, dataset, Path(scratch))
+        try:
+            evaluation.run_id = tracking.log_evaluation_run(uri, run_id, run_key, params, summary_record(evaluation),
+                                                            list(files.values()), extra_tags or {}, began_ms)
+        except Exception:
+            if out:  # the evaluation is kept on disk when it cannot be logged
+                copy_report(files, Path(out))
+            raise
+        if out:
+            copy_report(files, Path(out), evaluation.run_id)
+    return evaluation
+
+
+def logged_data_folders(uri: str, training_run, data_path: str) -> list[Path]:
+    """Where a training run's relative data.path may be: the folder recorded at launch, else (runs logged
+    before that tag, to the default store <working folder>/mlflow/mlflow.db) under the store's working folder."""
+    folders = []
+    if training_run.data.tags.get(tracking.DATA_DIR_TAG):
+        folders.append(Path(training_run.data.tags[tracking.DATA_DIR_TAG]))
+    store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if store is not None and store.parent.name == "mlflow" and not Path(data_path).is_absolute():
+        folders.append(store.parent.parent / data_path)
+    return folders
+
+
+def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, dataset: CrystalDataset) -> Evaluation:
+    """An Evaluation rebuilt from a finished evaluation run's metrics (no predictions kept)."""
+    metrics = run.data.metrics
+    summary = MatchSummary(match_rate=metrics["match_rate"], rmse=metrics.get("rmse", math.nan),
+                           num_crystals=int(metrics["num_crystals"]), num_matched=int(metrics["num_matched"]),
+                           num_samples=int(metrics["num_samples"]), valid_rate=metrics["valid_rate"])
+    config = replace(model_config, sampler=replace(model_config.sampler, step_lr=float(run.data.params["step_lr"])))
+    leakage = None
+    if "leaked_fraction" in metrics:
+        leakage = LeakageSummary(metrics["leaked_fraction"], metrics.get("unleaked_match_rate", math.nan),
+                                 metrics.get("unleaked_rmse", math.nan), int(metrics["num_unleaked"]))
+    return Evaluation(summary, [], [], metrics["sampling_s"], metrics["matching_s"], int(run.data.params["workers"]),
+                      config, run_id=run.info.run_id, reused=True, startup_s=metrics.get("startup_s", 0.0),
+                      leakage=leakage)

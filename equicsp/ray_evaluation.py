@@ -1,0 +1,186 @@
+"""CSP evaluation on a Ray cluster: sampling actors and matching tasks.
+
+Sampling runs on one actor per GPU (or on CPU workers, one core each by default);
+matching runs in one-CPU Ray tasks over the whole cluster. The sampling batches are cut
+from the whole test set by `sampler.batch_size` alone and every crystal's noise is keyed by
+(seed, composition index, sample number), so the predictions are the same whichever worker
+samples which batch, whatever the number of workers, and as `csp.evaluate_in_process` gives.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from equicsp.checkpoint import model_from_checkpoint
+from equicsp.config import Config, config_from_dict
+from equicsp.csp import Evaluation, EvaluationSettings, MatchJob, finish, matching_jobs
+from equicsp.data import CrystalDataset
+from equicsp.devices import resolve_device
+from equicsp.diffusion import Diffusion
+from equicsp.distributed import connect_ray
+from equicsp.metrics import CrystalResult, match_one, matching_chunk_size
+from equicsp.sampler import SampledCrystal, Sampler, SamplingJob, sampling_batches
+
+
+class SamplingWorker:
+    """A Ray actor holding one copy of the model; samples the batches it is handed, with any sampler settings."""
+
+    def __init__(self, checkpoint: dict[str, Any], precision: str, threads: int):
+        torch.set_num_threads(threads)
+        self.device = resolve_device("auto")  # the GPU Ray assigned to this actor, if any
+        _, self.model = model_from_checkpoint(checkpoint, self.device)
+        self.precision = precision
+        self.diffusions: dict[str, Any] = {}  # one per diffusion config (its von Mises tables)
+
+    def sample(self, config: dict[str, Any], jobs: list[SamplingJob], seed: int) -> list[SampledCrystal]:
+        sampling_config = config_from_dict(config)
+        key = repr(sampling_config.diffusion) + repr(sampling_config.objective)
+        if key not in self.diffusions:
+            self.diffusions[key] = Diffusion(sampling_config, self.device)
+        sampler = Sampler(self.model, self.diffusions[key], sampling_config, self.device, self.precision)
+        return sampler.sample_jobs(jobs, seed)
+
+    def match(self, jobs: list[MatchJob]) -> list[CrystalResult]:
+        return _match_chunk(jobs)
+
+    def ready(self) -> bool:
+        return True
+
+
+def _match_chunk(jobs: list[MatchJob]) -> list[CrystalResult]:
+    return [match_one(job) for job in jobs]
+
+
+def sampling_resources(workers: int, threads: int = 1) -> tuple[int, bool, int]:
+    """(workers, use_gpu, threads per worker) for this Ray cluster; fails before anything starts."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        workers = workers or gpus
+        if workers > gpus:
+            raise ValueError(f"{workers} sampling workers asked for, but the cluster has {gpus} GPUs")
+        return workers, True, 1
+    workers = workers or max(1, cpus // threads)
+    if workers * threads > cpus:
+        raise ValueError(f"{workers} sampling workers x {threads} threads asked for, but the cluster has {cpus} CPUs")
+    return workers, False, threads
+
+
+class SamplingPool:
+    """Sampling actors holding the model, kept across evaluations (a step-size search reuses them)."""
+
+    def __init__(self, checkpoint: dict[str, Any], workers: int = 0, threads: int = 1, precision: str = "fp32"):
+        import ray
+
+        self.workers, use_gpu, threads = sampling_resources(workers, threads)
+        # "DEFAULT": outside the caller's placement group (a Tune trial holds almost no resources of its own).
+        actor = ray.remote(SamplingWorker).options(num_cpus=threads, num_gpus=1 if use_gpu else 0,
+                                                   scheduling_strategy="DEFAULT")
+        checkpoint_ref = ray.put(checkpoint)
+        self.actors = [actor.remote(checkpoint_ref, precision, threads) for _ in range(self.workers)]
+
+    def wait_ready(self) -> None:
+        """Until every actor has started and loaded the model."""
+        import ray
+
+        ray.get([worker.ready.remote() for worker in self.actors])
+
+    def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
+               seed: int, show_progress: bool = True) -> list[SampledCrystal]:
+        """k samples of every composition, the batches spread over the actors."""
+        from ray.util import ActorPool
+
+        batches = sampling_batches(compositions, num_samples, config.sampler.batch_size, indices)
+        settings = config.to_dict()
+        outputs = ActorPool(self.actors).map_unordered(
+            lambda worker, jobs: worker.sample.remote(settings, jobs, seed), batches)
+        predictions: list[SampledCrystal] = []
+        for crystals in tqdm(outputs, total=len(batches), desc=f"sampling ({self.workers} workers)", unit="batch",
+                             disable=not show_progress):
+            predictions.extend(crystals)
+        return predictions
+
+    def match(self, jobs: list[MatchJob], show_progress: bool = True) -> list[CrystalResult]:
+        """StructureMatcher on the pool's own actors (which hold their CPUs for as long as the pool lives)."""
+        from ray.util import ActorPool
+
+        size = matching_chunk_size(len(jobs), len(self.actors))
+        chunks = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+        outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(chunk), chunks)
+        results = [result for part in tqdm(outputs, total=len(chunks), desc="matching", unit="chunk",
+                                           disable=not show_progress) for result in part]
+        return in_job_order(results, jobs)
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.actors:
+            ray.kill(worker)
+        self.actors = []
+
+    def __enter__(self) -> "SamplingPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def match_on_ray(jobs: list[MatchJob], show_progress: bool = True) -> list[CrystalResult]:
+    """StructureMatcher over every job in one-CPU Ray tasks; results in the jobs' order."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    chunk = matching_chunk_size(len(jobs), cpus)
+    task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(_match_chunk)
+    pending = [task.remote(jobs[start:start + chunk]) for start in range(0, len(jobs), chunk)]
+    results: list[CrystalResult] = []
+    with tqdm(total=len(jobs), desc="matching", unit="crystal", disable=not show_progress) as progress:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(done[0])
+            results.extend(part)
+            progress.update(len(part))
+    return in_job_order(results, jobs)
+
+
+def in_job_order(results: list[CrystalResult], jobs: list[MatchJob]) -> list[CrystalResult]:
+    order = {job[0]: position for position, job in enumerate(jobs)}
+    return sorted(results, key=lambda result: order[result.index])
+
+
+def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, settings: EvaluationSettings,
+                        show_progress: bool = True, pool: SamplingPool | None = None) -> Evaluation:
+    """Sample and score dataset (the first settings.limit crystals) on Ray, with a checkpoint read into memory.
+
+    Rows of the test file that could not be read count as not matched (when no limit is set).
+    A pool made for this checkpoint can be passed in to keep its actors between evaluations;
+    it then matches too (its actors hold their CPUs, so Ray tasks might wait on them forever).
+    Without one, a pool samples and goes, and matching spreads over the cluster in Ray tasks.
+    """
+    settings.check()
+    config = settings.sampling_config(config_from_dict(checkpoint["config"]))
+    connect_ray()
+    own_pool = pool is None
+    indices = settings.indices(dataset)
+    begin = time.perf_counter()
+    pool = pool or SamplingPool(checkpoint, settings.workers, settings.threads, settings.precision)
+    try:
+        pool.wait_ready()
+        start = time.perf_counter()
+        predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
+                                  settings.seed, show_progress)
+    finally:
+        if own_pool:
+            pool.close()
+    sampled = time.perf_counter()
+    jobs = matching_jobs(dataset, indices, predictions)
+    per_crystal = match_on_ray(jobs, show_progress) if own_pool else pool.match(jobs, show_progress)
+    return finish(per_crystal, dataset, settings, predictions=predictions, sampling_s=sampled - start,
+                  matching_s=time.perf_counter() - sampled, workers=pool.workers, config=config,
+                  startup_s=start - begin)
