@@ -21,6 +21,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="Optuna trials per (arm, seed) cell")
     parser.add_argument("--test-samples", type=int, help="k samples per test composition in the final evaluation")
     parser.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on the validation loss)")
+    parser.add_argument("--leakage", action="store_true",
+                        help="also score the test crystals no training crystal of the same reduced composition matches")
     parser.add_argument("--name", help="sweep name; running the same name again resumes it")
     parser.add_argument("--storage-path",
                         help="Ray storage (default $EQUICSP_STORAGE_PATH, else ./runs/sweeps; shared on a cluster)")
@@ -56,6 +58,8 @@ def apply_arguments(spec: SweepSpec, args: argparse.Namespace) -> SweepSpec:
         changes["seeds"] = tuple(args.seeds)
     if args.asha:
         changes["asha"] = True
+    if args.leakage:
+        changes["leakage"] = True
     return replace(spec, **changes)
 
 

@@ -2,11 +2,13 @@
 
 import csv
 import io
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -15,7 +17,8 @@ import pytest
 from equicsp import tracking
 from equicsp.config import ARMS
 from equicsp.sweep.driver import run_sweep
-from equicsp.sweep.final import best_per_cell
+from equicsp.sweep.final import CellResult, best_per_cell
+from equicsp.sweep.report import ablation_table, table_markdown
 from equicsp.sweep.search import SearchSpace, initial_points
 from equicsp.sweep.space import Choice, FloatRange
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
@@ -234,3 +237,14 @@ def test_the_hyperparameter_sweep_with_early_stopping_finishes_and_closes_stoppe
     finished = [run for run in training if run.info.status == "FINISHED"]
     assert finished and all("tuned_step_lr" in run.data.metrics for run in finished)
     assert len(runs_of_kind(uri, "evaluation")) == 1
+
+
+def test_the_table_names_shared_models_and_shows_leakage_columns_when_asked():
+    spec = SweepSpec(name="s", preset="smoke", arms=("equicsp", "no_pm"), seeds=(0,), leakage=True)
+    cells = [CellResult("equicsp", 0, "run-a", "eval-a", 1e-4, 0.5, 0.6, 0.1, {}, "equicsp", 0.25, 0.5, 0.2),
+             CellResult("no_pm", 0, "run-a", "eval-b", 2e-4, 0.4, 0.5, 0.3, {}, "equicsp", 0.25, 0.4, math.nan)]
+    markdown = table_markdown(ablation_table(cells, spec), spec)
+    assert "| EquiCSP | own | 60.00 | 0.1000 |" in markdown
+    assert "| w/o probabilistic model | shares EquiCSP's | 50.00 | 0.3000 |" in markdown
+    assert "| 25.0 | 50.00 | 0.2000 |" in markdown and "| 25.0 | 40.00 | n/a |" in markdown
+    assert "unleaked" not in table_markdown(ablation_table(cells, spec), replace(spec, leakage=False))

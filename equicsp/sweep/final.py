@@ -27,6 +27,9 @@ class CellResult:
     test_rmse: float  # nan when nothing matched
     searched: dict[str, Any] = field(default_factory=dict)
     model_of: str = ""  # the arm whose training produced the model (this arm's own, or one it shares)
+    leaked_fraction: float = math.nan  # with spec.leakage: test crystals a training crystal answers
+    unleaked_match_rate: float = math.nan
+    unleaked_rmse: float = math.nan
 
 
 def metric_name(arm: str, owner: str, name: str) -> str:
@@ -58,13 +61,15 @@ def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: Swee
     step_lr = trial[metric_name(arm, owner, "tuned_step_lr")]
     settings = EvaluationSettings(num_samples=spec.test_samples, seed=0, limit=spec.test_limit,
                                   workers=launch.eval_workers, step_lr=step_lr,
-                                  sampling_arm=None if arm == owner else arm)
+                                  sampling_arm=None if arm == owner else arm, leakage=spec.leakage)
     # The run inherits the training run's tags; an arm sampling a shared model says which arm it is.
     tags = {} if arm == owner else {"arm": arm, "shares_model_of": owner, **{
         f"switch.{name}": str(value) for name, value in asdict(ARMS[arm].objective).items()}}
     evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri, extra_tags=tags,
                                      show_progress=show_progress)
     searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
+    leakage = evaluation.leakage
     return CellResult(arm, seed, trial["training_run_id"], evaluation.run_id, step_lr,
                       trial[metric_name(arm, owner, STEP_LR_METRIC)], evaluation.summary.match_rate,
-                      evaluation.summary.rmse, searched, owner)
+                      evaluation.summary.rmse, searched, owner,
+                      *((leakage.leaked_fraction, leakage.unleaked_match_rate, leakage.unleaked_rmse) if leakage else ()))

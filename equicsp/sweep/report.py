@@ -39,23 +39,33 @@ def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, A
                      "match_rate_mean": match_mean, "match_rate_std": match_std,
                      "rmse_mean": rmse_mean, "rmse_std": rmse_std,
                      "val_match_rate_mean": _mean_spread([100 * cell.val_match_rate for cell in mine])[0],
+                     "leaked_mean": _mean_spread([100 * cell.leaked_fraction for cell in mine])[0],
+                     "unleaked_match_rate_mean": _mean_spread([100 * cell.unleaked_match_rate for cell in mine])[0],
+                     "unleaked_rmse_mean": _mean_spread([cell.unleaked_rmse for cell in mine])[0],
                      "step_lr": " ".join(f"{cell.step_lr:.3g}" for cell in mine),
                      "searched": "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in cell.searched.items()) for cell in mine)})
     return rows
 
 
+def _number(value: float, spec: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
 def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
     lines = [f"# Ablation: {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), k = {spec.test_samples})", "",
-             "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched |"
+             + (" leaked (%) | unleaked match rate (%) | unleaked RMSE |" if spec.leakage else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if spec.leakage else "")]
     for row in table:
         spread = row["seeds"] > 1  # one seed has no spread to show
         match = f"{row['match_rate_mean']:.2f}" + (f" ± {row['match_rate_std']:.2f}" if spread else "")
         rmse = "n/a" if math.isnan(row["rmse_mean"]) else \
             f"{row['rmse_mean']:.4f}" + (f" ± {row['rmse_std']:.4f}" if spread else "")
         lines.append(f"| {row['variant']} | {row['model']} | {match} | {rmse} | "
-                     f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} |")
+                     f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} |"
+                     + (f" {_number(row['leaked_mean'], '.1f')} | {_number(row['unleaked_match_rate_mean'], '.2f')} | "
+                        f"{_number(row['unleaked_rmse_mean'], '.4f')} |" if spec.leakage else ""))
     note = ("\n\nMean ± standard deviation over seeds; each seed's best trial, at its tuned step size. "
             "Arms that differ only in a sampling-time switch (the PM correction) sample one trained model: "
             "the model column names whose.\n")
@@ -83,6 +93,8 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
         metrics[f"{row['arm']}/match_rate"] = row["match_rate_mean"] / 100
         if not math.isnan(row["rmse_mean"]):
             metrics[f"{row['arm']}/rmse"] = row["rmse_mean"]
+        if not math.isnan(row["unleaked_match_rate_mean"]):
+            metrics[f"{row['arm']}/unleaked_match_rate"] = row["unleaked_match_rate_mean"] / 100
     tracking.log_metrics(uri, parent, metrics)
     for path in files.values():
         tracking.log_artifact(uri, parent, path)

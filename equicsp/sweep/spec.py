@@ -32,6 +32,7 @@ class SweepSpec:
     asha: bool = False  # stop poor trials early on the validation loss
     search_seed: int = 0
     share_models: bool = True  # arms that differ only at sampling time (PM on/off) sample one trained model
+    leakage: bool = False  # also score the test crystals no training crystal answers (leakage.py)
 
     def arm_space(self, arm: str) -> dict[str, Domain]:
         """The searched fields that act in this arm (the permutation-loss weight only with the loss)."""
