@@ -285,51 +285,53 @@ def load_config(path: str | Path) -> Config:
 
 
 def validate(config: Config) -> None:
-    o, d, m, s, opt, r = config.objective, config.diffusion, config.model, config.sampler, config.optim, config.run
+    objective, diffusion, model, sampler = config.objective, config.diffusion, config.model, config.sampler
+    optim, run = config.optim, config.run
     problems = []
-    if o.von_mises and not o.com_free_noise:
+    if objective.von_mises and not objective.com_free_noise:
         problems.append("objective.von_mises needs objective.com_free_noise: the von Mises target models CoM-free noise")
-    if o.prob_model and not o.com_free_noise:
+    if objective.prob_model and not objective.com_free_noise:
         problems.append("objective.prob_model needs objective.com_free_noise: it corrects for the CoM removal")
-    if o.prob_model and o.cost_coord <= 0:
+    if objective.prob_model and objective.cost_coord <= 0:
         problems.append("objective.prob_model needs objective.cost_coord > 0: the correction uses the trained n~ head")
-    if o.lattice not in ("projected", "matrix"):
-        problems.append(f"objective.lattice must be projected or matrix, not {o.lattice!r}")
-    if o.lattice == "matrix" and (o.perm_loss or o.frame_average):
+    if objective.lattice not in ("projected", "matrix"):
+        problems.append(f"objective.lattice must be projected or matrix, not {objective.lattice!r}")
+    if objective.lattice == "matrix" and (objective.perm_loss or objective.frame_average):
         problems.append("objective.perm_loss and objective.frame_average need objective.lattice = projected: "
                         "the axis permutations act on the projected lattice parameters")
-    if o.frame_average and o.perm_loss:
+    if objective.frame_average and objective.perm_loss:
         problems.append("objective.frame_average and objective.perm_loss exclude each other: "
                         "a frame-averaged model is equivariant already")
     for name, value in config.flat().items():
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{name} must be a finite number, not {value}")
-    if o.perm_loss_weight < 0 or o.cost_coord < 0:
+    if objective.perm_loss_weight < 0 or objective.cost_coord < 0:
         problems.append("loss weights (objective.perm_loss_weight, objective.cost_coord) must be >= 0")
-    if d.timesteps < 1:
+    if diffusion.timesteps < 1:
         problems.append("diffusion.timesteps must be >= 1")
-    if not 0 < d.sigma_begin < d.sigma_end:
+    if not 0 < diffusion.sigma_begin < diffusion.sigma_end:
         problems.append("need 0 < diffusion.sigma_begin < diffusion.sigma_end")
-    if not 0 <= s.num_steps <= d.timesteps:
-        problems.append(f"sampler.num_steps must be in 0 .. diffusion.timesteps ({d.timesteps})")
-    for name, value in (("sampler.step_lr", s.step_lr), ("optim.lr", opt.lr), ("optim.grad_clip", opt.grad_clip)):
+    if not 0 <= sampler.num_steps <= diffusion.timesteps:
+        problems.append(f"sampler.num_steps must be in 0 .. diffusion.timesteps ({diffusion.timesteps})")
+    for name, value in (("sampler.step_lr", sampler.step_lr), ("optim.lr", optim.lr), ("optim.grad_clip", optim.grad_clip)):
         if not value > 0:
             problems.append(f"{name} must be > 0, not {value}")
-    if not opt.min_lr >= 0:
-        problems.append(f"optim.min_lr must be >= 0, not {opt.min_lr}")
-    if not 0 < opt.plateau_factor < 1:
-        problems.append(f"optim.plateau_factor must be in (0, 1), not {opt.plateau_factor}")
-    if min(r.checkpoint_every, r.log_every) < 1:
+    if not optim.min_lr >= 0:
+        problems.append(f"optim.min_lr must be >= 0, not {optim.min_lr}")
+    if not 0 < optim.plateau_factor < 1:
+        problems.append(f"optim.plateau_factor must be in (0, 1), not {optim.plateau_factor}")
+    if min(run.checkpoint_every, run.log_every) < 1:
         problems.append(f"run.checkpoint_every and run.log_every must be >= 1 (epochs), "
-                        f"not {r.checkpoint_every} and {r.log_every}")
-    if min(m.num_layers, m.hidden_dim, m.num_freqs, m.time_dim, opt.batch_size, s.batch_size, opt.epochs) < 1:
+                        f"not {run.checkpoint_every} and {run.log_every}")
+    sizes = (model.num_layers, model.hidden_dim, model.num_freqs, model.time_dim, optim.batch_size, sampler.batch_size)
+    if min(*sizes, optim.epochs) < 1:
         problems.append("sizes, batch sizes and epochs must be >= 1")
     if config.data.max_atoms < 1:
         problems.append("data.max_atoms must be >= 1")
-    if r.precision not in ("fp32", "bf16"):
-        problems.append(f"run.precision must be fp32 or bf16, not {r.precision!r}")
-    if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
-        problems.append(f"run.device must be auto, cpu, cuda or cuda:N, not {r.device!r}")
+    if run.precision not in ("fp32", "bf16"):
+        problems.append(f"run.precision must be fp32 or bf16, not {run.precision!r}")
+    if not (run.device in ("auto", "cpu", "cuda") or run.device.startswith("cuda:")):
+        problems.append(f"run.device must be auto, cpu, cuda or cuda:N, not {run.device!r}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -346,10 +348,11 @@ def resume_differences(stored: dict[str, Any], config: Config) -> list[str]:
     stored is `Config.flat()` of the stored run, or its MLflow params (the same values as strings).
     """
     differences = []
+    defaults = Config().flat()  # a field added since the run was stored had its default then
     for name, value in config.flat().items():
         if name in RESUMABLE_FIELDS:
             continue
-        old = stored.get(name, "<absent>")
+        old = stored.get(name, defaults.get(name, "<absent>"))
         if str(old) != str(value):
             differences.append(f"{name} {old} -> {value}")
     return differences

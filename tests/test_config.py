@@ -99,3 +99,10 @@ def test_resume_compares_every_field_but_the_resumable_ones():
     as_mlflow_params = {name: str(value) for name, value in stored.flat().items()}  # MLflow keeps strings
     assert resume_differences(as_mlflow_params, longer) == []
     assert resume_differences(as_mlflow_params, other) == differences
+
+
+def test_a_run_stored_before_a_field_existed_resumes_when_the_field_has_its_default():
+    config = make_config("smoke", "equicsp")
+    stored = {name: value for name, value in config.flat().items() if name != "objective.lattice"}
+    assert resume_differences(stored, config) == []
+    assert resume_differences(stored, make_config("smoke", "diffcsp")) != []
