@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
+from equicsp.batches import GraphSizes
 from equicsp.config import Config, ModelConfig
 from equicsp.data import MAX_ATOMIC_NUMBER
 from equicsp.lattice import (
@@ -47,7 +48,8 @@ class DenoiserOutput:
 class CrystalGraph:
     """Fully connected directed edges of each crystal, i-major, plus the unordered pairs i < j.
 
-    Built by index arithmetic from the atom counts alone: no loop over crystals.
+    Built by index arithmetic from the atom counts alone: no loop over crystals, and, when
+    the host gives the batch's sizes, no host synchronisation either.
     """
 
     source: torch.Tensor  # (E,) atom i of edge (i, j); messages are averaged onto i
@@ -56,29 +58,41 @@ class CrystalGraph:
     pair_source: torch.Tensor  # (P,) i of each pair i < j
     pair_target: torch.Tensor  # (P,) j
     edge_slot: torch.Tensor  # (E,) row of the Fourier table: pair p (i<j), P + p (i>j), 2P (self)
-    edges_per_atom: torch.Tensor  # (N,) edges leaving each atom: its crystal's size
 
     @classmethod
-    def fully_connected(cls, num_atoms: torch.Tensor) -> "CrystalGraph":
+    def fully_connected(cls, num_atoms: torch.Tensor, sizes: GraphSizes | None = None) -> "CrystalGraph":
+        """num_atoms (B,) on the model's device; sizes from the host (else read back from the device)."""
+        if sizes is None:
+            sizes = GraphSizes.of(num_atoms.cpu())
         device = num_atoms.device
-        num_crystals = num_atoms.shape[0]
+        crystals = torch.arange(num_atoms.shape[0], device=device)
         atom_offsets = torch.cumsum(num_atoms, 0) - num_atoms  # (B,)
         edges_per_crystal = num_atoms * num_atoms
         edge_offsets = torch.cumsum(edges_per_crystal, 0) - edges_per_crystal
-        edge_crystal = torch.repeat_interleave(torch.arange(num_crystals, device=device), edges_per_crystal)
-        local = torch.arange(edge_crystal.shape[0], device=device) - edge_offsets[edge_crystal]
+        edge_crystal = torch.repeat_interleave(crystals, edges_per_crystal, output_size=sizes.edges)
+        local = torch.arange(sizes.edges, device=device) - edge_offsets[edge_crystal]
         n = num_atoms[edge_crystal]
         local_i, local_j = local // n, local % n
-        base = atom_offsets[edge_crystal]
-        upper = local_i < local_j
-        pair_id = torch.cumsum(upper.long(), 0) - 1  # pair index of each upper edge
-        transpose = edge_offsets[edge_crystal] + local_j * n + local_i  # edge index of (j, i)
-        num_pairs = int(upper.sum())
-        slot = torch.where(upper, pair_id, num_pairs + pair_id[transpose])
-        slot = torch.where(local_i == local_j, torch.full_like(slot, 2 * num_pairs), slot)
-        return cls(source=base + local_i, target=base + local_j, edge_crystal=edge_crystal,
-                   pair_source=(base + local_i)[upper], pair_target=(base + local_j)[upper], edge_slot=slot,
-                   edges_per_atom=torch.repeat_interleave(num_atoms, num_atoms))
+        # Pairs are numbered j-major inside a crystal: (i, j) with i < j is pair j (j - 1) / 2 + i.
+        pairs_per_crystal = num_atoms * (num_atoms - 1) // 2
+        pair_offsets = torch.cumsum(pairs_per_crystal, 0) - pairs_per_crystal
+        low, high = torch.minimum(local_i, local_j), torch.maximum(local_i, local_j)
+        pair = pair_offsets[edge_crystal] + high * (high - 1) // 2 + low
+        slot = torch.where(local_i < local_j, pair, pair + sizes.pairs)
+        slot = torch.where(local_i == local_j, torch.full_like(slot, 2 * sizes.pairs), slot)
+        pair_crystal = torch.repeat_interleave(crystals, pairs_per_crystal, output_size=sizes.pairs)
+        pair_i, pair_j = triangle_pair(torch.arange(sizes.pairs, device=device) - pair_offsets[pair_crystal])
+        base = atom_offsets[pair_crystal]
+        return cls(source=atom_offsets[edge_crystal] + local_i, target=atom_offsets[edge_crystal] + local_j,
+                   edge_crystal=edge_crystal, pair_source=base + pair_i, pair_target=base + pair_j, edge_slot=slot)
+
+
+def triangle_pair(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair (i, j), i < j, numbered k = j (j - 1) / 2 + i (j-major)."""
+    j = ((1 + torch.sqrt(1 + 8 * k.double())) / 2).floor().long()
+    j = torch.where(j * (j - 1) // 2 > k, j - 1, j)  # guard the square root's rounding either way
+    j = torch.where((j + 1) * j // 2 <= k, j + 1, j)
+    return k - j * (j - 1) // 2, j
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,7 +119,7 @@ class CSPLayer(nn.Module):
         self.node_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
 
     def forward(self, h: torch.Tensor, lattice_features: torch.Tensor, edge_fourier: torch.Tensor,
-                graph: CrystalGraph, batch: torch.Tensor) -> torch.Tensor:
+                graph: CrystalGraph, batch: torch.Tensor, atoms_per_atom: torch.Tensor) -> torch.Tensor:
         normed = self.norm(h)
         # The lattice term is per crystal: add it per atom before it reaches the edges.
         source = self.edge_source(normed) + self.edge_lattice(lattice_features).index_select(0, batch)  # (N, hidden)
@@ -114,7 +128,7 @@ class CSPLayer(nn.Module):
         messages = self.edge_out(pre)  # (E, hidden)
         # index_add is an order of magnitude faster on CPU than scatter's broadcast index or segment_reduce.
         summed = torch.index_add(messages.new_zeros(h.shape[0], messages.shape[1]), 0, graph.source, messages)
-        aggregated = summed / graph.edges_per_atom.unsqueeze(-1).to(summed.dtype)
+        aggregated = summed / atoms_per_atom.unsqueeze(-1).to(summed.dtype)  # each atom has its crystal's n edges
         return h + self.node_out(self.node_self(normed) + self.node_messages(aggregated))
 
 
@@ -146,10 +160,12 @@ class CSPNet(nn.Module):
         return torch.cat([cos_part + sin_part, cos_part - sin_part, self_edge], dim=0)
 
     def forward(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor,
-                timesteps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor) -> DenoiserOutput:
+                timesteps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor,
+                sizes: GraphSizes | None = None) -> DenoiserOutput:
         """atom_types (N,), frac_coords (N, 3), lattice (B, D) in its representation, timesteps (B,), batch (N,),
-        num_atoms (B,)."""
-        graph = CrystalGraph.fully_connected(num_atoms)
+        num_atoms (B,); sizes: the batch's graph sizes known on the host (else read back from the device)."""
+        graph = CrystalGraph.fully_connected(num_atoms, sizes)
+        atoms_per_atom = num_atoms[batch]
         hidden = self.config.hidden_dim
         time = sinusoidal_embedding(timesteps, self.config.time_dim)[batch]
         h = self.input_mlp(torch.cat([self.atom_embedding(atom_types), time], dim=-1))
@@ -158,7 +174,7 @@ class CSPNet(nn.Module):
         tables = tables.view(tables.shape[0], len(self.layers), hidden)  # (2P + 1, L, hidden)
         for index, layer in enumerate(self.layers):
             # Gathered per layer so each layer's (E, hidden) block is contiguous.
-            h = layer(h, lattice_features, tables[:, index].index_select(0, graph.edge_slot), graph, batch)
+            h = layer(h, lattice_features, tables[:, index].index_select(0, graph.edge_slot), graph, batch, atoms_per_atom)
         h = self.final_norm(h)
         num_crystals = num_atoms.shape[0]
         crystal_h = scatter(h, batch, dim=0, dim_size=num_crystals, reduce="mean")
@@ -186,7 +202,8 @@ class FrameAveraged(nn.Module):
     def config(self) -> ModelConfig:
         return self.network.config
 
-    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms) -> DenoiserOutput:
+    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms,
+                sizes: GraphSizes | None = None) -> DenoiserOutput:
         num_crystals, total_atoms = num_atoms.shape[0], atom_types.shape[0]
         device = lattice.device
         perms = torch.arange(NUM_PERMUTATIONS, device=device).repeat_interleave(num_crystals)  # (6B,)
@@ -196,7 +213,8 @@ class FrameAveraged(nn.Module):
             atom_types.repeat(NUM_PERMUTATIONS),
             permute_columns(frac_coords.repeat(NUM_PERMUTATIONS, 1), perms, stacked_batch),
             permute_lattice(lattice.repeat(NUM_PERMUTATIONS, 1), perms),
-            timesteps.repeat(NUM_PERMUTATIONS), stacked_batch, num_atoms.repeat(NUM_PERMUTATIONS))
+            timesteps.repeat(NUM_PERMUTATIONS), stacked_batch, num_atoms.repeat(NUM_PERMUTATIONS),
+            None if sizes is None else sizes.repeated(NUM_PERMUTATIONS))
         inverse = inverse_permutation_index(perms)
         lattice_noise = permute_lattice(out.lattice_noise, inverse).view(NUM_PERMUTATIONS, num_crystals, 6)
         coord = permute_columns(out.coord_noise, inverse, stacked_batch).view(NUM_PERMUTATIONS, total_atoms, 3)

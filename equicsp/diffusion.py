@@ -51,8 +51,9 @@ class Diffusion:
     def tables_key(self) -> str | None:
         return self.tables.key if self.tables is not None else None
 
-    def check_atom_counts(self, num_atoms: torch.Tensor) -> None:
-        largest = int(num_atoms.max())
+    def check_atom_counts(self, num_atoms: torch.Tensor | list[int]) -> None:
+        """Fails when a crystal is larger than the von Mises tables cover (counts on the host: no device read)."""
+        largest = max(num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else num_atoms)
         if self.tables is not None and largest > self.tables.max_atoms:
             raise ValueError(f"a crystal has {largest} atoms but data.max_atoms is {self.tables.max_atoms}")
 

@@ -40,7 +40,8 @@ def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Ten
                 lattice=torch.cat([noised.lattice, permuted_lattice]),
                 timesteps=noised.timesteps.repeat(2),
                 batch=torch.cat([batch.batch, batch.batch + num_crystals]),
-                num_atoms=batch.num_atoms.repeat(2))
+                num_atoms=batch.num_atoms.repeat(2),
+                sizes=None if getattr(batch, "sizes", None) is None else batch.sizes.repeated(2))
 
 
 class PermutationLoss:
@@ -84,7 +85,7 @@ class Objective:
                 outputs, perm_loss = self.permutation_loss.forward_with_loss(self.denoiser, batch, noised, seed, step)
             else:
                 out = self.denoiser(batch.atom_types, noised.frac_coords, noised.lattice, noised.timesteps,
-                                    batch.batch, batch.num_atoms)
+                                    batch.batch, batch.num_atoms, getattr(batch, "sizes", None))
                 outputs, perm_loss = (out.lattice_noise, out.coord_noise, out.coord_score), None
         lattice_out, coord_out, score_out = outputs
         lattice_loss = mse(lattice_out, noised.lattice_noise)

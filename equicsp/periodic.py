@@ -34,7 +34,14 @@ def circular_mean_last_axis(x: torch.Tensor) -> torch.Tensor:
     return _mean_direction(torch.sin(angle).mean(-1, keepdim=True), torch.cos(angle).mean(-1, keepdim=True))
 
 
-def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
+def atoms_per_atom(batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
+    """(N,) the size of each atom's crystal, counted from the batch vector (callers that know it pass it instead:
+    counting reads a size back from the device)."""
+    return torch.bincount(batch, minlength=num_crystals)[batch]
+
+
+def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int,
+                   atom_counts: torch.Tensor | None = None) -> torch.Tensor:
     """n~ = w(n - mu): the noise with its periodic centre of mass removed (docs/method.md#periodic-com-free-noise).
 
     Invariant under n -> n + tau for any per-crystal shift tau, hence under periodic
@@ -42,13 +49,13 @@ def com_free_noise(noise: torch.Tensor, batch: torch.Tensor, num_crystals: int) 
     rounding).
     """
     centred = wrap(noise - circular_mean(noise, batch, num_crystals)[batch])
-    atoms_per_crystal = torch.bincount(batch, minlength=num_crystals)
-    single_atom = (atoms_per_crystal == 1)[batch].unsqueeze(-1)
+    atom_counts = atoms_per_atom(batch, num_crystals) if atom_counts is None else atom_counts
+    single_atom = (atom_counts == 1).unsqueeze(-1)
     return torch.where(single_atom, torch.zeros_like(centred), centred)
 
 
 def pm_corrected_score(score: torch.Tensor, predicted_noise: torch.Tensor, batch: torch.Tensor,
-                       num_crystals: int) -> torch.Tensor:
+                       num_crystals: int, atom_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Chain rule from the score in n~ to the score in X (docs/method.md#pm-correction).
 
     With theta_i = 2 pi n~_i, u = mean sin, v = mean cos and
@@ -59,8 +66,8 @@ def pm_corrected_score(score: torch.Tensor, predicted_noise: torch.Tensor, batch
     sin, cos = torch.sin(theta), torch.cos(theta)
     u = scatter(sin, batch, dim=0, dim_size=num_crystals, reduce="mean")
     v = scatter(cos, batch, dim=0, dim_size=num_crystals, reduce="mean")
-    atoms = torch.bincount(batch, minlength=num_crystals).to(score.dtype).unsqueeze(-1)
-    resultant = ((u * u + v * v) * atoms).clamp_min(torch.finfo(score.dtype).tiny)
-    g = (v[batch] * cos + u[batch] * sin) / resultant[batch]
+    atom_counts = atoms_per_atom(batch, num_crystals) if atom_counts is None else atom_counts
+    resultant = ((u * u + v * v)[batch] * atom_counts.to(score.dtype).unsqueeze(-1)).clamp_min(torch.finfo(score.dtype).tiny)
+    g = (v[batch] * cos + u[batch] * sin) / resultant
     score_sum = scatter(score, batch, dim=0, dim_size=num_crystals, reduce="sum")
     return score - g * score_sum[batch]

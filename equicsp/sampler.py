@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from equicsp.batches import GraphSizes
 from equicsp.config import Config
 from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion
@@ -68,12 +69,12 @@ class Sampler:
         self.precision = precision
         self.lattice = diffusion.lattice
 
-    def score(self, atom_types, frac_coords, lattice, t, batch, num_atoms):
+    def score(self, atom_types, frac_coords, lattice, t, batch, num_atoms, sizes: GraphSizes | None = None):
         """eps_hat_l and the coordinate score in X (unnormalised; PM-corrected when the target has it)."""
         num_crystals = num_atoms.shape[0]
         timesteps = torch.full((num_crystals,), t, device=self.device, dtype=torch.long)
         with autocast(self.device, self.precision):
-            out = self.denoiser(atom_types, frac_coords, lattice, timesteps, batch, num_atoms)
+            out = self.denoiser(atom_types, frac_coords, lattice, timesteps, batch, num_atoms, sizes)
         score = self.diffusion.target.coordinate_score(out.coord_score, out.coord_noise, batch, num_crystals,
                                                        num_atoms[batch], timesteps[batch])
         return out.lattice_noise, score
@@ -100,13 +101,19 @@ class Sampler:
         return mean + std * z
 
     @torch.inference_mode()
-    def sample_batch(self, atom_types: torch.Tensor, num_atoms: torch.Tensor, keys: torch.Tensor, seed: int,
+    def sample_batch(self, atom_types: torch.Tensor, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
                      progress: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) atom types, (B,) atom counts, (B,) keys -> ((N, 3) X_0, (B, D) lattice in the representation)."""
+        """(N,) atom types, (B,) atom counts, (B,) keys -> ((N, 3) X_0, (B, D) lattice in the representation).
+
+        The atom counts are read on the host (a list, or a CPU tensor), so no step asks the device for a size.
+        """
         device, dtype = self.device, torch.float32
-        atom_types, num_atoms, keys = atom_types.to(device), num_atoms.to(device), keys.to(device)
-        self.diffusion.check_atom_counts(num_atoms)
-        batch = torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms)
+        num_atoms_host = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
+        num_atoms = torch.tensor(num_atoms_host, dtype=torch.long, device=device)
+        atom_types, keys = atom_types.to(device), keys.to(device)
+        sizes = GraphSizes.of(num_atoms_host)
+        self.diffusion.check_atom_counts(num_atoms_host)
+        batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=device), num_atoms, output_size=sizes.atoms)
         per_atom = atom_keys(keys, batch, num_atoms)
         x = keyed_uniform(per_atom, 3, seed, 0, _INITIAL_COORDS, dtype)
         lattice = keyed_normal(keys, self.lattice.dim, seed, 0, _INITIAL_LATTICE, dtype)
@@ -118,14 +125,14 @@ class Sampler:
             sigma_t, sigma_s = sigmas[t], sigmas[s]
             # Corrector: Langevin at sigma_t; the lattice stays. The last step (t = 1) adds no noise,
             # as in both reference codes: its jitter would be left in the final structure.
-            _, score = self.score(atom_types, x, lattice, t, batch, num_atoms)
+            _, score = self.score(atom_types, x, lattice, t, batch, num_atoms, sizes)
             step = step_lr * (sigma_t / sigmas[1]) ** 2
             x = x - step * score
             if t > 1:
                 x = x + (2 * step).sqrt() * keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
             x = wrap(x)
             # Predictor: reverse-diffusion step for X, DDPM step for l.
-            lattice_noise, score = self.score(atom_types, x, lattice, t, batch, num_atoms)
+            lattice_noise, score = self.score(atom_types, x, lattice, t, batch, num_atoms, sizes)
             variance_drop = sigma_t**2 - sigma_s**2
             z = keyed_normal(per_atom, 3, seed, t, _PREDICTOR, dtype)
             x = wrap(x - variance_drop * score + (sigma_s**2 * variance_drop / sigma_t**2).sqrt() * z)

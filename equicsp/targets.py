@@ -72,10 +72,10 @@ class ComFreeTarget:
         if not self.prob_model:
             return score
         predicted_noise = noise_output * self.noise_scale(atom_counts, timesteps)[:, None]
-        return pm_corrected_score(score, predicted_noise, batch, num_crystals)
+        return pm_corrected_score(score, predicted_noise, batch, num_crystals, atom_counts)
 
     def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
-        centred = wrap_centered(com_free_noise(noise, batch, num_crystals))  # (N, 3) in [-0.5, 0.5)
+        centred = wrap_centered(com_free_noise(noise, batch, num_crystals, atom_counts))  # (N, 3) in [-0.5, 0.5)
         if self.von_mises:
             kappa = self.tables.kappa[atom_counts, timesteps][:, None]
             raw_score = kappa * torch.sin(TWO_PI * centred) * TWO_PI  # docs/method.md#von-mises: minus the VM score

@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 import yaml
 from torch import nn
-from torch_geometric.loader import DataLoader
 from tqdm.auto import tqdm
 
+from equicsp.batches import DeviceCrystals
 from equicsp.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from equicsp.config import Config, ConfigError, flatten, resume_differences
 from equicsp.data import CrystalDataset, load_splits
@@ -73,6 +73,8 @@ class TrainingLoop:
                  wrap_model: Callable[[nn.Module], nn.Module] | None = None, show_progress: bool = True):
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.train_set, self.val_set = train_set, val_set
+        # The data lives on the device; batches are cut there by index (batches.py).
+        self.train_crystals, self.val_crystals = DeviceCrystals(train_set, device), DeviceCrystals(val_set, device)
         torch.manual_seed(config.run.seed)
         self.diffusion = Diffusion(config, device)
         for dataset in (train_set, val_set):
@@ -90,14 +92,15 @@ class TrainingLoop:
             raise ConfigError(f"optim.batch_size {o.batch_size} is not divisible by {world_size} workers")
         self.local_batch_size = o.batch_size // world_size
 
-    def _shard(self, dataset: CrystalDataset, epoch: int, shuffle: bool) -> DataLoader:
+    def _shard(self, dataset: CrystalDataset, epoch: int, shuffle: bool) -> list[list[int]]:
+        """This worker's batches of the epoch, as lists of dataset indices."""
         order = (torch.randperm(len(dataset), generator=shuffle_generator(self.config.run.seed, epoch))
                  if shuffle else torch.arange(len(dataset)))
         # Every worker gets the same number of batches (DDP needs equal steps): pad by wrapping.
         per_worker = math.ceil(len(dataset) / self.world_size)
         order = torch.cat([order, order[:per_worker * self.world_size - len(order)]])
         mine = order[self.rank::self.world_size].tolist()
-        return DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=self.local_batch_size, shuffle=False)
+        return [mine[start:start + self.local_batch_size] for start in range(0, len(mine), self.local_batch_size)]
 
     def train_epoch(self) -> dict[str, float]:
         epoch = self.state.epoch
@@ -108,8 +111,8 @@ class TrainingLoop:
         start = time.perf_counter()
         loader = self._shard(self.train_set, epoch, shuffle=True)
         progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
-        for step, batch in enumerate(progress, start=1):
-            batch = batch.to(self.device)
+        for step, indices in enumerate(progress, start=1):
+            batch = self.train_crystals.batch(indices)
             loss = self.objective(batch, self.config.run.seed, epoch + 1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
@@ -145,8 +148,8 @@ class TrainingLoop:
         self.model.eval()
         sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
         crystals = 0
-        for batch in self._shard(self.val_set, 0, shuffle=False):
-            batch = batch.to(self.device)
+        for indices in self._shard(self.val_set, 0, shuffle=False):
+            batch = self.val_crystals.batch(indices)
             loss = self.objective(batch, self.config.run.seed, 0)  # step 0: the same draws every epoch
             size = batch.num_atoms.shape[0]
             crystals += size
