@@ -27,6 +27,7 @@ from equicsp.data import CrystalDataset, load_splits
 from equicsp.denoiser import build_denoiser
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
+from equicsp.num_atoms import atom_count_histogram
 from equicsp.objective import Objective
 
 LOSS_NAMES = ("total", "lattice", "coord", "score", "perm")
@@ -86,7 +87,7 @@ class TrainingLoop:
     def train_epoch(self) -> dict[str, float]:
         epoch = self.state.epoch
         self.model.train()
-        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        sums = dict.fromkeys(self.objective.loss_names, 0.0)
         crystals = 0
         start = time.perf_counter()
         loader = self._shard(self.train_set, epoch, shuffle=True)
@@ -108,19 +109,20 @@ class TrainingLoop:
 
     def _mean_over_workers(self, sums: dict[str, float], crystals: int, prefix: str) -> dict[str, float]:
         """Per-crystal means of the loss sums over every worker's shard."""
-        totals = torch.tensor([sums[name] for name in LOSS_NAMES] + [crystals], dtype=torch.float64)
+        names = self.objective.loss_names  # LOSS_NAMES, plus "type" when the atom types are diffused
+        totals = torch.tensor([sums[name] for name in names] + [crystals], dtype=torch.float64)
         if self.world_size > 1 and torch.distributed.is_initialized():
             totals = totals.to(self.device)
             torch.distributed.all_reduce(totals)
             totals = totals.cpu()
         count = max(float(totals[-1]), 1.0)
-        return {f"{prefix}_{name}": float(value) / count for name, value in zip(LOSS_NAMES, totals[:-1])}
+        return {f"{prefix}_{name}": float(value) / count for name, value in zip(names, totals[:-1])}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """The objective on the validation set with fixed noise (the same draws every epoch)."""
         self.model.eval()
-        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        sums = dict.fromkeys(self.objective.loss_names, 0.0)
         crystals = 0
         for batch in self._shard(self.val_set, 0, shuffle=False):
             batch = batch.to(self.device)
@@ -148,7 +150,8 @@ class TrainingLoop:
     def save(self, path: Path) -> None:
         save_checkpoint(path, self.config, self.model, optimizer=self.optimizer.state_dict(),
                         scheduler=self.scheduler.state_dict(), epoch=self.state.epoch, best_val=self.state.best_val,
-                        history=self.state.history, tables_key=self.diffusion.tables_key or "")
+                        history=self.state.history, tables_key=self.diffusion.tables_key or "",
+                        **generation_state(self.config, self.train_set))
 
     def restore(self, path: Path) -> None:
         stored = read_checkpoint(path, self.device)
@@ -156,6 +159,13 @@ class TrainingLoop:
         self.optimizer.load_state_dict(stored["optimizer"])
         self.scheduler.load_state_dict(stored["scheduler"])
         self.state = TrainingState(int(stored["epoch"]), float(stored["best_val"]), list(stored.get("history", [])))
+
+
+def generation_state(config: Config, train_set: CrystalDataset) -> dict[str, list[int]]:
+    """What a generation checkpoint adds: the training set's atom-count histogram, from which N is drawn."""
+    if config.diffusion.task != "generation":
+        return {}
+    return {"num_atoms_distribution": atom_count_histogram(train_set.num_atoms, config.data.max_atoms)}
 
 
 def train(config: Config, out_dir: Path, resume: bool = True, show_progress: bool = True,
