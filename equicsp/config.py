@@ -34,6 +34,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
+    task: str = "csp"  # csp: structure from a composition | generation: atom types diffused too (docs/method.md#generation)
     timesteps: int = 1000
     cosine_offset: float = 0.008
     sigma_begin: float = 0.005
@@ -58,6 +59,7 @@ class ObjectiveConfig:
     perm_loss_weight: float = 1.0
     frame_average: bool = False
     cost_coord: float = 1.0  # weight of the n~ head's loss; 0 leaves the head untrained
+    cost_type: float = 20.0  # weight of the atom-type noise loss (diffusion.task = generation only; DiffCSP's value)
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,10 @@ def validate(config: Config) -> None:
             problems.append(f"{name} must be a finite number, not {value}")
     if objective.perm_loss_weight < 0 or objective.cost_coord < 0:
         problems.append("loss weights (objective.perm_loss_weight, objective.cost_coord) must be >= 0")
+    if diffusion.task not in ("csp", "generation"):
+        problems.append(f"diffusion.task must be csp or generation, not {diffusion.task!r}")
+    if diffusion.task == "generation" and objective.cost_type <= 0:
+        problems.append("diffusion.task = generation needs objective.cost_type > 0: the atom types are learnt by that loss")
     if diffusion.timesteps < 1:
         problems.append("diffusion.timesteps must be >= 1")
     if not 0 < diffusion.sigma_begin < diffusion.sigma_end:

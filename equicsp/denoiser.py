@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
+from equicsp.atom_types import NUM_TYPE_CLASSES
 from equicsp.batches import GraphSizes
 from equicsp.config import Config, ModelConfig
 from equicsp.data import MAX_ATOMIC_NUMBER
@@ -42,6 +43,7 @@ class DenoiserOutput:
     lattice_noise: torch.Tensor  # (B, D) eps_hat_l in the lattice representation
     coord_noise: torch.Tensor  # (N, 3) xhat: the CoM-free noise n~, normalised
     coord_score: torch.Tensor  # (N, 3) shat: the score target, normalised
+    type_noise: torch.Tensor | None = None  # (N, 100) eps_hat of the atom types (generation), else None
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,16 @@ class CSPLayer(nn.Module):
 
 
 class CSPNet(nn.Module):
-    def __init__(self, config: ModelConfig, lattice: LatticeRepresentation = LATTICE_REPRESENTATIONS["projected"]):
+    def __init__(self, config: ModelConfig, lattice: LatticeRepresentation = LATTICE_REPRESENTATIONS["projected"],
+                 diffuse_types: bool = False):
         super().__init__()
         self.config = config
         self.lattice = lattice
         hidden, k = config.hidden_dim, config.num_freqs
-        self.atom_embedding = nn.Embedding(MAX_ATOMIC_NUMBER + 1, hidden)
+        # CSP embeds the given atomic numbers; generation sees noisy one-hot vectors (N, 100) and predicts their noise.
+        self.atom_embedding = (nn.Linear(NUM_TYPE_CLASSES, hidden) if diffuse_types
+                               else nn.Embedding(MAX_ATOMIC_NUMBER + 1, hidden))
+        self.type_head = nn.Linear(hidden, NUM_TYPE_CLASSES) if diffuse_types else None
         self.input_mlp = nn.Linear(hidden + config.time_dim, hidden)
         self.register_buffer("frequencies", 2 * math.pi * torch.arange(k, dtype=torch.float32), persistent=False)
         self.layers = nn.ModuleList([CSPLayer(hidden, 6 * k, lattice.feature_dim) for _ in range(config.num_layers)])
@@ -162,8 +168,9 @@ class CSPNet(nn.Module):
     def forward(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor,
                 timesteps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor,
                 sizes: GraphSizes | None = None) -> DenoiserOutput:
-        """atom_types (N,), frac_coords (N, 3), lattice (B, D) in its representation, timesteps (B,), batch (N,),
-        num_atoms (B,); sizes: the batch's graph sizes known on the host (else read back from the device)."""
+        """atom_types (N,) atomic numbers, or (N, 100) noisy one-hots (generation); frac_coords (N, 3),
+        lattice (B, D) in its representation, timesteps (B,), batch (N,), num_atoms (B,); sizes: the batch's
+        graph sizes known on the host (else read back from the device)."""
         graph = CrystalGraph.fully_connected(num_atoms, sizes)
         atoms_per_atom = num_atoms[batch]
         hidden = self.config.hidden_dim
@@ -185,7 +192,8 @@ class CSPNet(nn.Module):
             coord_noise = coord_noise + scatter(coord_noise, batch, dim=0, dim_size=num_crystals, reduce="mean")[batch]
             coord_score = coord_score + scatter(coord_score, batch, dim=0, dim_size=num_crystals, reduce="mean")[batch]
         lattice_noise = self.lattice.network_noise(self.lattice_head(crystal_h).to(out_dtype), lattice)
-        return DenoiserOutput(lattice_noise, coord_noise, coord_score)
+        type_noise = self.type_head(h).to(out_dtype) if self.type_head is not None else None
+        return DenoiserOutput(lattice_noise, coord_noise, coord_score, type_noise)
 
 
 class FrameAveraged(nn.Module):
@@ -210,7 +218,7 @@ class FrameAveraged(nn.Module):
         copies = torch.arange(NUM_PERMUTATIONS, device=device)
         stacked_batch = (batch[None, :] + copies[:, None] * num_crystals).flatten()  # (6N,)
         out = self.network(
-            atom_types.repeat(NUM_PERMUTATIONS),
+            atom_types.repeat(NUM_PERMUTATIONS, *[1] * (atom_types.dim() - 1)),
             permute_columns(frac_coords.repeat(NUM_PERMUTATIONS, 1), perms, stacked_batch),
             permute_lattice(lattice.repeat(NUM_PERMUTATIONS, 1), perms),
             timesteps.repeat(NUM_PERMUTATIONS), stacked_batch, num_atoms.repeat(NUM_PERMUTATIONS),
@@ -219,11 +227,14 @@ class FrameAveraged(nn.Module):
         lattice_noise = permute_lattice(out.lattice_noise, inverse).view(NUM_PERMUTATIONS, num_crystals, 6)
         coord = permute_columns(out.coord_noise, inverse, stacked_batch).view(NUM_PERMUTATIONS, total_atoms, 3)
         score = permute_columns(out.coord_score, inverse, stacked_batch).view(NUM_PERMUTATIONS, total_atoms, 3)
-        return DenoiserOutput(lattice_noise.mean(0), coord.mean(0), score.mean(0))
+        # Atom types do not move under an axis permutation: their noise is averaged as is.
+        types = None if out.type_noise is None else out.type_noise.view(NUM_PERMUTATIONS, total_atoms, -1).mean(0)
+        return DenoiserOutput(lattice_noise.mean(0), coord.mean(0), score.mean(0), types)
 
 
 def build_denoiser(config: Config) -> nn.Module:
     """CSPNet for the config's model and lattice representation, Frame-Averaged when the objective says so."""
-    network = CSPNet(config.model, LATTICE_REPRESENTATIONS[config.objective.lattice])
+    network = CSPNet(config.model, LATTICE_REPRESENTATIONS[config.objective.lattice],
+                     diffuse_types=config.diffusion.task == "generation")
     return FrameAveraged(network) if config.objective.frame_average else network
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from equicsp.atom_types import NUM_TYPE_CLASSES, AtomTypeDiffusion
 from equicsp.config import Config
 from equicsp.lattice import LATTICE_REPRESENTATIONS, NUM_PERMUTATIONS, LatticeRepresentation
 from equicsp.noise import atom_keys, keyed_normal, keyed_uniform
@@ -15,7 +16,7 @@ from equicsp.targets import CoordinateTargets, build_target, target_class
 from equicsp.von_mises import VonMisesTables, load_or_build_tables
 
 # Noise streams of one training step.
-_TIMESTEP, _LATTICE_NOISE, _COORD_NOISE, _PERMUTATION = range(4)
+_TIMESTEP, _LATTICE_NOISE, _COORD_NOISE, _PERMUTATION, _TYPE_NOISE = range(5)
 
 
 @dataclass
@@ -25,6 +26,8 @@ class NoisedBatch:
     lattice_noise: torch.Tensor  # (B, D) eps_l
     frac_coords: torch.Tensor  # (N, 3) X_t = w(X_0 + n)
     targets: CoordinateTargets
+    atom_types: torch.Tensor  # the denoiser's type input: (N,) atomic numbers (csp), (N, 100) noisy one-hots (generation)
+    type_noise: torch.Tensor | None = None  # (N, 100) eps of the types (generation), else None
 
 
 class Diffusion:
@@ -42,6 +45,8 @@ class Diffusion:
         self.tables: VonMisesTables | None = tables
         self.schedule = schedule.to(device)
         self.target = build_target(config.objective, self.schedule, tables)
+        # Generation diffuses the atom types too; CSP keeps them given.
+        self.types = AtomTypeDiffusion(self.schedule) if d.task == "generation" else None
 
     @property
     def timesteps(self) -> int:
@@ -76,7 +81,11 @@ class Diffusion:
         eps = keyed_normal(per_atom, 3, seed, step, _COORD_NOISE, batch.frac_coords.dtype)
         noise = self.schedule.sigmas[t_atom][:, None] * eps
         targets = self.target.targets(noise, batch.batch, num_crystals, batch.num_atoms[batch.batch], t_atom)
-        return NoisedBatch(t, lattice_t, lattice_noise, wrap(batch.frac_coords + noise), targets)
+        noised = NoisedBatch(t, lattice_t, lattice_noise, wrap(batch.frac_coords + noise), targets, batch.atom_types)
+        if self.types is not None:
+            noised.type_noise = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, step, _TYPE_NOISE, lattice_0.dtype)
+            noised.atom_types = self.types.noise(batch.atom_types, t_atom, noised.type_noise)
+        return noised
 
 
 def crystal_keys(batch) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (docs/method.md#loss-terms).
+"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (docs/method.md#loss-terms),
+plus cost_type L_type when the atom types are diffused too (docs/method.md#generation).
 
 The pieces are chosen once, when the objective is built from a config: the forward process
 (`Diffusion`, which owns the coordinate target and the lattice representation), the denoiser
@@ -27,15 +28,25 @@ class LossTerms:
     coord: torch.Tensor  # the n~ head
     score: torch.Tensor
     perm: torch.Tensor
+    type: torch.Tensor | None = None  # the atom-type noise (generation only)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return CSP_LOSS_NAMES if self.type is None else GENERATION_LOSS_NAMES
 
     def as_floats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name).detach()) for name in ("total", "lattice", "coord", "score", "perm")}
+        return {name: float(getattr(self, name).detach()) for name in self.names}
+
+
+CSP_LOSS_NAMES = ("total", "lattice", "coord", "score", "perm")
+GENERATION_LOSS_NAMES = CSP_LOSS_NAMES + ("type",)
 
 
 def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Tensor, noised: NoisedBatch):
     """The batch and its permuted copy as one 2B-crystal input, so both passes share one forward."""
     num_crystals = batch.num_atoms.shape[0]
-    return dict(atom_types=batch.atom_types.repeat(2),
+    types = noised.atom_types
+    return dict(atom_types=types.repeat(2, *[1] * (types.dim() - 1)),
                 frac_coords=torch.cat([noised.frac_coords, permuted_coords]),
                 lattice=torch.cat([noised.lattice, permuted_lattice]),
                 timesteps=noised.timesteps.repeat(2),
@@ -49,6 +60,7 @@ class PermutationLoss:
 
     One random non-identity permutation per crystal, keyed like the noise; the plain and the
     permuted input go through the denoiser as one batch, and gradients flow through both.
+    The atom-type head (generation) should be invariant, P acting as the identity on types.
     """
 
     def forward_with_loss(self, denoiser: nn.Module, batch, noised: NoisedBatch, seed: int, step: int):
@@ -64,7 +76,11 @@ class PermutationLoss:
         loss = (mse(perm_lattice, permute_lattice(plain_lattice, permutation))
                 + mse(perm_coord, permute_columns(plain_coord, permutation, batch.batch))
                 + mse(perm_score, permute_columns(plain_score, permutation, batch.batch)))
-        return (plain_lattice, plain_coord, plain_score), loss
+        plain_types = None
+        if both.type_noise is not None:
+            plain_types, perm_types = both.type_noise.split(total_atoms)
+            loss = loss + mse(perm_types, plain_types)
+        return (plain_lattice, plain_coord, plain_score, plain_types), loss
 
 
 class Objective:
@@ -76,6 +92,8 @@ class Objective:
         self.coord_weight = weights.cost_coord
         self.perm_weight = weights.perm_loss_weight
         self.permutation_loss = PermutationLoss() if weights.perm_loss and weights.perm_loss_weight > 0 else None
+        self.type_weight = weights.cost_type
+        self.loss_names = GENERATION_LOSS_NAMES if diffusion.types is not None else CSP_LOSS_NAMES
 
     def __call__(self, batch, seed: int = 0, step: int = 0) -> LossTerms:
         """The loss terms for one batch; its noise is keyed by (seed, step, crystal index)."""
@@ -84,13 +102,16 @@ class Objective:
             if self.permutation_loss is not None:
                 outputs, perm_loss = self.permutation_loss.forward_with_loss(self.denoiser, batch, noised, seed, step)
             else:
-                out = self.denoiser(batch.atom_types, noised.frac_coords, noised.lattice, noised.timesteps,
+                out = self.denoiser(noised.atom_types, noised.frac_coords, noised.lattice, noised.timesteps,
                                     batch.batch, batch.num_atoms, getattr(batch, "sizes", None))
-                outputs, perm_loss = (out.lattice_noise, out.coord_noise, out.coord_score), None
-        lattice_out, coord_out, score_out = outputs
+                outputs, perm_loss = (out.lattice_noise, out.coord_noise, out.coord_score, out.type_noise), None
+        lattice_out, coord_out, score_out, type_out = outputs
         lattice_loss = mse(lattice_out, noised.lattice_noise)
         coord_loss = mse(coord_out, noised.targets.noise)
         score_loss = mse(score_out, noised.targets.score)
         perm_loss = lattice_loss.new_zeros(()) if perm_loss is None else perm_loss
         total = lattice_loss + self.coord_weight * coord_loss + score_loss + self.perm_weight * perm_loss
-        return LossTerms(total, lattice_loss, coord_loss, score_loss, perm_loss)
+        if noised.type_noise is None:
+            return LossTerms(total, lattice_loss, coord_loss, score_loss, perm_loss)
+        type_loss = mse(type_out, noised.type_noise)
+        return LossTerms(total + self.type_weight * type_loss, lattice_loss, coord_loss, score_loss, perm_loss, type_loss)

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOSS_COMPONENTS = ("total", "lattice", "coord", "score", "perm")
+LOSS_COMPONENTS = ("total", "lattice", "coord", "score", "perm", "type")  # "type": generation only
 
 
 def _save(figure, path: Path, title: str = "", dpi: int = 110) -> Path:
@@ -109,3 +109,30 @@ def arm_learning_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]
         axis.set_visible(False)
     axes[0][0].set_ylabel("total loss")
     return _save(figure, path, dpi=100)
+
+
+def generation_histograms(generated, reference, path: Path, title: str = "") -> Path:
+    """Density and number of elements: valid generated crystals against the reference (test) set."""
+    import math
+
+    valid = [c for c in generated if c.valid and math.isfinite(c.density)]
+    reference = [c for c in reference if math.isfinite(c.density)]
+    figure, (density, elements) = plt.subplots(1, 2, figsize=(10, 3.8))
+    density.hist([c.density for c in reference], bins=30, density=True, alpha=0.5, color="C0", label="test")
+    if valid:
+        density.hist([c.density for c in valid], bins=30, density=True, alpha=0.5, color="C1",
+                     label=f"generated (valid, {len(valid)})")
+    density.set_xlabel("density (g/cm$^3$)")
+    density.set_ylabel("frequency")
+    density.legend(fontsize=8)
+    counts = sorted({c.num_elements for c in reference} | {c.num_elements for c in valid})
+    width = 0.4
+    for offset, (label, crystals, color) in enumerate((("test", reference, "C0"), ("generated", valid, "C1"))):
+        total = max(len(crystals), 1)
+        elements.bar([k + (offset - 0.5) * width for k in counts],
+                     [sum(c.num_elements == k for c in crystals) / total for k in counts], width, color=color, label=label)
+    elements.set_xticks(counts)
+    elements.set_xlabel("number of elements")
+    elements.set_ylabel("fraction")
+    elements.legend(fontsize=8)
+    return _save(figure, path, title)

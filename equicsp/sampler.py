@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from equicsp.atom_types import NUM_TYPE_CLASSES, decode
 from equicsp.batches import GraphSizes
 from equicsp.config import Config
 from equicsp.devices import autocast
@@ -21,7 +22,7 @@ from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
 from equicsp.schedules import wrap
 
 # Noise streams of one step, so corrector, predictor and lattice never share a draw.
-_CORRECTOR, _PREDICTOR, _LATTICE, _INITIAL_COORDS, _INITIAL_LATTICE = range(5)
+_CORRECTOR, _PREDICTOR, _LATTICE, _INITIAL_COORDS, _INITIAL_LATTICE, _TYPES, _INITIAL_TYPES = range(7)
 
 
 @dataclass
@@ -71,13 +72,18 @@ class Sampler:
 
     def score(self, atom_types, frac_coords, lattice, t, batch, num_atoms, sizes: GraphSizes | None = None):
         """eps_hat_l and the coordinate score in X (unnormalised; PM-corrected when the target has it)."""
+        lattice_noise, score, _ = self.predict(atom_types, frac_coords, lattice, t, batch, num_atoms, sizes)
+        return lattice_noise, score
+
+    def predict(self, atom_types, frac_coords, lattice, t, batch, num_atoms, sizes: GraphSizes | None = None):
+        """score's outputs and the atom types' eps_hat ((N, 100) for generation, else None)."""
         num_crystals = num_atoms.shape[0]
         timesteps = torch.full((num_crystals,), t, device=self.device, dtype=torch.long)
         with autocast(self.device, self.precision):
             out = self.denoiser(atom_types, frac_coords, lattice, timesteps, batch, num_atoms, sizes)
         score = self.diffusion.target.coordinate_score(out.coord_score, out.coord_noise, batch, num_crystals,
                                                        num_atoms[batch], timesteps[batch])
-        return out.lattice_noise, score
+        return out.lattice_noise, score, out.type_noise
 
     def lattice_step(self, lattice, lattice_noise, t: int, s: int, z):
         """DDPM from t to s < t: the step of docs/method.md#lattice-step for s = t - 1, its strided form otherwise.
@@ -107,14 +113,39 @@ class Sampler:
 
         The atom counts are read on the host (a list, or a CPU tensor), so no step asks the device for a size.
         """
+        _, x, lattice = self._run(atom_types.to(self.device), num_atoms, keys, seed, progress)
+        return x, lattice
+
+    @torch.inference_mode()
+    def generate_batch(self, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
+                       progress: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generation: (B,) atom counts (on the host), (B,) keys -> ((N,) atomic numbers, (N, 3) X_0, (B, D) lattice).
+
+        The types start from N(0, I) in R^100 and follow the DDPM (docs/method.md#generation).
+        """
+        if self.diffusion.types is None:
+            raise ValueError("this model predicts structures for given compositions (diffusion.task = csp)")
+        counts = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
+        sizes = GraphSizes.of(counts)
+        num_atoms, keys = torch.tensor(counts, dtype=torch.long, device=self.device), keys.to(self.device)
+        batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=self.device), num_atoms,
+                                        output_size=sizes.atoms)
+        types = keyed_normal(atom_keys(keys, batch, num_atoms), NUM_TYPE_CLASSES, seed, 0, _INITIAL_TYPES)
+        types, x, lattice = self._run(types, counts, keys, seed, progress)
+        return decode(types), x, lattice
+
+    def _run(self, atom_types: torch.Tensor, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
+             progress: tqdm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The predictor-corrector loop; the types follow their DDPM when they are (N, 100) vectors."""
         device, dtype = self.device, torch.float32
         num_atoms_host = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
         num_atoms = torch.tensor(num_atoms_host, dtype=torch.long, device=device)
-        atom_types, keys = atom_types.to(device), keys.to(device)
+        keys = keys.to(device)
         sizes = GraphSizes.of(num_atoms_host)
         self.diffusion.check_atom_counts(num_atoms_host)
         batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=device), num_atoms, output_size=sizes.atoms)
         per_atom = atom_keys(keys, batch, num_atoms)
+        diffuse_types = atom_types.dim() == 2
         x = keyed_uniform(per_atom, 3, seed, 0, _INITIAL_COORDS, dtype)
         lattice = keyed_normal(keys, self.lattice.dim, seed, 0, _INITIAL_LATTICE, dtype)
         sigmas = self.schedule.sigmas
@@ -131,16 +162,19 @@ class Sampler:
             if t > 1:
                 x = x + (2 * step).sqrt() * keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
             x = wrap(x)
-            # Predictor: reverse-diffusion step for X, DDPM step for l.
-            lattice_noise, score = self.score(atom_types, x, lattice, t, batch, num_atoms, sizes)
+            # Predictor: reverse-diffusion step for X, DDPM step for l (and the types, when diffused).
+            lattice_noise, score, type_noise = self.predict(atom_types, x, lattice, t, batch, num_atoms, sizes)
             variance_drop = sigma_t**2 - sigma_s**2
             z = keyed_normal(per_atom, 3, seed, t, _PREDICTOR, dtype)
             x = wrap(x - variance_drop * score + (sigma_s**2 * variance_drop / sigma_t**2).sqrt() * z)
             z = keyed_normal(keys, self.lattice.dim, seed, t, _LATTICE, dtype)
             lattice = self.lattice_step(lattice, lattice_noise, t, s, z)
+            if diffuse_types:
+                z = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, t, _TYPES, dtype)
+                atom_types = self.diffusion.types.step(atom_types, type_noise.to(dtype), t, s, z)
             if progress is not None:
                 progress.update(1)
-        return x, lattice
+        return atom_types, x, lattice
 
     def sample_jobs(self, jobs: list[SamplingJob], seed: int, progress: tqdm | None = None) -> list[SampledCrystal]:
         """One batch of (composition index, sample number, (n,) atom types) -> its sampled crystals."""

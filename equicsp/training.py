@@ -39,9 +39,8 @@ from equicsp.data import CrystalDataset, load_splits
 from equicsp.denoiser import build_denoiser
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
+from equicsp.num_atoms import atom_count_histogram
 from equicsp.objective import Objective
-
-LOSS_NAMES = ("total", "lattice", "coord", "score", "perm")
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,7 +104,7 @@ class TrainingLoop:
     def train_epoch(self) -> dict[str, float]:
         epoch = self.state.epoch
         self.model.train()
-        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
         first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 1-based step of the first nan/inf loss
         crystals = 0
         start = time.perf_counter()
@@ -124,7 +123,7 @@ class TrainingLoop:
             first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.total.detach()), step, first_bad)
         elapsed = time.perf_counter() - start
         metrics = self._mean_over_workers(sums, crystals, "train")
-        if not all(math.isfinite(metrics[f"train_{name}"]) for name in LOSS_NAMES):
+        if not all(math.isfinite(value) for value in metrics.values()):
             bad = int(first_bad)
             where = f"first at step {bad} of {len(loader)}" if bad else "first on another worker"
             raise TrainingDiverged(f"training diverged: non-finite training loss in epoch {epoch + 1}, {where} "
@@ -134,19 +133,20 @@ class TrainingLoop:
         return metrics
 
     def _mean_over_workers(self, sums: torch.Tensor, crystals: int, prefix: str) -> dict[str, float]:
-        """Per-crystal means of the (len(LOSS_NAMES),) loss sums over every worker's shard."""
+        """Per-crystal means of the loss sums (one per objective.loss_names) over every worker's shard."""
+        names = self.objective.loss_names
         totals = torch.cat([sums, sums.new_tensor([crystals])])
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
         totals = totals.cpu()  # the epoch's one read-back
         count = max(float(totals[-1]), 1.0)
-        return {f"{prefix}_{name}": float(value) / count for name, value in zip(LOSS_NAMES, totals[:-1])}
+        return {f"{prefix}_{name}": float(value) / count for name, value in zip(names, totals[:-1])}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """The objective on the validation set with fixed noise (the same draws every epoch)."""
         self.model.eval()
-        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
         crystals = 0
         for indices in self._shard(self.val_set, 0, shuffle=False):
             batch = self.val_crystals.batch(indices)
@@ -178,7 +178,8 @@ class TrainingLoop:
     def save(self, path: Path) -> None:
         save_checkpoint(path, self.config, self.model, optimizer=self.optimizer.state_dict(),
                         scheduler=self.scheduler.state_dict(), epoch=self.state.epoch, best_val=self.state.best_val,
-                        history=self.state.history, tables_key=self.diffusion.tables_key or "")
+                        history=self.state.history, tables_key=self.diffusion.tables_key or "",
+                        **generation_state(self.config, self.train_set))
 
     def restore(self, path: Path) -> None:
         stored = read_checkpoint(path, self.device)
@@ -189,8 +190,8 @@ class TrainingLoop:
 
 
 def _stacked(loss) -> torch.Tensor:
-    """(len(LOSS_NAMES),) float64 loss terms, kept on the device (float64 as the running sums were in Python)."""
-    return torch.stack([getattr(loss, name).detach() for name in LOSS_NAMES]).double()
+    """The loss terms (loss.names) as one float64 vector, kept on the device (float64 as the sums were in Python)."""
+    return torch.stack([getattr(loss, name).detach() for name in loss.names]).double()
 
 
 def check_resumable(config: Config, out_dir: Path) -> None:
@@ -212,6 +213,13 @@ def check_resumable(config: Config, out_dir: Path) -> None:
         raise ConfigError(f"{source} belongs to a run with another config ({'; '.join(differences)}); "
                           "train into another --out, or pass --no-resume to start this config from epoch 0 there "
                           "(overwriting that run)")
+
+
+def generation_state(config: Config, train_set: CrystalDataset) -> dict[str, list[int]]:
+    """What a generation checkpoint adds: the training set's atom-count histogram, from which N is drawn."""
+    if config.diffusion.task != "generation":
+        return {}
+    return {"num_atoms_distribution": atom_count_histogram(train_set.num_atoms, config.data.max_atoms)}
 
 
 def train(config: Config, out_dir: Path, resume: bool = True, show_progress: bool = True,

@@ -1,0 +1,52 @@
+"""Atom types as continuous one-hot vectors under a DDPM: the generation task's extra variable
+(docs/method.md#generation; the paper's Appendix E, after DiffCSP's ab initio model).
+
+Element Z is the one-hot vector e_{Z-1} in R^100; it is noised with the lattice's cosine
+schedule, A_t = sqrt(abar_t) A_0 + sqrt(1 - abar_t) eps, and the denoiser's type head
+predicts eps. Sampling starts from N(0, I) and the final type is argmax + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from equicsp.data import MAX_ATOMIC_NUMBER
+from equicsp.schedules import NoiseSchedule
+
+NUM_TYPE_CLASSES = MAX_ATOMIC_NUMBER  # one class per Z = 1 .. 100
+
+
+def one_hot(atom_types: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N,) atomic numbers -> (N, 100) one-hot vectors."""
+    return torch.nn.functional.one_hot(atom_types.long() - 1, NUM_TYPE_CLASSES).to(dtype)
+
+
+def decode(types: torch.Tensor) -> torch.Tensor:
+    """(N, 100) continuous type vectors -> (N,) atomic numbers (the largest entry)."""
+    return types.argmax(dim=-1) + 1
+
+
+class AtomTypeDiffusion:
+    """The DDPM on one-hot atom types, sharing the lattice's cosine schedule."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+
+    def noise(self, atom_types: torch.Tensor, timesteps: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(N,) atomic numbers, (N,) each atom's t, (N, 100) eps -> (N, 100) noisy types A_t."""
+        alpha_bar = self.schedule.alpha_bars[timesteps][:, None]
+        return alpha_bar.sqrt() * one_hot(atom_types, eps.dtype) + (1 - alpha_bar).sqrt() * eps
+
+    def step(self, types: torch.Tensor, predicted_noise: torch.Tensor, t: int, s: int, z: torch.Tensor) -> torch.Tensor:
+        """Ancestral DDPM step from t to s < t (s = t - 1 is DDPM's own step; s = 0 adds no noise).
+
+        With alpha_ts = abar_t / abar_s: A_s = (A_t - (1 - alpha_ts) / sqrt(1 - abar_t) eps_hat) / sqrt(alpha_ts)
+        + sqrt((1 - alpha_ts)(1 - abar_s) / (1 - abar_t)) z.
+        """
+        alpha_bars = self.schedule.alpha_bars
+        alpha_ts = alpha_bars[t] / alpha_bars[s]
+        mean = (types - (1 - alpha_ts) / (1 - alpha_bars[t]).sqrt() * predicted_noise) / alpha_ts.sqrt()
+        if s == 0:
+            return mean
+        std = ((1 - alpha_ts) * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()
+        return mean + std * z
