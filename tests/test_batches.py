@@ -48,8 +48,9 @@ def data_dependent_ops_are_refused():
 
 
 def test_a_training_step_never_reads_a_size_or_value_back(tiny_dataset):
-    for preset in ("equicsp", "diffcsp", "frame_average", "no_com_free"):
-        config = make_config("smoke", preset, FAST)
+    for preset, task in (("equicsp", "csp"), ("diffcsp", "csp"), ("frame_average", "csp"), ("no_com_free", "csp"),
+                         ("equicsp", "generation")):
+        config = make_config("smoke", preset, {**FAST, "diffusion.task": task})
         model = build_denoiser(config)
         objective = Objective(Diffusion(config), model)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -73,3 +74,8 @@ def test_sampling_never_reads_a_size_or_value_back():
         with data_dependent_ops_are_refused():
             x, lattice = sampler.sample_batch(torch.tensor([8, 8, 8, 22, 38, 6, 6]), [5, 2], keys, seed=0)
         assert x.shape == (7, 3)
+    config = make_config("smoke", "equicsp", {**FAST, "diffusion.timesteps": 3, "diffusion.task": "generation"})
+    sampler = Sampler(build_denoiser(config), Diffusion(config), config)
+    with data_dependent_ops_are_refused():
+        types, x, lattice = sampler.generate_batch([5, 2], sample_keys(torch.tensor([0, 1]), torch.tensor([0, 0])), 0)
+    assert types.shape == (7,)
