@@ -24,7 +24,7 @@ from equicsp.distributed_eval import (
     evaluate_logged_run,
     write_report,
 )
-from equicsp.tracking import TrackingError
+from equicsp.tracking import TrackingError, describe_run, resolve_tracking_uri
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n" + summary_table(evaluation))
-    if evaluation.reused:
-        print(f"the same evaluation is logged already: MLflow run {evaluation.run_id} (a child of {args.run_id})")
-    elif evaluation.run_id:
-        print(f"evaluation logged as MLflow run {evaluation.run_id} (a child of {args.run_id})")
+    if evaluation.run_id:
+        where = describe_run(resolve_tracking_uri(args.tracking_uri), evaluation.run_id)
+        print(f"{'the same evaluation is logged already' if evaluation.reused else 'evaluation logged'} as {where} "
+              f"(a child of {args.run_id})")
 
 
 if __name__ == "__main__":

@@ -68,12 +68,12 @@ def launch_from_arguments(args: argparse.Namespace) -> SweepLaunch:
 
 def run_from_command_line(spec: SweepSpec, launch: SweepLaunch) -> None:
     """Run the sweep; a sweep that cannot start exits with the reason, before any trial."""
-    from equicsp.tracking import TrackingError
+    from equicsp.tracking import TrackingError, describe_run
 
     try:
         result = run_sweep(spec, launch)
     except (SweepError, ConfigError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n" + table_markdown(result.table, spec))
-    print(f"MLflow parent run {result.parent_run_id} at {result.tracking_uri}; "
-          f"open it with `bash mlflow/serve.sh` and compare its child runs.", file=sys.stderr)
+    print(f"the sweep's parent {describe_run(result.tracking_uri, result.parent_run_id)}; "
+          "its child runs are the training runs, named by arm and seed.", file=sys.stderr)
