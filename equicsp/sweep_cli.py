@@ -30,6 +30,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
                         help="train on GPUs (auto: when the cluster has any)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as many as fit)")
+    parser.add_argument("--system-metrics", action="store_true",
+                        help="log MLflow's system/* metrics (CPU, memory, GPU) in every training run")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -63,7 +65,8 @@ def launch_from_arguments(args: argparse.Namespace) -> SweepLaunch:
     return SweepLaunch(tracking_uri=args.tracking_uri, experiment=args.experiment,
                        storage_path=args.storage_path,
                        workers_per_trial=args.workers_per_trial,
-                       use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], max_concurrent=args.max_concurrent)
+                       use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], max_concurrent=args.max_concurrent,
+                       system_metrics=args.system_metrics)
 
 
 def run_from_command_line(spec: SweepSpec, launch: SweepLaunch) -> None:

@@ -250,14 +250,21 @@ def log_evaluation_run(uri: str, training_run_id: str, run_key: str, params: dic
     tags = {"mlflow.parentRunId": training_run_id,
             **{key: value for key, value in training.data.tags.items() if key in INHERITED_TAGS
                or key.startswith("switch.")}, **extra_tags}
-    run_id = open_keyed_run(uri, training.info.experiment_id, run_key,
-                            f"eval-{training.info.run_name}-k{params['num_samples']}", "evaluation", tags, params,
-                            start_time_ms)
+    run_id = open_keyed_run(uri, training.info.experiment_id, run_key, evaluation_run_name(training.info.run_name, tags,
+                                                                                        params["num_samples"]),
+                            "evaluation", tags, params, start_time_ms)
     log_metrics(uri, run_id, metrics)
     for path in files:
         log_artifact(uri, run_id, path)
     client(uri).set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000))
     return run_id
+
+
+def evaluation_run_name(training_name: str, tags: dict[str, str], num_samples: int) -> str:
+    """A sweep's evaluation is named by the arm it scores first (an arm may sample another arm's model)."""
+    if "arm" in tags and "seed" in tags:
+        return f"{tags['arm']}-s{tags['seed']}-eval-k{num_samples}-{training_name}"
+    return f"eval-{training_name}-k{num_samples}"
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

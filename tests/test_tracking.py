@@ -73,3 +73,12 @@ def test_experiments_open_on_model_training_and_runs_have_a_url(store, tmp_path)
     described = tracking.describe_run(uri, run)
     assert described.startswith(f"MLflow run {run}: http://127.0.0.1:5000/") and f"sqlite:///{tmp_path}" in described
     assert tracking.ui_address("http://tracking:5001/") == "http://tracking:5001"
+
+
+def test_runs_of_a_sweep_are_named_by_arm_and_seed_first():
+    from equicsp.sweep.spec import SweepSpec
+    from equicsp.sweep.trials import trial_run_name
+
+    assert trial_run_name(SweepSpec(name="ablation-smoke"), "no_pm_vm", 2, "ab12") == "no_pm_vm-s2-ablation-smoke-ab12"
+    assert tracking.evaluation_run_name("equicsp-s0-x", {"arm": "no_pm", "seed": "0"}, 1).startswith("no_pm-s0-eval-k1")
+    assert tracking.evaluation_run_name("my-run", {}, 5) == "eval-my-run-k5"
