@@ -234,3 +234,36 @@ def test_the_hyperparameter_sweep_with_early_stopping_finishes_and_closes_stoppe
     finished = [run for run in training if run.info.status == "FINISHED"]
     assert finished and all("tuned_step_lr" in run.data.metrics for run in finished)
     assert len(runs_of_kind(uri, "evaluation")) == 1
+
+
+def test_the_progress_lines_name_the_trial_its_arm_its_epochs_and_the_time_left():
+    from types import SimpleNamespace
+
+    from equicsp.sweep.progress import SweepProgress
+
+    spec = SweepSpec(name="s", preset="smoke", arms=("equicsp", "diffcsp"), overrides={"optim.epochs": 40})
+    lines = []
+    progress = SweepProgress(spec, total_trials=2, print_fn=lambda line, flush: lines.append(line))
+    first = SimpleNamespace(trial_id="a", config={"arm": "equicsp", "run.seed": 0, "objective.perm_loss_weight": 1.0})
+    second = SimpleNamespace(trial_id="b", config={"arm": "diffcsp", "run.seed": 0})
+    progress.on_trial_start(0, [first], first)
+    progress.on_trial_result(1, [first, second], first, {"epoch": 20, "val_total": 1.5})
+    progress.on_trial_result(2, [first, second], first, {"epoch": 40, "val_total": 1.2, "tuned_step_lr": 3e-4})
+    progress.on_trial_complete(3, [first, second], first)
+    progress.on_trial_result(4, [first, second], second, {"epoch": 20})
+    assert lines[0] == "trial 1 of 2 (equicsp, seed 0): started (0 of 2 finished)"
+    assert lines[1].startswith("trial 1 of 2 (equicsp, seed 0): epoch 20/40, val loss 1.5, about ")
+    assert "tuned step_lr 0.0003" in lines[2] and "left" in lines[2]
+    assert lines[3].startswith("trial 1 of 2 (equicsp, seed 0): done, 1 of 2 finished")
+    assert lines[4].startswith("trial 2 of 2 (diffcsp, seed 0): epoch 20/40") and lines[4].endswith(" left")
+
+
+def test_sweeps_log_system_metrics_only_when_asked():
+    import argparse
+
+    from equicsp.sweep_cli import add_launch_arguments, launch_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser)
+    assert not launch_from_arguments(parser.parse_args([])).system_metrics
+    assert launch_from_arguments(parser.parse_args(["--system-metrics"])).system_metrics
