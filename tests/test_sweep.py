@@ -267,3 +267,25 @@ def test_sweeps_log_system_metrics_only_when_asked():
     add_launch_arguments(parser)
     assert not launch_from_arguments(parser.parse_args([])).system_metrics
     assert launch_from_arguments(parser.parse_args(["--system-metrics"])).system_metrics
+
+
+def test_the_table_says_how_many_seeds_it_averages_names_each_run_and_warns_about_smoke_runs(tmp_path):
+    from equicsp.plots import ablation_bars
+    from equicsp.sweep.final import CellResult
+    from equicsp.sweep.report import SMOKE_NOTE, ablation_table, table_markdown
+
+    def cell(arm, seed, rate):
+        return CellResult(arm, seed, f"{arm}{seed}".ljust(32, "0"), "e", 1e-4, 0.5, rate, 0.1, model_of=arm)
+
+    one = SweepSpec(name="ablation-smoke", preset="smoke", arms=("equicsp", "diffcsp"))
+    table = ablation_table([cell("equicsp", 0, 0.2), cell("diffcsp", 0, 0.3)], one)
+    text = table_markdown(table, one)
+    assert "One seed: no spread" in text and "±" not in text and SMOKE_NOTE in text
+    assert "| equicsp0 |" in text and table[0]["run"] == "equicsp0".ljust(32, "0")  # short in Markdown, whole in CSV
+    ablation_bars(table, tmp_path / "one.png")
+    three = SweepSpec(name="ablation-paper", preset="mp_20", arms=("equicsp",), seeds=(0, 1, 2))
+    table = ablation_table([cell("equicsp", seed, 0.1 * seed) for seed in (0, 1, 2)], three)
+    text = table_markdown(table, three)
+    assert "Mean over 3 seeds ± standard deviation" in text and "10.00 ± 10.00" in text and SMOKE_NOTE not in text
+    assert "| equicsp0 equicsp1 equicsp2 |" in text
+    ablation_bars(table, tmp_path / "three.png")
