@@ -127,12 +127,19 @@ def read_artifact_csv(uri, run_id, name):
 def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_runs(tmp_path):
     done = subprocess.run(sweep_command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| EquiCSP |" in done.stdout and "| DiffCSP (all off) |" in done.stdout
+    assert "| EquiCSP |" in done.stdout and "| DiffCSP |" in done.stdout
+    trained = SweepSpec(name="ablation-smoke", preset="smoke").trained_arms  # no_pm and no_vm sample others' models
+    assert f"trial 1 of {len(trained)} (" in done.stdout and "epoch 4/4" in done.stdout and " left" in done.stdout
+    assert "A smoke run tests the machinery, not the method" in done.stdout and "One seed: no spread" in done.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     [parent] = runs_of_kind(uri, "sweep")
+    assert f"/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in done.stderr
     training = runs_of_kind(uri, "training")
     evaluations = runs_of_kind(uri, "evaluation")
-    assert sorted(run.data.tags["arm"] for run in training) == sorted(ARMS)
+    for run in training + evaluations:  # the UI cuts names: the arm comes first
+        assert run.info.run_name.startswith(f"{run.data.tags['arm']}-s0-"), run.info.run_name
+    assert not [key for run in training for key in run.data.metrics if key.startswith("system/")]
+    assert sorted(run.data.tags["arm"] for run in training) == sorted(trained)
     assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in training)
     assert all("val_total" in run.data.metrics and "tuned_step_lr" in run.data.metrics for run in training)
     assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(ARMS)
@@ -252,10 +259,12 @@ def test_the_progress_lines_name_the_trial_its_arm_its_epochs_and_the_time_left(
     progress.on_trial_complete(3, [first, second], first)
     progress.on_trial_result(4, [first, second], second, {"epoch": 20})
     assert lines[0] == "trial 1 of 2 (equicsp, seed 0): started (0 of 2 finished)"
-    assert lines[1].startswith("trial 1 of 2 (equicsp, seed 0): epoch 20/40, val loss 1.5, about ")
+    assert lines[1].startswith("trial 1 of 2 (equicsp, seed 0): epoch 20/40, val loss 1.5, training: about ")
     assert "tuned step_lr 0.0003" in lines[2] and "left" in lines[2]
     assert lines[3].startswith("trial 1 of 2 (equicsp, seed 0): done, 1 of 2 finished")
     assert lines[4].startswith("trial 2 of 2 (diffcsp, seed 0): epoch 20/40") and lines[4].endswith(" left")
+    progress.on_trial_result(5, [first, second], second, {"epoch": 40})
+    assert lines[5] == "trial 2 of 2 (diffcsp, seed 0): epoch 40/40"  # every epoch trained: no estimate
 
 
 def test_sweeps_log_system_metrics_only_when_asked():

@@ -22,10 +22,11 @@ def duration(seconds: float) -> str:
 
 
 class SweepProgress(Callback):
-    """Prints "trial k of N (arm, seed s): epoch e/E ..., about T left" as trials report and finish.
+    """Prints "trial k of N (arm, seed s): epoch e/E ..., training: about T left" as trials report and finish.
 
-    The estimate assumes the epochs still to train go at the rate of those done so far (a
-    finished trial counts its step-size search into that rate).
+    The estimate is of the training left: the epochs still to train at the rate of those done
+    so far (a finished trial counts its step-size search into that rate). It is left out once
+    every epoch is trained (step-size searches may still run; the test stage follows).
     """
 
     def __init__(self, spec: SweepSpec, total_trials: int, print_fn=print):
@@ -50,14 +51,14 @@ class SweepProgress(Callback):
         return f"trial {number} of {self.total} ({config.get('arm', '?')}, seed {config.get('run.seed', '?')})"
 
     def eta(self, trials) -> str:
-        """The time left at the rate of the epochs trained so far; '' before any epoch."""
+        """The training time left at the rate of the epochs trained so far; '' before any epoch and after the last."""
         done = sum(self.epochs_done.values())
-        if not done:
-            return ""
         per_trial = [self._epochs(trial) for trial in trials] or [1]
         planned = sum(per_trial) + (self.total - len(trials)) * max(per_trial)
+        if not done or done >= planned:
+            return ""
         rate = done / max(time.monotonic() - self.started, 1e-9)
-        return f", about {duration(max(planned - done, 0) / rate)} left"
+        return f", training: about {duration((planned - done) / rate)} left"
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.print(f"{self._label(trials, trial)}: started ({len(self.finished)} of {self.total} finished)", flush=True)
