@@ -44,6 +44,7 @@ class LaunchOptions:
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
     report_to_tune: bool = False  # inside a Ray Tune trial: forward every epoch's metrics to Tune
+    system_metrics: bool = True  # MLflow's system/* metrics (CPU, memory, GPU) every 2 s while training
 
 
 @dataclass
@@ -108,7 +109,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
         mlflow.set_tracking_uri(uri)
         mlflow.set_system_metrics_sampling_interval(2)  # MLflow's 10 s would miss a short run altogether
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)  # CPU / memory / GPU while training
+        mlflow.start_run(run_id=run_id, log_system_metrics=loop_config["system_metrics"])  # CPU / memory / GPU
         logged = {step for step, _ in tracking.metric_history(uri, run_id, "train_total")}
         if checkpoint is not None:
             tracking.client(uri).log_metric(run_id, "resumed_from_epoch", loop.state.epoch, step=loop.state.epoch)
@@ -208,7 +209,8 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
     connect_ray()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.to_dict(), "tracking_uri": uri, "run_id": run_id},
+        train_loop_config={"config": config.to_dict(), "tracking_uri": uri, "run_id": run_id,
+                           "system_metrics": options.system_metrics},
         scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(

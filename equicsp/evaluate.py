@@ -21,7 +21,7 @@ from equicsp.data import DatasetError, find_data_folder, load_crystals, load_spl
 from equicsp.evaluation_report import write_report
 from equicsp.logged_evaluation import evaluate_logged_run
 from equicsp.ray_evaluation import evaluate_checkpoint
-from equicsp.tracking import TrackingError
+from equicsp.tracking import TrackingError, describe_run, resolve_tracking_uri
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n" + summary_table(evaluation))
-    if evaluation.reused:
-        print(f"the same evaluation is logged already: MLflow run {evaluation.run_id} (a child of {args.run_id})")
-    elif evaluation.run_id:
-        print(f"evaluation logged as MLflow run {evaluation.run_id} (a child of {args.run_id})")
+    if evaluation.run_id:
+        where = describe_run(resolve_tracking_uri(args.tracking_uri), evaluation.run_id)
+        print(f"{'the same evaluation is logged already' if evaluation.reused else 'evaluation logged'} as {where} "
+              f"(a child of {args.run_id})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from equicsp.ray_evaluation import evaluate_checkpoint
 
 def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
                         tracking_uri: str | None = None, out: Path | None = None,
-                        extra_tags: dict[str, str] | None = None, show_progress: bool = True) -> Evaluation:
+                        extra_tags: dict[str, str] | None = None, show_progress: bool = True,
+                        label: str = "") -> Evaluation:
     """Evaluate the model of MLflow training run `run_id` and log a child evaluation run under it.
 
     The same evaluation (run, data content, settings) asked for again is answered from its
@@ -61,7 +62,7 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     finished = tracking.find_finished_run(uri, run_id, run_key)
     if finished is not None:
         return _answer_from_run(finished, settings, model_config, dataset)
-    evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress)
+    evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress, label=label)
     if settings.leakage:
         add_leakage(evaluation, model_split("train"), dataset, show_progress=show_progress)
     params.update(step_lr=evaluation.config.sampler.step_lr, num_steps=evaluation.config.sampler.num_steps,

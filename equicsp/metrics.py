@@ -111,12 +111,17 @@ def structure_problem(structure) -> str:
     """"" for a structurally valid crystal, else why not."""
     if not math.isfinite(structure.volume) or structure.volume <= MIN_VOLUME:
         return f"volume {structure.volume:.3g} A^3 <= {MIN_VOLUME}"
-    if len(structure) > 1:
-        distances = structure.distance_matrix + np.eye(len(structure)) * 1e6
-        closest = float(distances.min())
-        if closest <= MIN_DISTANCE:
-            return f"atoms {closest:.2f} A apart (<= {MIN_DISTANCE})"
+    closest = closest_distance(structure)
+    if closest <= MIN_DISTANCE:
+        return f"atoms {closest:.2f} A apart (<= {MIN_DISTANCE})"
     return ""
+
+
+def closest_distance(structure) -> float:
+    """The shortest distance between two atoms (periodic images included); inf for a single atom."""
+    if len(structure) < 2:
+        return math.inf
+    return float((structure.distance_matrix + np.eye(len(structure)) * 1e6).min())
 
 
 def validity_problem(crystal: CrystalArrays) -> str:

@@ -72,14 +72,17 @@ def evaluation_figure(results, path: Path, title: str = "") -> Path:
 
 
 def ablation_bars(table: list[dict], path: Path, title: str = "") -> Path:
-    """Match rate and RMSE per arm, mean with standard deviation over seeds as error bars."""
-    arms = [row["arm"] for row in table]
+    """Match rate and RMSE per arm (labelled as in the table), with the standard deviation over seeds as error
+    bars where a row has more than one seed (one seed has no spread to draw)."""
+    arms = [row.get("variant", row["arm"]) for row in table]
     figure, (rates, errors) = plt.subplots(1, 2, figsize=(11, 4))
     positions = range(len(arms))
-    rates.bar(positions, [row["match_rate_mean"] for row in table], yerr=[row["match_rate_std"] for row in table],
+    spread = lambda name: [row[name] if row.get("seeds", 1) > 1 else 0.0 for row in table]  # noqa: E731
+    several = any(row.get("seeds", 1) > 1 for row in table)
+    rates.bar(positions, [row["match_rate_mean"] for row in table], yerr=spread("match_rate_std") if several else None,
               color="C0", capsize=3)
     rates.set_ylabel("test match rate (%)")
-    errors.bar(positions, [row["rmse_mean"] for row in table], yerr=[row["rmse_std"] for row in table],
+    errors.bar(positions, [row["rmse_mean"] for row in table], yerr=spread("rmse_std") if several else None,
                color="C3", capsize=3)
     errors.set_ylabel("test RMSE (matched)")
     for axis in (rates, errors):

@@ -92,8 +92,8 @@ class SamplingPool:
         ray.get([worker.ready.remote() for worker in self.actors])
 
     def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
-               seed: int, show_progress: bool = True) -> list[SampledCrystal]:
-        """k samples of every composition, the batches spread over the actors."""
+               seed: int, show_progress: bool = True, label: str = "") -> list[SampledCrystal]:
+        """k samples of every composition, the batches spread over the actors; label names the bar (e.g. the arm)."""
         from ray.util import ActorPool
 
         batches = sampling_batches(compositions, num_samples, config.sampler.batch_size, indices)
@@ -101,19 +101,19 @@ class SamplingPool:
         outputs = ActorPool(self.actors).map_unordered(
             lambda worker, jobs: worker.sample.remote(settings, jobs, seed), batches)
         predictions: list[SampledCrystal] = []
-        for crystals in tqdm(outputs, total=len(batches), desc=f"sampling ({self.workers} workers)", unit="batch",
+        for crystals in tqdm(outputs, total=len(batches), desc=_bar(label, f"sampling ({self.workers} workers)"), unit="batch",
                              disable=not show_progress):
             predictions.extend(crystals)
         return predictions
 
-    def match(self, jobs: list[MatchJob], show_progress: bool = True) -> list[CrystalResult]:
+    def match(self, jobs: list[MatchJob], show_progress: bool = True, label: str = "") -> list[CrystalResult]:
         """StructureMatcher on the pool's own actors (which hold their CPUs for as long as the pool lives)."""
         from ray.util import ActorPool
 
         size = matching_chunk_size(len(jobs), len(self.actors))
         chunks = [jobs[start:start + size] for start in range(0, len(jobs), size)]
         outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(chunk), chunks)
-        results = [result for part in tqdm(outputs, total=len(chunks), desc="matching", unit="chunk",
+        results = [result for part in tqdm(outputs, total=len(chunks), desc=_bar(label, "matching"), unit="chunk",
                                            disable=not show_progress) for result in part]
         return in_job_order(results, jobs)
 
@@ -131,7 +131,11 @@ class SamplingPool:
         self.close()
 
 
-def match_on_ray(jobs: list[MatchJob], show_progress: bool = True) -> list[CrystalResult]:
+def _bar(label: str, what: str) -> str:
+    return f"{label}: {what}" if label else what
+
+
+def match_on_ray(jobs: list[MatchJob], show_progress: bool = True, label: str = "") -> list[CrystalResult]:
     """StructureMatcher over every job in one-CPU Ray tasks; results in the jobs' order."""
     import ray
 
@@ -140,7 +144,7 @@ def match_on_ray(jobs: list[MatchJob], show_progress: bool = True) -> list[Cryst
     task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(_match_chunk)
     pending = [task.remote(jobs[start:start + chunk]) for start in range(0, len(jobs), chunk)]
     results: list[CrystalResult] = []
-    with tqdm(total=len(jobs), desc="matching", unit="crystal", disable=not show_progress) as progress:
+    with tqdm(total=len(jobs), desc=_bar(label, "matching"), unit="crystal", disable=not show_progress) as progress:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             part = ray.get(done[0])
@@ -155,7 +159,7 @@ def in_job_order(results: list[CrystalResult], jobs: list[MatchJob]) -> list[Cry
 
 
 def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, settings: EvaluationSettings,
-                        show_progress: bool = True, pool: SamplingPool | None = None) -> Evaluation:
+                        show_progress: bool = True, pool: SamplingPool | None = None, label: str = "") -> Evaluation:
     """Sample and score dataset (the first settings.limit crystals) on Ray, with a checkpoint read into memory.
 
     Rows of the test file that could not be read count as not matched (when no limit is set).
@@ -174,13 +178,13 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
         pool.wait_ready()
         start = time.perf_counter()
         predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
-                                  settings.seed, show_progress)
+                                  settings.seed, show_progress, label)
     finally:
         if own_pool:
             pool.close()
     sampled = time.perf_counter()
     jobs = matching_jobs(dataset, indices, predictions)
-    per_crystal = match_on_ray(jobs, show_progress) if own_pool else pool.match(jobs, show_progress)
+    per_crystal = match_on_ray(jobs, show_progress, label) if own_pool else pool.match(jobs, show_progress, label)
     return finish(per_crystal, dataset, settings, predictions=predictions, sampling_s=sampled - start,
                   matching_s=time.perf_counter() - sampled, workers=pool.workers, config=config,
                   startup_s=start - begin)

@@ -32,6 +32,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
                         help="train on GPUs (auto: when the cluster has any)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as many as fit)")
+    parser.add_argument("--system-metrics", action="store_true",
+                        help="log MLflow's system/* metrics (CPU, memory, GPU) in every training run")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -67,17 +69,18 @@ def launch_from_arguments(args: argparse.Namespace) -> SweepLaunch:
     return SweepLaunch(tracking_uri=args.tracking_uri, experiment=args.experiment,
                        storage_path=args.storage_path,
                        workers_per_trial=args.workers_per_trial,
-                       use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], max_concurrent=args.max_concurrent)
+                       use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], max_concurrent=args.max_concurrent,
+                       system_metrics=args.system_metrics)
 
 
 def run_from_command_line(spec: SweepSpec, launch: SweepLaunch) -> None:
     """Run the sweep; a sweep that cannot start exits with the reason, before any trial."""
-    from equicsp.tracking import TrackingError
+    from equicsp.tracking import TrackingError, describe_run
 
     try:
         result = run_sweep(spec, launch)
     except (SweepError, ConfigError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n" + table_markdown(result.table, spec))
-    print(f"MLflow parent run {result.parent_run_id} at {result.tracking_uri}; "
-          f"open it with `bash mlflow/serve.sh` and compare its child runs.", file=sys.stderr)
+    print(f"the sweep's parent {describe_run(result.tracking_uri, result.parent_run_id)}; "
+          "its child runs are the training runs, named by arm and seed.", file=sys.stderr)

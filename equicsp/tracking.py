@@ -37,6 +37,10 @@ DATA_DIR_TAG = "equicsp.data_dir"
 KIND_TAG = "equicsp.kind"  # training | evaluation | sweep
 # An evaluation run carries these tags of its training run, so the UI lines it up with the arm it scores.
 INHERITED_TAGS = ("preset", "objective_preset", "dataset", "arm", "seed", "equicsp.sweep")
+# MLflow 3 opens an experiment on its GenAI pages (traces) unless told it holds model training:
+# older 3.x UIs read this experiment tag; 3.17's reads the `workflowType` of the page's URL (run_url).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_PORT = 5000  # where `bash mlflow/serve.sh` serves the default store
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 LAST_CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 
@@ -84,12 +88,53 @@ def client(uri: str):
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it (driver only: concurrent creation races in SQLite)."""
+    """The experiment's id, creating it (driver only: concurrent creation races in SQLite), marked as model training."""
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri))
+    if experiment is None:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri),
+                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:  # created before the tag, or set in the UI
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def ui_address(uri: str) -> str | None:
+    """The MLflow UI showing uri's runs: the server itself, or `bash mlflow/serve.sh`'s address for a local store."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    if uri.startswith("sqlite:///"):
+        return f"http://127.0.0.1:{UI_PORT}"
+    return None
+
+
+def serve_hint(uri: str) -> str:
+    """How to start the UI that run_url points at ("" for a tracking server, which serves it already)."""
+    if not uri.startswith("sqlite:///"):
+        return ""
+    database = Path(uri[len("sqlite:///"):])
+    if database == Path(__file__).resolve().parent.parent / "mlflow" / "mlflow.db" or database == default_store() / "mlflow.db":
+        return "bash mlflow/serve.sh"
+    return (f"mlflow server --port {UI_PORT} --backend-store-uri {uri} "
+            f"--artifacts-destination {database.parent / 'artifacts'}")
+
+
+def run_url(uri: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, opened on model training (not GenAI); None when uri has no UI we know."""
+    address = ui_address(uri)
+    if address is None:
+        return None
+    experiment_id = get_run(uri, run_id).info.experiment_id
+    return f"{address}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def describe_run(uri: str, run_id: str) -> str:
+    """'MLflow run <id>: <url>' (and how to serve the UI for a local store), for a command's last lines."""
+    url = run_url(uri, run_id)
+    if url is None:
+        return f"MLflow run {run_id} at {uri}"
+    hint = serve_hint(uri)
+    return f"MLflow run {run_id}: {url}" + (f" (start the UI with `{hint}`)" if hint else "")
 
 
 def git_commit() -> str:
@@ -205,14 +250,21 @@ def log_evaluation_run(uri: str, training_run_id: str, run_key: str, params: dic
     tags = {"mlflow.parentRunId": training_run_id,
             **{key: value for key, value in training.data.tags.items() if key in INHERITED_TAGS
                or key.startswith("switch.")}, **extra_tags}
-    run_id = open_keyed_run(uri, training.info.experiment_id, run_key,
-                            f"eval-{training.info.run_name}-k{params['num_samples']}", "evaluation", tags, params,
-                            start_time_ms)
+    run_id = open_keyed_run(uri, training.info.experiment_id, run_key, evaluation_run_name(training.info.run_name, tags,
+                                                                                        params["num_samples"]),
+                            "evaluation", tags, params, start_time_ms)
     log_metrics(uri, run_id, metrics)
     for path in files:
         log_artifact(uri, run_id, path)
     client(uri).set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000))
     return run_id
+
+
+def evaluation_run_name(training_name: str, tags: dict[str, str], num_samples: int) -> str:
+    """A sweep's evaluation is named by the arm it scores first (an arm may sample another arm's model)."""
+    if "arm" in tags and "seed" in tags:
+        return f"{tags['arm']}-s{tags['seed']}-eval-k{num_samples}-{training_name}"
+    return f"eval-{training_name}-k{num_samples}"
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

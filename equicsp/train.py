@@ -10,7 +10,7 @@ from pathlib import Path
 from equicsp.config import ConfigError, add_config_arguments, config_from_arguments
 from equicsp.data import DatasetError
 from equicsp.distributed import LaunchOptions, run_training
-from equicsp.tracking import TrackingError
+from equicsp.tracking import TrackingError, describe_run
 from equicsp.training import TrainingDiverged, train
 
 
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DatasetError, ValueError, TrainingDiverged) as error:
         raise SystemExit(f"error: {error}") from None
     best = min((row["val_total"] for row in result.history), default=math.nan)
-    print(f"done: {len(result.history)} epochs, best val loss {best:.4f}; MLflow run {result.run_id} "
-          f"at {result.tracking_uri}")
+    print(f"done: {len(result.history)} epochs, best val loss {best:.4f}; "
+          f"{describe_run(result.tracking_uri, result.run_id)}")
 
 
 if __name__ == "__main__":

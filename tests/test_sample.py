@@ -54,3 +54,93 @@ def test_an_unwritable_out_fails_before_sampling(tmp_path, monkeypatch):
     out = tmp_path / "file.txt" / "sub"
     with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: Not a directory"):
         sample_main(["--checkpoint", str(tmp_path / "best.pt"), "--formula", "SrTiO3", "--out", str(out)])
+
+
+class FakeSampler:
+    """A cubic 4 A cell per composition, atoms spread along the diagonal; `close` puts the last two 0.3 A apart."""
+
+    close = False
+    seen: dict = {}
+
+    def __init__(self, model, diffusion, config, device, precision):
+        FakeSampler.seen["step_lr"] = config.sampler.step_lr
+
+    def sample(self, compositions, num_samples=1, seed=0):
+        from equicsp.sampler import SampledCrystal
+
+        crystals = []
+        for index, types in enumerate(compositions):
+            n = len(types)
+            coords = torch.tensor([[i / n, i / n, i / n] for i in range(n)], dtype=torch.float64)
+            if self.close:
+                coords[-1] = coords[-2] + torch.tensor([0.3 / 4, 0.0, 0.0], dtype=torch.float64)
+            for sample in range(num_samples):
+                crystals.append(SampledCrystal(index, sample, types, coords, torch.full((3,), 4.0, dtype=torch.float64),
+                                               torch.full((3,), 90.0, dtype=torch.float64)))
+        return crystals
+
+
+def test_each_cif_is_reported_with_its_validity_and_atoms_too_close_are_flagged(tmp_path, capsys, monkeypatch):
+    path = checkpoint(tmp_path / "model.pt")
+    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    monkeypatch.setattr(FakeSampler, "close", True)
+    sample_main(["--checkpoint", str(path), "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")])
+    output = capsys.readouterr()
+    assert "SrTiO3_0.cif: SrTiO3, a b c = 4.000 4.000 4.000" in output.out
+    assert "closest atoms 0.30 A, SMACT valid: INVALID (atoms 0.30 A apart" in output.out
+    assert "1 of 1 written crystals are INVALID" in output.err
+    monkeypatch.setattr(FakeSampler, "close", False)
+    sample_main(["--checkpoint", str(path), "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")])
+    assert "SMACT valid: valid" in capsys.readouterr().out
+
+
+def test_formula_units_sample_each_cell_size_named_by_its_formula(tmp_path, capsys, monkeypatch):
+    path = checkpoint(tmp_path / "model.pt")
+    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    sample_main(["--checkpoint", str(path), "--formula", "Sr2Ti2O6", "--formula-units", "1,2", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.cif")) == ["Sr2Ti2O6_0.cif", "SrTiO3_0.cif"]
+    with pytest.raises(SystemExit, match="give whole numbers"):
+        sample_main(["--checkpoint", str(path), "--formula", "SrTiO3", "--formula-units", "two", "--out", str(tmp_path)])
+    capsys.readouterr()
+    sample_main(["--checkpoint", str(path), "--formula", "SrTiO3", "--formula-units", "auto", "--out", str(tmp_path)])
+    assert "SrTiO3: [1] formula units, as training crystals with ratios 1:1:3" in capsys.readouterr().out  # Perov-5
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tmp_path / "nowhere")})
+    save_checkpoint(tmp_path / "elsewhere.pt", config, build_denoiser(config))
+    with pytest.raises(SystemExit, match="auto needs the model's training data.*nowhere.*--formula-units 1,2,4"):
+        sample_main(["--checkpoint", str(tmp_path / "elsewhere.pt"), "--formula", "SrTiO3", "--formula-units", "auto",
+                     "--out", str(tmp_path)])
+
+
+def test_auto_formula_units_are_the_sizes_training_saw_for_the_family():
+    from types import SimpleNamespace
+
+    from equicsp.cells import units_seen_in_training
+
+    cells = [[38, 22, 8, 8, 8], [56, 56, 40, 40, 8, 8, 8, 8, 8, 8], [11, 17], [11, 11, 17, 17], [3, 3, 3, 3, 3]]
+    types = torch.tensor([z for cell in cells for z in cell])
+    offsets = torch.tensor([0] + [len(cell) for cell in cells]).cumsum(0)
+    training = SimpleNamespace(atom_types=types, offsets=offsets)
+    assert units_seen_in_training("CaTiO3", training, max_atoms=20)[0] == [1, 2]  # ABX3 family: 1 and 2 units
+    assert units_seen_in_training("CaTiO3", training, max_atoms=8)[0] == [1]  # within max_atoms
+    assert units_seen_in_training("KBr", training, max_atoms=20)[0] == [1, 2]
+    assert units_seen_in_training("Li2O3", training, max_atoms=20)[0] == [1, 2]  # 5 atoms per unit, as the ABX3
+    units, reason = units_seen_in_training("Al2O3W4", training, max_atoms=20)
+    assert units == [1] and "no training formula like it" in reason
+
+
+def test_a_logged_run_samples_at_the_step_size_its_sweep_tuned(tmp_path, capsys, monkeypatch):
+    from equicsp import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "equicsp")
+    run = tracking.open_keyed_run(uri, experiment, "k", "equicsp-s0-smoke", "training", {}, {})
+    tracking.log_artifact(uri, run, checkpoint(tmp_path / "best.pt"), "checkpoints")
+    tracking.log_metrics(uri, run, {"tuned_step_lr": 1.23e-4})
+    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    arguments = ["--run-id", run, "--tracking-uri", uri, "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")]
+    sample_main(arguments)
+    assert FakeSampler.seen["step_lr"] == pytest.approx(1.23e-4)
+    output = capsys.readouterr().out
+    assert f"/#/experiments/{experiment}/runs/{run}" in output and "step_lr 0.000123: the step size the sweep tuned" in output
+    sample_main(arguments + ["--step-lr", "5e-5"])
+    assert FakeSampler.seen["step_lr"] == pytest.approx(5e-5)

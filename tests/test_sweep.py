@@ -130,12 +130,19 @@ def read_artifact_csv(uri, run_id, name):
 def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_runs(tmp_path):
     done = subprocess.run(sweep_command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| EquiCSP |" in done.stdout and "| DiffCSP (all off) |" in done.stdout
+    assert "| EquiCSP |" in done.stdout and "| DiffCSP |" in done.stdout
+    trained = SweepSpec(name="ablation-smoke", preset="smoke").trained_arms  # no_pm and no_vm sample others' models
+    assert f"trial 1 of {len(trained)} (" in done.stdout and "epoch 4/4" in done.stdout and " left" in done.stdout
+    assert "A smoke run tests the machinery, not the method" in done.stdout and "One seed: no spread" in done.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     [parent] = runs_of_kind(uri, "sweep")
+    assert f"/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in done.stderr
     training = runs_of_kind(uri, "training")
     evaluations = runs_of_kind(uri, "evaluation")
-    assert sorted(run.data.tags["arm"] for run in training) == sorted(ARMS)
+    for run in training + evaluations:  # the UI cuts names: the arm comes first
+        assert run.info.run_name.startswith(f"{run.data.tags['arm']}-s0-"), run.info.run_name
+    assert not [key for run in training for key in run.data.metrics if key.startswith("system/")]
+    assert sorted(run.data.tags["arm"] for run in training) == sorted(trained)
     assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in training)
     assert all("val_total" in run.data.metrics and "tuned_step_lr" in run.data.metrics for run in training)
     assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(ARMS)
@@ -248,3 +255,60 @@ def test_the_table_names_shared_models_and_shows_leakage_columns_when_asked():
     assert "| w/o probabilistic model | shares EquiCSP's | 50.00 | 0.3000 |" in markdown
     assert "| 25.0 | 50.00 | 0.2000 |" in markdown and "| 25.0 | 40.00 | n/a |" in markdown
     assert "unleaked" not in table_markdown(ablation_table(cells, spec), replace(spec, leakage=False))
+
+
+def test_the_progress_lines_name_the_trial_its_arm_its_epochs_and_the_time_left():
+    from types import SimpleNamespace
+
+    from equicsp.sweep.progress import SweepProgress
+
+    spec = SweepSpec(name="s", preset="smoke", arms=("equicsp", "diffcsp"), overrides={"optim.epochs": 40})
+    lines = []
+    progress = SweepProgress(spec, total_trials=2, print_fn=lambda line, flush: lines.append(line))
+    first = SimpleNamespace(trial_id="a", config={"arm": "equicsp", "run.seed": 0, "objective.perm_loss_weight": 1.0})
+    second = SimpleNamespace(trial_id="b", config={"arm": "diffcsp", "run.seed": 0})
+    progress.on_trial_start(0, [first], first)
+    progress.on_trial_result(1, [first, second], first, {"epoch": 20, "val_total": 1.5})
+    progress.on_trial_result(2, [first, second], first, {"epoch": 40, "val_total": 1.2, "tuned_step_lr": 3e-4})
+    progress.on_trial_complete(3, [first, second], first)
+    progress.on_trial_result(4, [first, second], second, {"epoch": 20})
+    assert lines[0] == "trial 1 of 2 (equicsp, seed 0): started (0 of 2 finished)"
+    assert lines[1].startswith("trial 1 of 2 (equicsp, seed 0): epoch 20/40, val loss 1.5, training: about ")
+    assert "tuned step_lr 0.0003" in lines[2] and "left" in lines[2]
+    assert lines[3].startswith("trial 1 of 2 (equicsp, seed 0): done, 1 of 2 finished")
+    assert lines[4].startswith("trial 2 of 2 (diffcsp, seed 0): epoch 20/40") and lines[4].endswith(" left")
+    progress.on_trial_result(5, [first, second], second, {"epoch": 40})
+    assert lines[5] == "trial 2 of 2 (diffcsp, seed 0): epoch 40/40"  # every epoch trained: no estimate
+
+
+def test_sweeps_log_system_metrics_only_when_asked():
+    import argparse
+
+    from equicsp.sweep_cli import add_launch_arguments, launch_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser)
+    assert not launch_from_arguments(parser.parse_args([])).system_metrics
+    assert launch_from_arguments(parser.parse_args(["--system-metrics"])).system_metrics
+
+
+def test_the_table_says_how_many_seeds_it_averages_names_each_run_and_warns_about_smoke_runs(tmp_path):
+    from equicsp.plots import ablation_bars
+    from equicsp.sweep.final import CellResult
+    from equicsp.sweep.report import SMOKE_NOTE, ablation_table, table_markdown
+
+    def cell(arm, seed, rate):
+        return CellResult(arm, seed, f"{arm}{seed}".ljust(32, "0"), "e", 1e-4, 0.5, rate, 0.1, model_of=arm)
+
+    one = SweepSpec(name="ablation-smoke", preset="smoke", arms=("equicsp", "diffcsp"))
+    table = ablation_table([cell("equicsp", 0, 0.2), cell("diffcsp", 0, 0.3)], one)
+    text = table_markdown(table, one)
+    assert "One seed: no spread" in text and "±" not in text and SMOKE_NOTE in text
+    assert "| equicsp0 |" in text and table[0]["run"] == "equicsp0".ljust(32, "0")  # short in Markdown, whole in CSV
+    ablation_bars(table, tmp_path / "one.png")
+    three = SweepSpec(name="ablation-paper", preset="mp_20", arms=("equicsp",), seeds=(0, 1, 2))
+    table = ablation_table([cell("equicsp", seed, 0.1 * seed) for seed in (0, 1, 2)], three)
+    text = table_markdown(table, three)
+    assert "Mean over 3 seeds ± standard deviation" in text and "10.00 ± 10.00" in text and SMOKE_NOTE not in text
+    assert "| equicsp0 equicsp1 equicsp2 |" in text
+    ablation_bars(table, tmp_path / "three.png")

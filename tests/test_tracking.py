@@ -59,3 +59,26 @@ def test_a_downloaded_checkpoint_leaves_no_folder_behind(store, tmp_path, monkey
     loaded_config, _ = tracking.load_logged_model(run_id, uri)
     assert loaded_config == config
     assert list(scratch.iterdir()) == []
+
+
+def test_experiments_open_on_model_training_and_runs_have_a_url(store, tmp_path):
+    uri, experiment = store
+    assert tracking.client(uri).get_experiment(experiment).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = tracking.client(uri).create_experiment("older")  # made before the tag existed
+    assert tracking.ensure_experiment(uri, "older") == older
+    assert tracking.client(uri).get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    run = tracking.open_keyed_run(uri, experiment, "key", "name", "training", {}, {})
+    assert tracking.run_url(uri, run) == \
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run}?workflowType=machine_learning"
+    described = tracking.describe_run(uri, run)
+    assert described.startswith(f"MLflow run {run}: http://127.0.0.1:5000/") and f"sqlite:///{tmp_path}" in described
+    assert tracking.ui_address("http://tracking:5001/") == "http://tracking:5001"
+
+
+def test_runs_of_a_sweep_are_named_by_arm_and_seed_first():
+    from equicsp.sweep.spec import SweepSpec
+    from equicsp.sweep.trials import trial_run_name
+
+    assert trial_run_name(SweepSpec(name="ablation-smoke"), "no_pm_vm", 2, "ab12") == "no_pm_vm-s2-ablation-smoke-ab12"
+    assert tracking.evaluation_run_name("equicsp-s0-x", {"arm": "no_pm", "seed": "0"}, 1).startswith("no_pm-s0-eval-k1")
+    assert tracking.evaluation_run_name("my-run", {}, 5) == "eval-my-run-k5"

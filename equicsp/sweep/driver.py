@@ -14,6 +14,7 @@ from equicsp import tracking
 from equicsp.distributed import connect_ray, resolve_storage
 from equicsp.sweep.cluster import check_data_on_cluster, concurrent_trials, with_absolute_data_path, with_gpu_decided
 from equicsp.sweep.final import CellResult, best_per_cell, evaluate_cell
+from equicsp.sweep.progress import SweepProgress
 from equicsp.sweep.report import ablation_table, write_sweep_report
 from equicsp.sweep.search import FinalResultOptunaSearch, SearchSpace, initial_points
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
@@ -75,11 +76,13 @@ def _new_tuner(spec: SweepSpec, launch: SweepLaunch, trainable, storage: str, sh
     # last epoch, or ASHA would stop every trial at its last checkpoint, before the step-size search.
     scheduler = (ASHAScheduler(metric="val_denoise", mode="min", time_attr="epoch", max_t=epochs + 1,
                                grace_period=max(1, epochs // 4)) if spec.asha else None)
+    # Our own progress lines (trial k of N, arm, epochs, time left) instead of Tune's status box of losses.
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=len(points),
                                     max_concurrent_trials=concurrent_trials(launch)),
-        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=1 if show_progress else 0,
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0,
+                                  callbacks=[SweepProgress(spec, len(points))] if show_progress else None,
                                   failure_config=tune.FailureConfig(max_failures=launch.max_failures)),
     )
 

@@ -66,7 +66,7 @@ def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: Swee
     tags = {} if arm == owner else {"arm": arm, "shares_model_of": owner, **{
         f"switch.{name}": str(value) for name, value in asdict(ARMS[arm].objective).items()}}
     evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri, extra_tags=tags,
-                                     show_progress=show_progress)
+                                     show_progress=show_progress, label=f"{ARMS[arm].label} (seed {seed})")
     searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
     leakage = evaluation.leakage
     return CellResult(arm, seed, trial["training_run_id"], evaluation.run_id, step_lr,

@@ -43,6 +43,7 @@ def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, A
                      "unleaked_match_rate_mean": _mean_spread([100 * cell.unleaked_match_rate for cell in mine])[0],
                      "unleaked_rmse_mean": _mean_spread([cell.unleaked_rmse for cell in mine])[0],
                      "step_lr": " ".join(f"{cell.step_lr:.3g}" for cell in mine),
+                     "run": " ".join(cell.training_run_id for cell in mine),  # the model: sample --run-id RUN
                      "searched": "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in cell.searched.items()) for cell in mine)})
     return rows
@@ -52,23 +53,36 @@ def _number(value: float, spec: str) -> str:
     return "n/a" if math.isnan(value) else format(value, spec)
 
 
+SMOKE_NOTE = "A smoke run tests the machinery, not the method: too little training to rank the arms."
+
+
+def is_smoke(spec: SweepSpec) -> bool:
+    return spec.preset == "smoke" or "smoke" in spec.name
+
+
 def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
     lines = [f"# Ablation: {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), k = {spec.test_samples})", "",
-             "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched |"
+             "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched | run |"
              + (" leaked (%) | unleaked match rate (%) | unleaked RMSE |" if spec.leakage else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|---|" if spec.leakage else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if spec.leakage else "")]
     for row in table:
         spread = row["seeds"] > 1  # one seed has no spread to show
         match = f"{row['match_rate_mean']:.2f}" + (f" ± {row['match_rate_std']:.2f}" if spread else "")
         rmse = "n/a" if math.isnan(row["rmse_mean"]) else \
             f"{row['rmse_mean']:.4f}" + (f" ± {row['rmse_std']:.4f}" if spread else "")
         lines.append(f"| {row['variant']} | {row['model']} | {match} | {rmse} | "
-                     f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} |"
+                     f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} | "
+                     f"{' '.join(run[:8] for run in row['run'].split())} |"
                      + (f" {_number(row['leaked_mean'], '.1f')} | {_number(row['unleaked_match_rate_mean'], '.2f')} | "
                         f"{_number(row['unleaked_rmse_mean'], '.4f')} |" if spec.leakage else ""))
-    note = ("\n\nMean ± standard deviation over seeds; each seed's best trial, at its tuned step size. "
+    seeds = max((row["seeds"] for row in table), default=0)
+    spread = f"Mean over {seeds} seeds ± standard deviation" if seeds > 1 else "One seed: no spread"
+    note = (f"\n\n{spread}; each seed's best trial, at its tuned step size. "
             "Arms that differ only in a sampling-time switch (the PM correction) sample one trained model: "
-            "the model column names whose.\n")
+            "the model column names whose. The run column is the start of each seed's training run id "
+            "(the CSV holds the whole id): `python -m equicsp.sample --run-id RUN` samples that model.\n")
+    if is_smoke(spec):
+        note += f"\n**{SMOKE_NOTE}**\n"
     return "\n".join(lines) + note
 
 
@@ -82,7 +96,8 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
     files["table_md"].write_text(table_markdown(table, spec))
     _write_csv(files["table_csv"], table)
     _write_csv(files["cells_csv"], [{**asdict(cell), "searched": cell.searched} for cell in cells])
-    ablation_bars(table, files["bars"], title=spec.name)
+    ablation_bars(table, files["bars"], title=spec.name + (" (smoke: tests the machinery, not the method)"
+                                                           if is_smoke(spec) else ""))
     curves = {cell.arm: [] for cell in cells}
     for cell in cells:
         curves[cell.arm].append((cell.seed, tracking.metric_history(uri, cell.training_run_id, "val_total"),

@@ -76,6 +76,7 @@ class SweepLaunch:
     max_concurrent: int = 0  # 0: as many trials as the cluster fits
     max_failures: int = 2
     eval_workers: int = 0  # final evaluation sampling workers (0: one per GPU, else one per CPU)
+    system_metrics: bool = False  # MLflow system/* metrics of every training run (they crowd the runs' charts)
 
 
 def validate_spec(spec: SweepSpec) -> None:

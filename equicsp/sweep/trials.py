@@ -24,6 +24,11 @@ class TrialContext:
     storage: str
 
 
+def trial_run_name(spec: SweepSpec, arm: str, seed: int, trial_id: str) -> str:
+    """Arm and seed first: the MLflow UI cuts long names, and a sweep's runs differ there, not in the sweep's name."""
+    return f"{arm}-s{seed}-{spec.name}-{trial_id}"
+
+
 def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
     """One Tune trial: train (Ray Train, reporting each checkpoint to Tune), then search step_lr on validation.
 
@@ -39,9 +44,10 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
             **{f"switch.{name}": str(value) for name, value in asdict(config.objective).items()}}
     options = LaunchOptions(num_workers=launch.workers_per_trial, use_gpu=launch.use_gpu,
                             tracking_uri=context.tracking_uri, experiment=context.experiment,
-                            run_name=f"{spec.name}-{arm}-seed{config.run.seed}-{trial_id}",
+                            run_name=trial_run_name(spec, arm, config.run.seed, trial_id),
                             storage_path=f"{context.storage}/train", max_failures=launch.max_failures,
-                            parent_run_id=context.parent_run_id, extra_tags=tags, report_to_tune=True)
+                            parent_run_id=context.parent_run_id, extra_tags=tags, report_to_tune=True,
+                            system_metrics=launch.system_metrics)
     result = run_training(config, options)
     search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu)
     for other in spec.sharing_arms(arm):
