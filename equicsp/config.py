@@ -58,8 +58,8 @@ class ObjectiveConfig:
     perm_loss: bool = True
     perm_loss_weight: float = 1.0
     frame_average: bool = False
-    cost_coord: float = 1.0  # weight of the n~ head's loss; 0 leaves the head untrained
-    cost_type: float = 20.0  # weight of the atom-type noise loss (diffusion.task = generation only; DiffCSP's value)
+    coord_noise_weight: float = 1.0  # weight of the n~ head's loss (DiffCSP's cost_coord); 0 leaves the head untrained
+    type_noise_weight: float = 20.0  # weight of the atom-type noise loss (generation only; DiffCSP's cost_type)
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,10 @@ ARMS: dict[str, Arm] = {
     "no_pm": Arm("w/o probabilistic model", ObjectiveConfig(prob_model=False)),
     # Every switch off but EquiCSP's lattice: the control between the two methods.
     "none": Arm("all switches off (projected lattice)",
-                ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False, perm_loss=False, cost_coord=0.0)),
+                ObjectiveConfig(com_free_noise=False, von_mises=False, prob_model=False, perm_loss=False,
+                                coord_noise_weight=0.0)),
     "diffcsp": Arm("DiffCSP", ObjectiveConfig(lattice="matrix", com_free_noise=False, von_mises=False, prob_model=False,
-                                              perm_loss=False, cost_coord=0.0)),
+                                              perm_loss=False, coord_noise_weight=0.0)),
 }
 OBJECTIVE_PRESETS: dict[str, ObjectiveConfig] = {name: arm.objective for name, arm in ARMS.items()}
 
@@ -235,11 +236,17 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 SECTIONS = {f.name: f.type for f in fields(Config) if f.name not in ("preset", "objective_preset")}
 
 
+# Fields renamed since runs were first saved: configs, checkpoints and MLflow params under the old names still read.
+RENAMED_FIELDS = {"objective.cost_coord": "objective.coord_noise_weight",
+                  "objective.cost_type": "objective.type_noise_weight"}
+
+
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     """Replace `section.field` values (strings are parsed to the field's type); unknown names are errors."""
     section_types = typing.get_type_hints(Config)
     changes: dict[str, dict[str, Any]] = {}
     for name, value in overrides.items():
+        name = RENAMED_FIELDS.get(name, name)
         section, _, field_name = name.partition(".")
         if section not in SECTIONS or not field_name:
             raise ConfigError(f"unknown config field {name!r}; sections are {sorted(SECTIONS)}")
@@ -294,8 +301,8 @@ def validate(config: Config) -> None:
         problems.append("objective.von_mises needs objective.com_free_noise: the von Mises target models CoM-free noise")
     if objective.prob_model and not objective.com_free_noise:
         problems.append("objective.prob_model needs objective.com_free_noise: it corrects for the CoM removal")
-    if objective.prob_model and objective.cost_coord <= 0:
-        problems.append("objective.prob_model needs objective.cost_coord > 0: the correction uses the trained n~ head")
+    if objective.prob_model and objective.coord_noise_weight <= 0:
+        problems.append("objective.prob_model needs objective.coord_noise_weight > 0: the correction uses the trained n~ head")
     if objective.lattice not in ("projected", "matrix"):
         problems.append(f"objective.lattice must be projected or matrix, not {objective.lattice!r}")
     if objective.lattice == "matrix" and (objective.perm_loss or objective.frame_average):
@@ -307,12 +314,13 @@ def validate(config: Config) -> None:
     for name, value in config.flat().items():
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{name} must be a finite number, not {value}")
-    if objective.perm_loss_weight < 0 or objective.cost_coord < 0:
-        problems.append("loss weights (objective.perm_loss_weight, objective.cost_coord) must be >= 0")
+    if objective.perm_loss_weight < 0 or objective.coord_noise_weight < 0:
+        problems.append("loss weights (objective.perm_loss_weight, objective.coord_noise_weight) must be >= 0")
     if diffusion.task not in ("csp", "generation"):
         problems.append(f"diffusion.task must be csp or generation, not {diffusion.task!r}")
-    if diffusion.task == "generation" and objective.cost_type <= 0:
-        problems.append("diffusion.task = generation needs objective.cost_type > 0: the atom types are learnt by that loss")
+    if diffusion.task == "generation" and objective.type_noise_weight <= 0:
+        problems.append("diffusion.task = generation needs objective.type_noise_weight > 0: "
+                        "the atom types are learnt by that loss")
     if diffusion.timesteps < 1:
         problems.append("diffusion.timesteps must be >= 1")
     if not 0 < diffusion.sigma_begin < diffusion.sigma_end:
@@ -358,7 +366,8 @@ def resume_differences(stored: dict[str, Any], config: Config) -> list[str]:
     for name, value in config.flat().items():
         if name in RESUMABLE_FIELDS:
             continue
-        old = stored.get(name, defaults.get(name, "<absent>"))
+        renamed = {RENAMED_FIELDS.get(key, key): value for key, value in stored.items()}
+        old = renamed.get(name, defaults.get(name, "<absent>"))
         if str(old) != str(value):
             differences.append(f"{name} {old} -> {value}")
     return differences

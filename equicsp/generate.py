@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from equicsp import tracking
 from equicsp.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from equicsp.config import ConfigError
 from equicsp.csp import ground_truth
@@ -57,10 +58,9 @@ def load_checkpoint(args: argparse.Namespace) -> tuple[dict, str | None]:
     """(the checkpoint, the tracking URI when it came from a run)."""
     if args.checkpoint:
         return read_checkpoint(args.checkpoint), None
-    from equicsp.tracking import download_checkpoint, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    return read_checkpoint(download_checkpoint(uri, args.run_id)), uri
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_reachable(uri)
+    return tracking.read_logged_checkpoint(uri, args.run_id), uri
 
 
 def reference_set(args: argparse.Namespace, config):
@@ -75,13 +75,11 @@ def reference_set(args: argparse.Namespace, config):
 
 
 def log_to_run(uri: str, run_id: str, settings: dict, metrics: dict, files: dict[str, Path]) -> str:
-    from equicsp.tracking import log_evaluation_run
-
     key = "generation-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     params = {**settings, "num_samples": settings["num"], "task": "generation"}
     finite = {name: value for name, value in metrics.items() if value == value}  # MLflow rejects NaN
     paths = [files[name] for name in ("samples", "summary", "figure") if name in files]
-    return log_evaluation_run(uri, run_id, key, params, finite, paths, {"equicsp.task": "generation"})
+    return tracking.log_evaluation_run(uri, run_id, key, params, finite, paths, {"equicsp.task": "generation"})
 
 
 def main(argv: list[str] | None = None) -> None:

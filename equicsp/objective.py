@@ -1,5 +1,9 @@
-"""The training loss: L_l + cost_coord L_x + L_score + lambda_perm L_perm (docs/method.md#loss-terms),
-plus cost_type L_type when the atom types are diffused too (docs/method.md#generation).
+"""The training loss: L_l + w_x L_x + L_score + lambda_perm L_perm (docs/method.md#loss-terms),
+plus w_type L_type when the atom types are diffused too (docs/method.md#generation).
+
+Each loss term is named after the head it trains (DenoiserOutput): lattice_noise, coord_noise (the
+n~ head, weighted by objective.coord_noise_weight), coord_score, type_noise (weighted by
+objective.type_noise_weight), and perm for the permutation term; these are also the metric names.
 
 The pieces are chosen once, when the objective is built from a config: the forward process
 (`Diffusion`, which owns the coordinate target and the lattice representation), the denoiser
@@ -24,22 +28,22 @@ mse = nn.functional.mse_loss
 @dataclass
 class LossTerms:
     total: torch.Tensor
-    lattice: torch.Tensor
-    coord: torch.Tensor  # the n~ head
-    score: torch.Tensor
+    lattice_noise: torch.Tensor
+    coord_noise: torch.Tensor  # the n~ head
+    coord_score: torch.Tensor
     perm: torch.Tensor
-    type: torch.Tensor | None = None  # the atom-type noise (generation only)
+    type_noise: torch.Tensor | None = None  # generation only
 
     @property
     def names(self) -> tuple[str, ...]:
-        return CSP_LOSS_NAMES if self.type is None else GENERATION_LOSS_NAMES
+        return CSP_LOSS_NAMES if self.type_noise is None else GENERATION_LOSS_NAMES
 
     def as_floats(self) -> dict[str, float]:
         return {name: float(getattr(self, name).detach()) for name in self.names}
 
 
-CSP_LOSS_NAMES = ("total", "lattice", "coord", "score", "perm")
-GENERATION_LOSS_NAMES = CSP_LOSS_NAMES + ("type",)
+CSP_LOSS_NAMES = ("total", "lattice_noise", "coord_noise", "coord_score", "perm")
+GENERATION_LOSS_NAMES = CSP_LOSS_NAMES + ("type_noise",)
 
 
 def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Tensor, noised: NoisedBatch):
@@ -89,10 +93,10 @@ class Objective:
         self.denoiser = denoiser
         self.precision = precision
         weights: ObjectiveConfig = diffusion.config.objective
-        self.coord_weight = weights.cost_coord
+        self.coord_noise_weight = weights.coord_noise_weight
         self.perm_weight = weights.perm_loss_weight
         self.permutation_loss = PermutationLoss() if weights.perm_loss and weights.perm_loss_weight > 0 else None
-        self.type_weight = weights.cost_type
+        self.type_noise_weight = weights.type_noise_weight
         self.loss_names = GENERATION_LOSS_NAMES if diffusion.types is not None else CSP_LOSS_NAMES
 
     def __call__(self, batch, seed: int = 0, step: int = 0) -> LossTerms:
@@ -107,11 +111,11 @@ class Objective:
                 outputs, perm_loss = (out.lattice_noise, out.coord_noise, out.coord_score, out.type_noise), None
         lattice_out, coord_out, score_out, type_out = outputs
         lattice_loss = mse(lattice_out, noised.lattice_noise)
-        coord_loss = mse(coord_out, noised.targets.noise)
-        score_loss = mse(score_out, noised.targets.score)
+        coord_loss = mse(coord_out, noised.targets.coord_noise)
+        score_loss = mse(score_out, noised.targets.coord_score)
         perm_loss = lattice_loss.new_zeros(()) if perm_loss is None else perm_loss
-        total = lattice_loss + self.coord_weight * coord_loss + score_loss + self.perm_weight * perm_loss
+        total = lattice_loss + self.coord_noise_weight * coord_loss + score_loss + self.perm_weight * perm_loss
         if noised.type_noise is None:
             return LossTerms(total, lattice_loss, coord_loss, score_loss, perm_loss)
         type_loss = mse(type_out, noised.type_noise)
-        return LossTerms(total + self.type_weight * type_loss, lattice_loss, coord_loss, score_loss, perm_loss, type_loss)
+        return LossTerms(total + self.type_noise_weight * type_loss, lattice_loss, coord_loss, score_loss, perm_loss, type_loss)

@@ -9,7 +9,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOSS_COMPONENTS = ("total", "lattice", "coord", "score", "perm", "type")  # "type": generation only
+from equicsp.objective import GENERATION_LOSS_NAMES  # noqa: E402
+
+LOSS_COMPONENTS = GENERATION_LOSS_NAMES  # type_noise: generation only
 
 
 def _save(figure, path: Path, title: str = "", dpi: int = 110) -> Path:

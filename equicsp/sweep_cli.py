@@ -10,6 +10,7 @@ from equicsp.config import DATASET_PRESETS, ConfigError
 from equicsp.sweep.driver import run_sweep
 from equicsp.sweep.report import table_markdown
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec
+from equicsp.tracking import TrackingError, describe_run
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +76,6 @@ def launch_from_arguments(args: argparse.Namespace) -> SweepLaunch:
 
 def run_from_command_line(spec: SweepSpec, launch: SweepLaunch) -> None:
     """Run the sweep; a sweep that cannot start exits with the reason, before any trial."""
-    from equicsp.tracking import TrackingError, describe_run
-
     try:
         result = run_sweep(spec, launch)
     except (SweepError, ConfigError, TrackingError) as error:

@@ -20,8 +20,8 @@ from equicsp.von_mises import VonMisesTables
 
 @dataclass
 class CoordinateTargets:
-    score: torch.Tensor  # (N, 3) for the score head
-    noise: torch.Tensor  # (N, 3) for the n~ head
+    coord_score: torch.Tensor  # (N, 3) for the score head
+    coord_noise: torch.Tensor  # (N, 3) for the n~ head
 
 
 class RawNoiseTarget:
@@ -39,8 +39,8 @@ class RawNoiseTarget:
     def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
         sigma = self.schedule.sigmas[timesteps][:, None]
         return CoordinateTargets(
-            score=wrapped_normal_score(noise, sigma) / self.score_scale(atom_counts, timesteps)[:, None],
-            noise=wrap_centered(noise) / self.noise_scale(atom_counts, timesteps)[:, None])
+            coord_score=wrapped_normal_score(noise, sigma) / self.score_scale(atom_counts, timesteps)[:, None],
+            coord_noise=wrap_centered(noise) / self.noise_scale(atom_counts, timesteps)[:, None])
 
     def score_scale(self, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """(N,) sqrt(E[s^2]) per atom, given each atom's crystal size and timestep."""
@@ -81,8 +81,8 @@ class ComFreeTarget:
             raw_score = kappa * torch.sin(TWO_PI * centred) * TWO_PI  # docs/method.md#von-mises: minus the VM score
         else:
             raw_score = wrapped_normal_score(centred, self.schedule.sigmas[timesteps][:, None])
-        return CoordinateTargets(score=raw_score / self.score_scale(atom_counts, timesteps)[:, None],
-                                 noise=centred / self.noise_scale(atom_counts, timesteps)[:, None])
+        return CoordinateTargets(coord_score=raw_score / self.score_scale(atom_counts, timesteps)[:, None],
+                                 coord_noise=centred / self.noise_scale(atom_counts, timesteps)[:, None])
 
     def score_scale(self, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.score_norms[atom_counts, timesteps].sqrt()

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from equicsp.checkpoint import model_from_checkpoint, read_checkpoint
 from equicsp.config import Config
 from equicsp.data import BUNDLED_PREFIX
 
@@ -315,14 +316,10 @@ def download_checkpoint(uri: str, run_id: str, folder: Path, artifact: str = CHE
 def read_logged_checkpoint(uri: str, run_id: str, artifact: str = CHECKPOINT_ARTIFACT,
                            map_location: str = "cpu") -> dict[str, Any]:
     """A logged run's checkpoint read into memory; the downloaded file is removed afterwards."""
-    from equicsp.checkpoint import read_checkpoint
-
     with tempfile.TemporaryDirectory(prefix="equicsp-") as folder:
         return read_checkpoint(download_checkpoint(uri, run_id, Path(folder), artifact), map_location)
 
 
 def load_logged_model(run_id: str, uri: str | None = None, device: str = "cpu"):
     """(config, model) of a logged training run, by run id alone."""
-    from equicsp.checkpoint import model_from_checkpoint
-
     return model_from_checkpoint(read_logged_checkpoint(resolve_tracking_uri(uri), run_id, map_location=device), device)

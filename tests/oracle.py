@@ -27,4 +27,4 @@ class OracleDenoiser(nn.Module):
         lattice_noise = (lattice - alpha_bar.sqrt() * self.clean_lattice) / (1 - alpha_bar).sqrt()
         noise = wrap_centered(frac_coords - self.clean_coords)
         targets = self.diffusion.target.targets(noise, batch, num_atoms.shape[0], num_atoms[batch], timesteps[batch])
-        return DenoiserOutput(lattice_noise, targets.noise, targets.score)
+        return DenoiserOutput(lattice_noise, targets.coord_noise, targets.coord_score)

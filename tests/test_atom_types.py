@@ -72,9 +72,10 @@ def test_objective_has_a_type_term(arm):
     diffusion = Diffusion(config)
     objective = Objective(diffusion, build_denoiser(config))
     loss = objective(random_batch([3, 5], dtype=torch.float32), seed=0, step=1)
-    assert objective.loss_names[-1] == "type" and set(loss.as_floats()) == set(objective.loss_names)
+    assert objective.loss_names[-1] == "type_noise" and set(loss.as_floats()) == set(objective.loss_names)
     o = config.objective
-    expected = loss.lattice + o.cost_coord * loss.coord + loss.score + o.perm_loss_weight * loss.perm + o.cost_type * loss.type
+    expected = (loss.lattice_noise + o.coord_noise_weight * loss.coord_noise + loss.coord_score
+                + o.perm_loss_weight * loss.perm + o.type_noise_weight * loss.type_noise)
     assert torch.allclose(loss.total, expected)
     loss.total.backward()
 
@@ -82,12 +83,13 @@ def test_objective_has_a_type_term(arm):
 def test_csp_objective_is_unchanged():
     config = make_config("smoke", "equicsp", FAST)
     loss = Objective(Diffusion(config), build_denoiser(config))(random_batch([3, 5], dtype=torch.float32))
-    assert loss.type is None and list(loss.as_floats()) == ["total", "lattice", "coord", "score", "perm"]
+    assert loss.type_noise is None
+    assert list(loss.as_floats()) == ["total", "lattice_noise", "coord_noise", "coord_score", "perm"]
 
 
 def test_generation_needs_a_type_loss():
-    with pytest.raises(ConfigError, match="cost_type"):
-        generation_config(**{"objective.cost_type": 0})
+    with pytest.raises(ConfigError, match="type_noise_weight"):
+        generation_config(**{"objective.type_noise_weight": 0})
     with pytest.raises(ConfigError, match="diffusion.task"):
         make_config("smoke", "equicsp", {"diffusion.task": "dream"})
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from equicsp.config import (
@@ -5,6 +7,7 @@ from equicsp.config import (
     ConfigError,
     apply_overrides,
     config_from_dict,
+    flatten,
     load_config,
     make_config,
     resume_differences,
@@ -41,7 +44,7 @@ def test_yaml_round_trip(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"objective.von_mises": True, "objective.com_free_noise": False, "objective.prob_model": False}, "von_mises needs"),
     ({"objective.frame_average": True}, "exclude each other"),
-    ({"objective.cost_coord": 0}, "prob_model needs objective.cost_coord"),
+    ({"objective.coord_noise_weight": 0}, "prob_model needs objective.coord_noise_weight"),
     ({"diffusion.sigma_begin": 0.6}, "sigma_begin"),
     ({"run.precision": "fp8"}, "precision"),
 ])
@@ -70,7 +73,7 @@ def test_unknown_names_and_bad_values_are_errors():
     ({"sampler.step_lr": "nan"}, "sampler.step_lr"),
     ({"diffusion.sigma_end": "inf"}, "sigma_end"),
     ({"objective.perm_loss_weight": "nan"}, "perm_loss_weight"),
-    ({"objective.cost_coord": "inf"}, "cost_coord"),
+    ({"objective.coord_noise_weight": "inf"}, "coord_noise_weight"),
     ({"run.checkpoint_every": 0}, "run.checkpoint_every"),
     ({"run.log_every": 0}, "run.log_every"),
 ])
@@ -106,3 +109,14 @@ def test_a_run_stored_before_a_field_existed_resumes_when_the_field_has_its_defa
     stored = {name: value for name, value in config.flat().items() if name != "objective.lattice"}
     assert resume_differences(stored, config) == []
     assert resume_differences(stored, make_config("smoke", "diffcsp")) != []
+
+
+def test_configs_saved_under_the_old_weight_names_still_read():
+    saved = make_config("smoke", "equicsp").to_dict()
+    saved["objective"]["cost_coord"] = saved["objective"].pop("coord_noise_weight")
+    saved["objective"]["cost_type"] = 5.0
+    del saved["objective"]["type_noise_weight"]
+    config = config_from_dict(saved)
+    assert config.objective.coord_noise_weight == 1.0 and config.objective.type_noise_weight == 5.0
+    assert resume_differences(flatten(saved), replace(config, objective=replace(config.objective,
+                                                                              type_noise_weight=5.0))) == []

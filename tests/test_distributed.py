@@ -91,7 +91,7 @@ def test_the_mlflow_run_holds_everything_and_the_model_loads_by_run_id(ray_sessi
     run = tracking.client(result.tracking_uri).get_run(result.run_id)
     assert run.data.params["objective.von_mises"] == "False" and run.data.params["model.hidden_dim"] == "16"
     assert run.data.tags["objective_preset"] == "no_vm" and run.data.tags["git_commit"]
-    for key in ("train_total", "train_lattice", "train_coord", "train_score", "train_perm", "val_total", "lr",
+    for key in ("train_total", "train_lattice_noise", "train_coord_noise", "train_coord_score", "train_perm", "val_total", "lr",
                 "crystals_per_s", "epoch_time_s"):
         assert [step for step, _ in tracking.metric_history(result.tracking_uri, result.run_id, key)] == [1, 2], key
     artifacts = {a.path for a in tracking.client(result.tracking_uri).list_artifacts(result.run_id)}

@@ -51,10 +51,10 @@ def test_noise_is_keyed_by_crystal_not_by_batch(tiny_dataset):
     second_half.crystal_id = torch.arange(4, 8)  # the subset renumbers; restore the dataset indices
     half = diffusion.noise(second_half, seed=5, step=3)
     torch.testing.assert_close(half.timesteps, whole.timesteps[4:])
-    torch.testing.assert_close(half.targets.score, whole.targets.score[20:])
+    torch.testing.assert_close(half.targets.coord_score, whole.targets.coord_score[20:])
     assert whole.frac_coords.min() >= 0 and whole.frac_coords.max() < 1
     other = diffusion.noise(batch_of(tiny_dataset), seed=5, step=4)
-    assert not torch.equal(other.targets.score, whole.targets.score)
+    assert not torch.equal(other.targets.coord_score, whole.targets.coord_score)
 
 
 @pytest.mark.parametrize("trained, sampled", [("equicsp", "no_pm"), ("no_vm", "no_pm_vm")])
