@@ -19,7 +19,7 @@ from equicsp import tracking
 from equicsp.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from equicsp.config import ConfigError
 from equicsp.csp import ground_truth
-from equicsp.data import DatasetError, PreprocessOptions, load_crystals, load_splits
+from equicsp.data import DatasetError, load_crystals, load_splits, preprocess_options
 from equicsp.devices import resolve_device
 from equicsp.generation import (
     generate,
@@ -67,8 +67,7 @@ def reference_set(args: argparse.Namespace, config):
     if args.no_reference:
         return None
     if args.data:
-        dataset = load_crystals(args.data, PreprocessOptions(config.data.max_atoms, config.data.niggli,
-                                                             config.data.primitive), show_progress=False)
+        dataset = load_crystals(args.data, preprocess_options(config), show_progress=False)
     else:
         dataset = load_splits(config, ("test",), show_progress=False)["test"]
     return ground_truth(dataset, list(range(len(dataset))))

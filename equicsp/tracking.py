@@ -43,7 +43,6 @@ INHERITED_TAGS = ("preset", "objective_preset", "dataset", "arm", "seed", "equic
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_PORT = 5000  # where `bash mlflow/serve.sh` serves the default store
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
-LAST_CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 
 
 class TrackingError(RuntimeError):
