@@ -141,6 +141,15 @@ def test_a_logged_run_samples_at_the_step_size_its_sweep_tuned(tmp_path, capsys,
     sample_main(arguments)
     assert FakeSampler.seen["step_lr"] == pytest.approx(1.23e-4)
     output = capsys.readouterr().out
-    assert f"/#/experiments/{experiment}/runs/{run}" in output and "step_lr 0.000123: the step size the sweep tuned" in output
+    assert f"/#/experiments/{experiment}/runs/{run}" in output and "step_lr 0.000123: the step size a sweep tuned" in output
     sample_main(arguments + ["--step-lr", "5e-5"])
     assert FakeSampler.seen["step_lr"] == pytest.approx(5e-5)
+
+
+def test_a_checkpoint_carrying_a_tuned_step_size_is_sampled_with_it(tmp_path, capsys, monkeypatch):
+    config = make_config("smoke", "equicsp", FAST)
+    save_checkpoint(tmp_path / "tuned.pt", config, build_denoiser(config), tuned_step_lr=2.5e-4)
+    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    sample_main(["--checkpoint", str(tmp_path / "tuned.pt"), "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")])
+    assert FakeSampler.seen["step_lr"] == pytest.approx(2.5e-4)
+    assert "step_lr 0.00025: the step size a sweep tuned" in capsys.readouterr().out
