@@ -10,8 +10,6 @@ a child run of the training run, with the CSV and the figure.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from equicsp.generation import (
     write_generated,
 )
 from equicsp.generation_metrics import CoverageThresholds, thresholds_for
+from equicsp.logged_evaluation import log_generation_run
 from equicsp.sampler import with_sampler_options
 from equicsp.tracking import TrackingError
 
@@ -57,10 +56,10 @@ def load_checkpoint(args: argparse.Namespace) -> tuple[dict, str | None]:
     """(the checkpoint, the tracking URI when it came from a run)."""
     if args.checkpoint:
         return read_checkpoint(args.checkpoint), None
-    from equicsp.tracking import download_checkpoint, resolve_tracking_uri
+    from equicsp.tracking import read_logged_checkpoint, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    return read_checkpoint(download_checkpoint(uri, args.run_id)), uri
+    return read_logged_checkpoint(uri, args.run_id), uri
 
 
 def reference_set(args: argparse.Namespace, config):
@@ -72,16 +71,6 @@ def reference_set(args: argparse.Namespace, config):
     else:
         dataset = load_splits(config, ("test",), show_progress=False)["test"]
     return ground_truth(dataset, list(range(len(dataset))))
-
-
-def log_to_run(uri: str, run_id: str, settings: dict, metrics: dict, files: dict[str, Path]) -> str:
-    from equicsp.tracking import log_evaluation_run
-
-    key = "generation-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    params = {**settings, "num_samples": settings["num"], "task": "generation"}
-    finite = {name: value for name, value in metrics.items() if value == value}  # MLflow rejects NaN
-    paths = [files[name] for name in ("samples", "summary", "figure") if name in files]
-    return log_evaluation_run(uri, run_id, key, params, finite, paths, {"equicsp.task": "generation"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     print(summary_table(report.metrics))
     print(f"CIFs in {files['cifs']}, per-sample table {files['samples']}, summary {files['summary']}", file=sys.stderr)
     if uri is not None:
-        run = log_to_run(uri, args.run_id, settings, report.metrics, files)
+        run = log_generation_run(uri, args.run_id, settings, report.metrics, files)
         print(f"generation metrics logged as MLflow run {run} (a child of {args.run_id})", file=sys.stderr)
 
 
