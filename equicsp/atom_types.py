@@ -37,16 +37,26 @@ class AtomTypeDiffusion:
         alpha_bar = self.schedule.alpha_bars[timesteps][:, None]
         return alpha_bar.sqrt() * one_hot(atom_types, eps.dtype) + (1 - alpha_bar).sqrt() * eps
 
-    def step(self, types: torch.Tensor, predicted_noise: torch.Tensor, t: int, s: int, z: torch.Tensor) -> torch.Tensor:
+    def step(self, types: torch.Tensor, predicted_noise: torch.Tensor, t: int, s: int, z: torch.Tensor,
+             clip: bool = False) -> torch.Tensor:
         """Ancestral DDPM step from t to s < t (s = t - 1 is DDPM's own step; s = 0 adds no noise).
 
-        With alpha_ts = abar_t / abar_s: A_s = (A_t - (1 - alpha_ts) / sqrt(1 - abar_t) eps_hat) / sqrt(alpha_ts)
-        + sqrt((1 - alpha_ts)(1 - abar_s) / (1 - abar_t)) z.
+        Written, like the lattice's, through the implied clean types A0_hat = (A_t - sqrt(1 - abar_t) eps_hat)
+        / sqrt(abar_t) and the Gaussian posterior q(A_s | A_t, A0_hat); unclipped it is DiffCSP's step,
+        A_s = (A_t - (1 - alpha_ts) / sqrt(1 - abar_t) eps_hat) / sqrt(alpha_ts) + std z, with alpha_ts = abar_t / abar_s.
+        With clip (sampler.clip_types), A0_hat is first clamped into [0, 1], the range of a one-hot
+        (DDPM's clip-denoised): at t = T the step multiplies any error in eps_hat by 1 / sqrt(1 - beta_T) = 100,
+        and the network would next see type vectors far outside those it was trained on. The last step
+        (s = 0) returns A0_hat unclipped, so argmax never meets a tie at the bound.
         """
         alpha_bars = self.schedule.alpha_bars
         alpha_ts = alpha_bars[t] / alpha_bars[s]
-        mean = (types - (1 - alpha_ts) / (1 - alpha_bars[t]).sqrt() * predicted_noise) / alpha_ts.sqrt()
+        beta_ts = 1 - alpha_ts
+        clean = (types - (1 - alpha_bars[t]).sqrt() * predicted_noise) / alpha_bars[t].sqrt()
         if s == 0:
-            return mean
-        std = ((1 - alpha_ts) * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()
+            return clean
+        if clip:
+            clean = clean.clamp(0, 1)
+        mean = (alpha_bars[s].sqrt() * beta_ts * clean + alpha_ts.sqrt() * (1 - alpha_bars[s]) * types) / (1 - alpha_bars[t])
+        std = (beta_ts * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()
         return mean + std * z

@@ -68,6 +68,7 @@ class SamplerConfig:
     num_steps: int = 0  # 0: every timestep; fewer: evenly spaced ones
     batch_size: int = 256
     clip_lattice: bool = True  # clamp the implied clean lattice to physical cells (see Sampler.lattice_step)
+    clip_types: bool = True  # clamp the implied clean atom types into [0, 1] (generation; see AtomTypeDiffusion.step)
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,8 @@ def validate(config: Config) -> None:
 # What a resumed run may change: how long it trains, how often it checkpoints and logs, where it
 # runs, and the sampler (used after training only). Anything else would continue another run.
 RESUMABLE_FIELDS = ("optim.epochs", "run.checkpoint_every", "run.log_every", "run.device", "sampler.step_lr",
-                    "sampler.num_steps", "sampler.batch_size", "sampler.clip_lattice")
+                    "sampler.num_steps", "sampler.batch_size", "sampler.clip_lattice",
+                    "sampler.clip_types")
 
 
 def resume_differences(stored: dict[str, Any], config: Config) -> list[str]:

@@ -10,8 +10,6 @@ a child run of the training run, with the CSV and the figure.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from equicsp.generation import (
     write_generated,
 )
 from equicsp.generation_metrics import CoverageThresholds, thresholds_for
+from equicsp.logged_evaluation import log_generation_run
 from equicsp.sampler import with_sampler_options
 from equicsp.tracking import TrackingError
 
@@ -73,14 +72,6 @@ def reference_set(args: argparse.Namespace, config):
     return ground_truth(dataset, list(range(len(dataset))))
 
 
-def log_to_run(uri: str, run_id: str, settings: dict, metrics: dict, files: dict[str, Path]) -> str:
-    key = "generation-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    params = {**settings, "num_samples": settings["num"], "task": "generation"}
-    finite = {name: value for name, value in metrics.items() if value == value}  # MLflow rejects NaN
-    paths = [files[name] for name in ("samples", "summary", "figure") if name in files]
-    return tracking.log_evaluation_run(uri, run_id, key, params, finite, paths, {"equicsp.task": "generation"})
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     try:
@@ -105,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     print(summary_table(report.metrics))
     print(f"CIFs in {files['cifs']}, per-sample table {files['samples']}, summary {files['summary']}", file=sys.stderr)
     if uri is not None:
-        run = log_to_run(uri, args.run_id, settings, report.metrics, files)
+        run = log_generation_run(uri, args.run_id, settings, report.metrics, files)
         print(f"generation metrics logged as MLflow run {run} (a child of {args.run_id})", file=sys.stderr)
 
 

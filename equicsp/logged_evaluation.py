@@ -1,5 +1,5 @@
 """Evaluating a logged MLflow training run: its model and data found by run id, a finished identical
-evaluation reused, the result logged as a child evaluation run."""
+evaluation reused, the result logged as a child evaluation run (CSP matching, or a generation model's scores)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from pathlib import Path
 
 from equicsp import tracking
 from equicsp.cache import cache_key, check_writable_folder
-from equicsp.config import Config, config_from_dict
-from equicsp.csp import Evaluation, EvaluationSettings, add_leakage
+from equicsp.checkpoint import model_from_checkpoint
+from equicsp.config import ARMS, Config, config_from_dict, with_sampling_switches
+from equicsp.csp import Evaluation, EvaluationSettings, add_leakage, ground_truth
 from equicsp.data import CrystalDataset, find_data_folder, load_crystals, load_splits, preprocess_options
+from equicsp.devices import resolve_device
 from equicsp.evaluation_report import copy_report, summary_record, write_report
+from equicsp.generation import generate, num_atoms_distribution, score_generated, write_generated
+from equicsp.generation_metrics import thresholds_for
 from equicsp.leakage import LeakageSummary
 from equicsp.metrics import MatchSummary
 from equicsp.ray_evaluation import evaluate_checkpoint
+from equicsp.sampler import with_sampler_options
 
 
 def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
@@ -107,3 +112,54 @@ def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, da
     return Evaluation(summary, [], [], metrics["sampling_s"], metrics["matching_s"], int(run.data.params["workers"]),
                       config, run_id=run.info.run_id, reused=True, startup_s=metrics.get("startup_s", 0.0),
                       leakage=leakage)
+
+
+def log_generation_run(uri: str, run_id: str, settings: dict, metrics: dict[str, float], files: dict[str, Path],
+                       extra_tags: dict[str, str] | None = None) -> str:
+    """Generation scores as a child run of training run `run_id`, keyed by the settings (so a rerun finds it)."""
+    params = {**settings, "num_samples": settings["num"], "task": "generation"}
+    finite = {name: value for name, value in metrics.items() if value == value}  # MLflow rejects NaN
+    paths = [files[name] for name in ("samples", "summary", "figure") if name in files]
+    return tracking.log_evaluation_run(uri, run_id, generation_run_key(settings), params, finite, paths,
+                                       {"equicsp.task": "generation", **(extra_tags or {})})
+
+
+def generation_run_key(settings: dict) -> str:
+    return "generation-" + cache_key(settings)[:16]
+
+
+def generate_for_logged_run(run_id: str, num: int, seed: int = 0, step_lr: float | None = None,
+                            sampling_arm: str | None = None, tracking_uri: str | None = None,
+                            extra_tags: dict[str, str] | None = None,
+                            show_progress: bool = True) -> tuple[str, dict[str, float]]:
+    """(child run id, metrics): num crystals from the model of generation training run `run_id`, scored against
+    its test split (docs/method.md#generation-metrics) and logged as a child run, as `generate --run-id` does.
+
+    With sampling_arm, the model is sampled with that arm's sampling-only switches (a model it shares).
+    The same generation asked for again is answered from its finished run.
+    """
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
+    training_run = tracking.get_run(uri, run_id)
+    device = resolve_device("auto")
+    config, model = model_from_checkpoint(checkpoint, device)
+    config = with_sampler_options(config, step_lr)
+    if sampling_arm is not None:
+        config = with_sampling_switches(config, ARMS[sampling_arm].objective)
+    thresholds = thresholds_for(config.preset)
+    settings = {"num": num, "seed": seed, "step_lr": config.sampler.step_lr, "num_steps": config.sampler.num_steps,
+                "precision": "fp32", "reference": "test split", "struct_cutoff": thresholds.structure,
+                "comp_cutoff": thresholds.composition, "sampling_arm": sampling_arm or ""}
+    finished = tracking.find_finished_run(uri, run_id, generation_run_key(settings))
+    if finished is not None:
+        return finished.info.run_id, dict(finished.data.metrics)
+    root = find_data_folder(config.data.path, logged_data_folders(uri, training_run, config.data.path))
+    test = load_splits(replace(config, data=replace(config.data, path=root)), ("test",), show_progress)["test"]
+    crystals = generate(model, config, num_atoms_distribution(checkpoint), num, seed, device,
+                        show_progress=show_progress)
+    report = score_generated(crystals, ground_truth(test, list(range(len(test)))), config.preset, thresholds,
+                             show_progress=show_progress)
+    with tempfile.TemporaryDirectory(prefix="equicsp-generate-") as scratch:
+        files = write_generated(crystals, report, Path(scratch), settings)
+        child = log_generation_run(uri, run_id, settings, report.metrics, files, extra_tags)
+    return child, report.metrics

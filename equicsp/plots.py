@@ -92,6 +92,23 @@ def ablation_bars(table: list[dict], path: Path, title: str = "") -> Path:
     return _save(figure, path, title)
 
 
+def generation_bars(table: list[dict], path: Path, title: str = "") -> Path:
+    """A generation sweep's validity and coverage per arm (%), mean with standard deviation over seeds as error bars."""
+    arms = [row["arm"] for row in table]
+    figure, axis = plt.subplots(figsize=(11, 4))
+    metrics = (("struct_valid", "struct. valid"), ("comp_valid", "comp. valid"), ("cov_recall", "COV-R"),
+               ("cov_precision", "COV-P"))
+    width = 0.8 / len(metrics)
+    for index, (key, label) in enumerate(metrics):
+        axis.bar([position + (index - 1.5) * width for position in range(len(arms))],
+                 [row[f"{key}_mean"] for row in table], width, yerr=[row[f"{key}_std"] for row in table],
+                 color=f"C{index}", capsize=2, label=label)
+    axis.set_ylabel("%")
+    axis.set_xticks(list(range(len(arms))), arms, rotation=35, ha="right")
+    axis.legend()
+    return _save(figure, path, title)
+
+
 def arm_learning_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]], list[tuple[int, float]]]]],
                         path: Path, labels: dict[str, str] | None = None) -> Path:
     """One panel per arm: validation (solid) and training (dashed) total loss per epoch, a line per seed."""

@@ -171,7 +171,8 @@ class Sampler:
             lattice = self.lattice_step(lattice, lattice_noise, t, s, z)
             if diffuse_types:
                 z = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, t, _TYPES, dtype)
-                atom_types = self.diffusion.types.step(atom_types, type_noise.to(dtype), t, s, z)
+                atom_types = self.diffusion.types.step(atom_types, type_noise.to(dtype), t, s, z,
+                                                        self.config.sampler.clip_types)
             if progress is not None:
                 progress.update(1)
         return atom_types, x, lattice

@@ -24,6 +24,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on the validation loss)")
     parser.add_argument("--leakage", action="store_true",
                         help="also score the test crystals no training crystal of the same reduced composition matches")
+    parser.add_argument("--task", choices=("csp", "generation"),
+                        help="csp: structures of given compositions (default) | generation: ab initio, every arm")
+    parser.add_argument("--num-generated", type=int, help="--task generation: crystals each cell's best model generates")
     parser.add_argument("--name", help="sweep name; running the same name again resumes it")
     parser.add_argument("--storage-path",
                         help="Ray storage (default $EQUICSP_STORAGE_PATH, else ./runs/sweeps; shared on a cluster)")
@@ -54,7 +57,7 @@ def apply_arguments(spec: SweepSpec, args: argparse.Namespace) -> SweepSpec:
         overrides["data.path"] = args.data
     changes = {"overrides": overrides}
     for name, value in (("preset", args.preset), ("trials_per_cell", args.trials), ("test_samples", args.test_samples),
-                        ("name", args.name)):
+                        ("name", args.name), ("task", args.task), ("num_generated", args.num_generated)):
         if value is not None:
             changes[name] = value
     if args.seeds:

@@ -1,12 +1,16 @@
 """The paper's ablation study (Table 2), trained, tuned and evaluated: every arm x seeds.
 
     python sweeps/ablation.py --profile smoke          # the bundled sample, whole pipeline in minutes on a CPU
+    python sweeps/ablation.py --profile smoke --task generation   # the same arms, ab initio generation
     python sweeps/ablation.py -- --profile paper --preset mp_20 --data /data/mp_20
     ray submit cluster/gpu.yaml sweeps/ablation.py -- --profile paper --preset mp_20 --data /shared/mp_20
 
 Each arm's permutation-loss weight is searched by Optuna where the arm has the loss, each
 trained model's Langevin step size on validation crystals, and each (arm, seed)'s best model
 is evaluated on the test split. Running the same command again resumes an interrupted sweep.
+With --task generation every arm generates crystals instead (docs/method.md#generation): no
+step-size search, each cell's best model (lowest validation loss) generates --num-generated
+crystals, and the table shows validity, coverage and Wasserstein distances.
 """
 
 import argparse
@@ -22,11 +26,13 @@ PROFILES = {
     "smoke": SweepSpec(
         name="ablation-smoke", preset="smoke", seeds=(0,), trials_per_cell=1,
         overrides={"optim.epochs": 40, "run.checkpoint_every": 20, "sampler.batch_size": 25},
-        step_lr=FloatRange(3e-5, 3e-3, log=True), step_lr_trials=3, step_lr_crystals=25, test_samples=1),
+        step_lr=FloatRange(3e-5, 3e-3, log=True), step_lr_trials=3, step_lr_crystals=25, test_samples=1,
+        num_generated=100),
     # The paper's training settings (the dataset preset's model size and epochs), three seeds.
     "paper": SweepSpec(
         name="ablation-paper", preset="mp_20", seeds=(0, 1, 2), trials_per_cell=4,
-        step_lr=FloatRange(1e-7, 1e-4, log=True), step_lr_trials=12, step_lr_crystals=256, test_samples=1),
+        step_lr=FloatRange(1e-7, 1e-4, log=True), step_lr_trials=12, step_lr_crystals=256, test_samples=1,
+        num_generated=10000),
 }
 
 

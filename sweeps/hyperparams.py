@@ -6,6 +6,7 @@
 The same machinery as the ablation sweep (equicsp.sweep): Optuna picks each trial's values,
 every trained model gets its step size searched on validation crystals, the best model
 per seed is evaluated on the test split, and everything lands in one MLflow parent run.
+`--task generation` tunes a generation model instead (no step-size search; see sweeps/ablation.py).
 """
 
 import argparse
@@ -32,10 +33,10 @@ PROFILES = {
         space={"optim.lr": FloatRange(3e-4, 3e-3, log=True), "model.hidden_dim": Choice((64, 128)),
                "diffusion.sigma_end": FloatRange(0.3, 1.0)},
         overrides={"optim.epochs": 30, "run.checkpoint_every": 15, "sampler.batch_size": 25},
-        step_lr=FloatRange(3e-5, 3e-3, log=True), step_lr_trials=3, step_lr_crystals=25),
+        step_lr=FloatRange(3e-5, 3e-3, log=True), step_lr_trials=3, step_lr_crystals=25, num_generated=100),
     "paper": SweepSpec(
         name="hyperparams-paper", preset="mp_20", seeds=(0,), trials_per_cell=24, space=SPACE, asha=True,
-        step_lr=FloatRange(1e-7, 1e-4, log=True), step_lr_trials=12, step_lr_crystals=256),
+        step_lr=FloatRange(1e-7, 1e-4, log=True), step_lr_trials=12, step_lr_crystals=256, num_generated=10000),
 }
 
 

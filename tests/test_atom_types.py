@@ -34,6 +34,28 @@ def test_step_with_the_true_noise_recovers_the_clean_types():
         assert torch.allclose(clean, one_hot(types), atol=1e-4)
 
 
+def test_unclipped_step_is_diffcsps_and_the_clip_bounds_a_wrong_noise():
+    """Without the clip the step is DiffCSP's c0 (A_t - c1 eps_hat) + sigma_t z; with it, a bad eps_hat at t = T
+    cannot throw the types far outside the one-hot range, and a right one is left alone."""
+    diffusion = Diffusion(generation_config())
+    schedule, T = diffusion.schedule, diffusion.timesteps
+    generator = torch.Generator().manual_seed(1)
+    types, z = torch.randn(6, NUM_TYPE_CLASSES, generator=generator), torch.randn(6, NUM_TYPE_CLASSES, generator=generator)
+    eps_hat = torch.randn(6, NUM_TYPE_CLASSES, generator=generator)
+    for t in (2, T // 2, T):
+        alpha, alpha_bar = 1 - schedule.betas[t], schedule.alpha_bars[t]
+        sigma = (schedule.betas[t] * (1 - schedule.alpha_bars[t - 1]) / (1 - alpha_bar)).sqrt()
+        diffcsp = (types - (1 - alpha) / (1 - alpha_bar).sqrt() * eps_hat) / alpha.sqrt() + sigma * z
+        torch.testing.assert_close(diffusion.types.step(types, eps_hat, t, t - 1, z), diffcsp, rtol=1e-4, atol=1e-4)
+    unclipped = diffusion.types.step(types, eps_hat, T, T - 1, torch.zeros_like(z))
+    clipped = diffusion.types.step(types, eps_hat, T, T - 1, torch.zeros_like(z), clip=True)
+    assert unclipped.abs().max() > 10 and clipped.abs().max() < 2 * types.abs().max()
+    clean = torch.tensor([3, 8, 8, 56, 1, 100])
+    noisy = diffusion.types.noise(clean, torch.full((6,), 5), eps_hat)
+    torch.testing.assert_close(diffusion.types.step(noisy, eps_hat, 5, 4, z, clip=True),
+                               diffusion.types.step(noisy, eps_hat, 5, 4, z), rtol=1e-5, atol=1e-5)
+
+
 def test_noise_is_keyed_and_types_are_noised_only_for_generation():
     batch = random_batch([3, 4], dtype=torch.float32)
     noised = Diffusion(generation_config()).noise(batch, seed=1, step=2)

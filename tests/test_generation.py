@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ from conftest import FAST
 
 from equicsp.checkpoint import model_from_checkpoint, read_checkpoint
 from equicsp.config import make_config
+from equicsp.data import load_splits
 from equicsp.denoiser import build_denoiser
-from equicsp.generation import GenerationError, _write_cif, generate, num_atoms_distribution
+from equicsp.generation import GenerationError, _write_cif, as_arrays, generate, num_atoms_distribution
+from equicsp.metrics import structure_problem
 from equicsp.sampler import SampledCrystal
 from equicsp.training import train
 
@@ -72,3 +75,57 @@ def test_generate_command_end_to_end(tiny_data_dir, tmp_path):
         assert key in summary["metrics"]
     assert summary["thresholds"] == {"structure": 0.2, "composition": 4.0}
     assert (out / "generation.png").stat().st_size > 0
+
+
+def structurally_valid(crystal) -> bool:
+    arrays = as_arrays(crystal)
+    try:
+        return all(math.isfinite(v) for v in arrays.lengths + arrays.angles) and not structure_problem(
+            arrays.to_structure())
+    except Exception:  # a degenerate lattice pymatgen cannot build
+        return False
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a small shared CPU, more only thrash (this test takes minutes instead of seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_a_small_generation_model_generates_valid_crystals_of_its_training_elements(memorise_data_dir, tmp_path,
+                                                                                     one_thread):
+    """Trained 600 steps on eight Perov-5 crystals, a small model generates mostly valid crystals made of the
+    training elements; untrained, or sampled with DiffCSP's unclipped type step (sampler.clip_types false), not.
+
+    Measured on a 2-core CPU: 88 % structurally valid and every atom a training element; untrained 14 % and
+    14 %; unclipped 27 % valid.
+    """
+    config = make_config("smoke", "equicsp", {"diffusion.task": "generation", "data.path": str(memorise_data_dir),
+                                              "model.num_layers": 2, "optim.epochs": 600, "optim.batch_size": 64,
+                                              "run.checkpoint_every": 1000, "sampler.batch_size": 64})
+    train(config, tmp_path / "run", show_progress=False)
+    checkpoint = read_checkpoint(tmp_path / "run" / "last.pt")
+    _, model = model_from_checkpoint(checkpoint)
+    histogram = num_atoms_distribution(checkpoint)
+    training = load_splits(config, ("train",), show_progress=False)["train"]
+    elements = {int(z) for index in range(len(training)) for z in training[index].atom_types}
+    torch.manual_seed(0)
+    untrained = build_denoiser(config)
+
+    def scores(denoiser, sampling_config):
+        """(structurally valid fraction, fraction of atoms of a training element) of 64 generated crystals."""
+        crystals = generate(denoiser, sampling_config, histogram, 64, seed=0, show_progress=False)
+        atoms = torch.cat([crystal.atom_types for crystal in crystals]).tolist()
+        return (sum(map(structurally_valid, crystals)) / len(crystals),
+                sum(z in elements for z in atoms) / len(atoms))
+
+    valid, known = scores(model, config)
+    assert valid >= 0.75 and known >= 0.9, (valid, known)
+    untrained_valid, untrained_known = scores(untrained, config)
+    assert untrained_valid <= 0.5 and untrained_known <= 0.5, (untrained_valid, untrained_known)
+    unclipped_valid, _ = scores(model, replace(config, sampler=replace(config.sampler, clip_types=False)))
+    assert unclipped_valid <= 0.5, unclipped_valid

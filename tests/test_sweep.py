@@ -22,6 +22,7 @@ from equicsp.sweep.report import ablation_table, table_markdown
 from equicsp.sweep.search import SearchSpace, initial_points
 from equicsp.sweep.space import Choice, FloatRange
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
+from equicsp.sweep.step_size import search_metric
 
 ROOT = Path(__file__).parent.parent
 TINY = ["model.num_layers=1", "model.hidden_dim=16", "model.num_freqs=4", "model.time_dim=8", "optim.epochs=4",
@@ -86,6 +87,9 @@ def test_a_sharing_arm_picks_its_best_trial_by_its_own_step_size_search():
     (dict(space={}, trials_per_cell=3), "search space is empty for every arm"),
     (dict(space={"model.depth": Choice((1, 2))}), "unknown config field 'model.depth'"),
     (dict(overrides={"optim.epochs": "many"}), "cannot read 'many'"),
+    (dict(task="dft"), "task must be csp or generation"),
+    (dict(overrides={"diffusion.task": "generation"}), "set it with --task"),
+    (dict(task="generation", leakage=True), "a generation sweep has none"),
 ])
 def test_a_bad_sweep_is_refused_with_the_reason(changes, message):
     spec = SweepSpec(name="bad", preset="smoke", **changes)
@@ -156,6 +160,32 @@ def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_ru
         assert float(row["seeds"]) == 1
         if "rmse" in evaluation.data.metrics:
             assert float(row["rmse_mean"]) == pytest.approx(evaluation.data.metrics["rmse"])
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_the_smoke_ablation_sweep_for_generation_trains_once_for_two_arms_and_reports_generation_metrics(tmp_path):
+    """equicsp and no_pm share one generation model; each arm's generation is a child run, the table shows them."""
+    command = sweep_command(tmp_path, "--task", "generation", "--num-generated", "8", "--arms", "equicsp", "no_pm")
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| variant | model | struct. valid (%) | comp. valid (%) | COV-R (%) | COV-P (%) |" in done.stdout
+    assert "| w/o probabilistic model | shares EquiCSP's |" in done.stdout and "match rate" not in done.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    [parent] = runs_of_kind(uri, "sweep")
+    [training] = runs_of_kind(uri, "training")
+    assert "tuned_step_lr" not in training.data.metrics, "no step-size search for generation"
+    generations = runs_of_kind(uri, "evaluation")
+    assert sorted(run.data.tags["arm"] for run in generations) == ["equicsp", "no_pm"]
+    assert all(run.data.tags["mlflow.parentRunId"] == training.info.run_id
+               and run.data.tags["equicsp.task"] == "generation" and run.data.metrics["num_generated"] == 8
+               for run in generations)
+    table = {row["arm"]: row for row in read_artifact_csv(uri, parent.info.run_id, "ablation_table.csv")}
+    for run in generations:
+        arm = run.data.tags["arm"]
+        assert float(table[arm]["struct_valid_mean"]) == pytest.approx(100 * run.data.metrics["struct_valid"])
+        assert parent.data.metrics[f"{arm}/struct_valid"] == pytest.approx(run.data.metrics["struct_valid"])
+        assert f"{arm}/comp_valid" in parent.data.metrics
     assert parent.info.status == "FINISHED"
 
 
@@ -312,3 +342,39 @@ def test_the_table_says_how_many_seeds_it_averages_names_each_run_and_warns_abou
     assert "Mean over 3 seeds ± standard deviation" in text and "10.00 ± 10.00" in text and SMOKE_NOTE not in text
     assert "| equicsp0 equicsp1 equicsp2 |" in text
     ablation_bars(table, tmp_path / "three.png")
+
+
+def test_a_generation_sweep_sets_the_task_of_every_arm_and_picks_trials_by_validation_loss():
+    spec = SweepSpec(name="g", preset="smoke", arms=("equicsp", "no_pm", "diffcsp"), task="generation")
+    validate_spec(spec)
+    assert all(spec.config_for(arm, {}).diffusion.task == "generation" for arm in spec.arms)
+    assert SweepSpec(name="c", preset="smoke").config_for("equicsp", {}).diffusion.task == "csp"
+    assert search_metric(spec) == ("val_denoise", "min") and search_metric(replace(spec, task="csp"))[1] == "max"
+    assert spec.model_owner("no_pm") == "equicsp"  # the PM switch still acts at sampling time only
+    trials = [{"config": {"arm": "equicsp", "run.seed": 0}, "training_run_id": run, "val_denoise": loss}
+              for run, loss in (("a", 0.9), ("b", 0.4))]
+    chosen = dict(best_per_cell(trials, spec))
+    assert chosen["equicsp"]["training_run_id"] == chosen["no_pm"]["training_run_id"] == "b"
+
+
+def test_the_generation_table_shows_validity_coverage_and_distances_over_seeds():
+    spec = SweepSpec(name="g", preset="smoke", arms=("equicsp", "no_pm"), seeds=(0, 1), task="generation")
+    metrics = [{"struct_valid": 0.9, "comp_valid": 0.8, "cov_recall": 0.5, "cov_precision": 0.7, "wdist_density": 0.2,
+                "wdist_num_elems": 0.1},
+               {"struct_valid": 0.7, "comp_valid": 0.6, "cov_recall": 0.5, "cov_precision": 0.5, "wdist_density": 0.4,
+                "wdist_num_elems": 0.3}]
+    nan = math.nan
+    cells = [CellResult("equicsp", seed, f"run-{seed}", f"gen-{seed}", 3e-4, nan, nan, nan, {}, "equicsp",
+                        generation=metrics[seed]) for seed in (0, 1)]
+    cells.append(CellResult("no_pm", 0, "run-0", "gen-x", 3e-4, nan, nan, nan, {}, "equicsp",
+                            generation={"struct_valid": 1.0, "comp_valid": 0.5}))
+    table = ablation_table(cells, spec)
+    assert table[0]["struct_valid_mean"] == pytest.approx(80) and table[0]["cov_recall_std"] == 0
+    markdown = table_markdown(table, spec)
+    for heading in ("struct. valid (%)", "comp. valid (%)", "COV-R (%)", "COV-P (%)", "wdist density",
+                    "wdist #elements", "step_lr (config's)"):
+        assert heading in markdown
+    assert "| EquiCSP | own | 80.00 ± 14.14 | 70.00 ± 14.14 | 50.00 ± 0.00 | 60.00 ± 14.14 | 0.3000 ± 0.1414 |" \
+        in markdown
+    assert "| w/o probabilistic model | shares EquiCSP's | 100.00 | 50.00 | n/a | n/a | n/a | n/a |" in markdown
+    assert "match rate" not in markdown

@@ -18,7 +18,7 @@ from equicsp.sweep.progress import SweepProgress
 from equicsp.sweep.report import ablation_table, write_sweep_report
 from equicsp.sweep.search import FinalResultOptunaSearch, SearchSpace, initial_points
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
-from equicsp.sweep.step_size import STEP_LR_METRIC
+from equicsp.sweep.step_size import search_metric
 from equicsp.sweep.trials import TrialContext, sweep_trial
 
 
@@ -56,7 +56,8 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
         tuner = _new_tuner(spec, launch, trainable, storage, show_progress)
     grid = tuner.fit()
     tracking.mark_unfinished_children_killed(uri, parent)
-    trials = [result.metrics for result in grid if result.metrics and STEP_LR_METRIC in result.metrics]
+    trials = [result.metrics for result in grid if result.metrics and search_metric(spec)[0] in result.metrics
+              and "training_run_id" in result.metrics]
     if not trials:
         errors = [str(result.error) for result in grid if result.error is not None]
         raise SweepError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
@@ -69,7 +70,8 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
 def _new_tuner(spec: SweepSpec, launch: SweepLaunch, trainable, storage: str, show_progress: bool) -> tune.Tuner:
     """A fresh Tuner: Optuna seeded with every cell's first points, ASHA on the validation loss when asked."""
     points = initial_points(spec)
-    searcher = FinalResultOptunaSearch(SearchSpace(spec), metric=STEP_LR_METRIC, mode="max",
+    metric, mode = search_metric(spec)
+    searcher = FinalResultOptunaSearch(SearchSpace(spec), metric=metric, mode=mode,
                                        points_to_evaluate=points, seed=spec.search_seed)
     epochs = spec.config_for(spec.arms[0], {}).optim.epochs
     # Trials report at their checkpoints, so ASHA counts epochs rather than reports; max_t lies past the

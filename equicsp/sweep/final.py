@@ -8,9 +8,9 @@ from typing import Any
 
 from equicsp.config import ARMS
 from equicsp.csp import EvaluationSettings
-from equicsp.logged_evaluation import evaluate_logged_run
+from equicsp.logged_evaluation import evaluate_logged_run, generate_for_logged_run
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
-from equicsp.sweep.step_size import STEP_LR_METRIC
+from equicsp.sweep.step_size import GENERATION_METRIC, STEP_LR_METRIC
 
 
 @dataclass
@@ -30,6 +30,7 @@ class CellResult:
     leaked_fraction: float = math.nan  # with spec.leakage: test crystals a training crystal answers
     unleaked_match_rate: float = math.nan
     unleaked_rmse: float = math.nan
+    generation: dict[str, float] = field(default_factory=dict)  # task generation: the test metrics (no matching)
 
 
 def metric_name(arm: str, owner: str, name: str) -> str:
@@ -40,16 +41,17 @@ def metric_name(arm: str, owner: str, name: str) -> str:
 def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
     """(arm, trial) for each (arm, seed): the trial of the arm's model with its highest validation match rate,
     then lowest validation loss. An arm that shares another's model picks among that arm's trials by its own
-    step-size search."""
+    step-size search. A generation sweep (no step-size search) picks the lowest validation loss."""
     chosen = []
     for arm in spec.arms:
         owner = spec.model_owner(arm)
-        score_name = metric_name(arm, owner, STEP_LR_METRIC)
+        score_name = metric_name(arm, owner, STEP_LR_METRIC) if spec.task == "csp" else GENERATION_METRIC
+        sign = 1 if spec.task == "csp" else -1
         for seed in spec.seeds:
             mine = [trial for trial in trials if trial["config"]["arm"] == owner
                     and int(trial["config"]["run.seed"]) == seed and score_name in trial]
             if mine:
-                chosen.append((arm, max(mine, key=lambda t: (t[score_name], -t.get("val_denoise", math.inf)))))
+                chosen.append((arm, max(mine, key=lambda t: (sign * t[score_name], -t.get("val_denoise", math.inf)))))
     return chosen
 
 
@@ -58,13 +60,13 @@ def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: Swee
     """The final test evaluation of one cell's best model at its tuned step size (an MLflow child run)."""
     params = trial["config"]
     owner, seed = params["arm"], int(params["run.seed"])
+    if spec.task == "generation":
+        return generation_cell(arm, trial, spec, uri, show_progress)
     step_lr = trial[metric_name(arm, owner, "tuned_step_lr")]
     settings = EvaluationSettings(num_samples=spec.test_samples, seed=0, limit=spec.test_limit,
                                   workers=launch.eval_workers, step_lr=step_lr,
                                   sampling_arm=None if arm == owner else arm, leakage=spec.leakage)
-    # The run inherits the training run's tags; an arm sampling a shared model says which arm it is.
-    tags = {} if arm == owner else {"arm": arm, "shares_model_of": owner, **{
-        f"switch.{name}": str(value) for name, value in asdict(ARMS[arm].objective).items()}}
+    tags = sharing_tags(arm, owner)
     evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri, extra_tags=tags,
                                      show_progress=show_progress, label=f"{ARMS[arm].label} (seed {seed})")
     searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
@@ -73,3 +75,23 @@ def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: Swee
                       trial[metric_name(arm, owner, STEP_LR_METRIC)], evaluation.summary.match_rate,
                       evaluation.summary.rmse, searched, owner,
                       *((leakage.leaked_fraction, leakage.unleaked_match_rate, leakage.unleaked_rmse) if leakage else ()))
+
+
+def sharing_tags(arm: str, owner: str) -> dict[str, str]:
+    """The evaluation run inherits the training run's tags; an arm sampling a shared model says which arm it is."""
+    return {} if arm == owner else {"arm": arm, "shares_model_of": owner, **{
+        f"switch.{name}": str(value) for name, value in asdict(ARMS[arm].objective).items()}}
+
+
+def generation_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, uri: str, show_progress: bool) -> CellResult:
+    """A generation cell's final stage: spec.num_generated crystals from its best model at the config's step size,
+    scored against the test split (validity, coverage, Wasserstein distances) in an MLflow child run."""
+    params = trial["config"]
+    owner, seed = params["arm"], int(params["run.seed"])
+    searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
+    step_lr = spec.config_for(owner, searched).sampler.step_lr
+    run_id, metrics = generate_for_logged_run(trial["training_run_id"], spec.num_generated, seed=0, step_lr=step_lr,
+                                              sampling_arm=None if arm == owner else arm, tracking_uri=uri,
+                                              extra_tags=sharing_tags(arm, owner), show_progress=show_progress)
+    return CellResult(arm, seed, trial["training_run_id"], run_id, step_lr, math.nan, math.nan, math.nan, searched,
+                      owner, generation=metrics)

@@ -12,7 +12,7 @@ from typing import Any
 
 from equicsp import tracking
 from equicsp.config import ARMS
-from equicsp.plots import ablation_bars, arm_learning_curves
+from equicsp.plots import ablation_bars, arm_learning_curves, generation_bars
 from equicsp.sweep.final import CellResult
 from equicsp.sweep.spec import SweepSpec
 
@@ -26,6 +26,8 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, Any]]:
     """One row per arm: test match rate and RMSE as mean and standard deviation over seeds."""
+    if spec.task == "generation":
+        return generation_table(cells, spec)
     rows = []
     for arm in spec.arms:
         mine = [cell for cell in cells if cell.arm == arm]
@@ -61,6 +63,8 @@ def is_smoke(spec: SweepSpec) -> bool:
 
 
 def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
+    if spec.task == "generation":
+        return generation_markdown(table, spec)
     lines = [f"# Ablation: {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), k = {spec.test_samples})", "",
              "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched | run |"
              + (" leaked (%) | unleaked match rate (%) | unleaked RMSE |" if spec.leakage else ""),
@@ -96,15 +100,21 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
     files["table_md"].write_text(table_markdown(table, spec))
     _write_csv(files["table_csv"], table)
     _write_csv(files["cells_csv"], [{**asdict(cell), "searched": cell.searched} for cell in cells])
-    ablation_bars(table, files["bars"], title=spec.name + (" (smoke: tests the machinery, not the method)"
-                                                           if is_smoke(spec) else ""))
+    title = spec.name + (" (smoke: tests the machinery, not the method)" if is_smoke(spec) else "")
+    if spec.task == "generation":
+        generation_bars(table, files["bars"], title=title)
+    else:
+        ablation_bars(table, files["bars"], title=title)
     curves = {cell.arm: [] for cell in cells}
     for cell in cells:
         curves[cell.arm].append((cell.seed, tracking.metric_history(uri, cell.training_run_id, "val_total"),
                                  tracking.metric_history(uri, cell.training_run_id, "train_total")))
     arm_learning_curves(curves, files["curves"], labels={name: arm.label for name, arm in ARMS.items()})
     metrics = {}
-    for row in table:
+    for row in table if spec.task == "generation" else ():
+        metrics.update({f"{row['arm']}/{key}": row[f"{key}_mean"] / scale for key, _, scale in GENERATION_COLUMNS
+                        if not math.isnan(row[f"{key}_mean"])})  # as the generation runs log them: fractions
+    for row in table if spec.task == "csp" else ():
         metrics[f"{row['arm']}/match_rate"] = row["match_rate_mean"] / 100
         if not math.isnan(row["rmse_mean"]):
             metrics[f"{row['arm']}/rmse"] = row["rmse_mean"]
@@ -115,6 +125,54 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
         tracking.log_artifact(uri, parent, path)
     tracking.client(uri).set_terminated(parent, "FINISHED")
     return files
+
+
+# The generation table's columns (the paper's Table 6): metric name, heading, scale.
+GENERATION_COLUMNS = (("struct_valid", "struct. valid (%)", 100), ("comp_valid", "comp. valid (%)", 100),
+                      ("cov_recall", "COV-R (%)", 100), ("cov_precision", "COV-P (%)", 100),
+                      ("wdist_density", "wdist density", 1), ("wdist_num_elems", "wdist #elements", 1))
+
+
+def generation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, Any]]:
+    """One row per arm: each generation metric as mean and standard deviation over seeds."""
+    rows = []
+    for arm in spec.arms:
+        mine = [cell for cell in cells if cell.arm == arm]
+        if not mine:
+            continue
+        owner = mine[0].model_of or arm
+        row = {"arm": arm, "variant": ARMS[arm].label, "seeds": len(mine),
+               "model": "own" if owner == arm else f"shares {ARMS[owner].label}'s"}
+        for key, _, scale in GENERATION_COLUMNS:
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(
+                [scale * cell.generation.get(key, math.nan) for cell in mine])
+        row["step_lr"] = " ".join(f"{cell.step_lr:.3g}" for cell in mine)
+        row["searched"] = "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in cell.searched.items()) for cell in mine)
+        rows.append(row)
+    return rows
+
+
+def generation_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
+    lines = [f"# Ablation (generation): {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), "
+             f"{spec.num_generated} crystals per cell)", "",
+             "| variant | model | " + " | ".join(heading for _, heading, _ in GENERATION_COLUMNS)
+             + " | step_lr (config's) | searched |",
+             "|---|---|" + "---|" * len(GENERATION_COLUMNS) + "---|---|"]
+    for row in table:
+        spread = row["seeds"] > 1
+        values = [_number(row[f"{key}_mean"], ".2f" if scale == 100 else ".4f")
+                  + (f" ± {_number(row[f'{key}_std'], '.2f' if scale == 100 else '.4f')}"
+                     if spread and not math.isnan(row[f"{key}_mean"]) else "")
+                  for key, _, scale in GENERATION_COLUMNS]
+        lines.append(f"| {row['variant']} | {row['model']} | " + " | ".join(values)
+                     + f" | {row['step_lr']} | {row['searched'] or '-'} |")
+    note = ("\n\nMean ± standard deviation over seeds; each seed's trial with the lowest validation loss. "
+            "Validity over every generated crystal; coverage and Wasserstein distances against the test split "
+            "(docs/method.md#generation-metrics). No step-size search for generation: every model samples at "
+            "its config's step_lr. Arms that differ only in a sampling-time switch (the PM correction) sample "
+            "one trained model: the model column names whose.\n")
+    return "\n".join(lines) + note
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

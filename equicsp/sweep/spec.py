@@ -33,6 +33,8 @@ class SweepSpec:
     search_seed: int = 0
     share_models: bool = True  # arms that differ only at sampling time (PM on/off) sample one trained model
     leakage: bool = False  # also score the test crystals no training crystal answers (leakage.py)
+    task: str = "csp"  # diffusion.task of every arm: csp (Table 2) or generation (docs/method.md#generation)
+    num_generated: int = 1000  # task generation: crystals each cell's best model generates for the final stage
 
     def arm_space(self, arm: str) -> dict[str, Domain]:
         """The searched fields that act in this arm (the permutation-loss weight only with the loss)."""
@@ -41,7 +43,7 @@ class SweepSpec:
                 if name != "objective.perm_loss_weight" or has_perm_loss}
 
     def config_for(self, arm: str, values: dict[str, Any]):
-        return make_config(self.preset, arm, {**self.overrides, **values})
+        return make_config(self.preset, arm, {"diffusion.task": self.task, **self.overrides, **values})
 
     def model_owner(self, arm: str) -> str:
         """The arm whose trained model `arm` samples: the first arm listed that trains the same (else itself).
@@ -86,6 +88,14 @@ def validate_spec(spec: SweepSpec) -> None:
         raise SweepError(f"unknown arm(s) {unknown}; the arms are {list(ARMS)}")
     if not spec.arms or not spec.seeds:
         raise SweepError("a sweep needs at least one arm and one seed")
+    if spec.task not in ("csp", "generation"):
+        raise SweepError(f"task must be csp or generation, not {spec.task!r}")
+    if "diffusion.task" in {**spec.overrides, **spec.space}:
+        raise SweepError("diffusion.task is the sweep's task: set it with --task, not as an override or a searched field")
+    if spec.task == "generation" and spec.leakage:
+        raise SweepError("leakage scores CSP predictions of test compositions; a generation sweep has none")
+    if spec.num_generated < 1:
+        raise SweepError("num_generated must be >= 1")
     if spec.trials_per_cell < 1 or spec.step_lr_trials < 1 or spec.test_samples < 1 or spec.step_lr_crystals < 1:
         raise SweepError("trials, step_lr trials, test samples and step_lr crystals must all be >= 1")
     for name, domain in {**spec.space, "sampler.step_lr": spec.step_lr}.items():

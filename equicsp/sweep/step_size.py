@@ -19,6 +19,20 @@ from equicsp.ray_evaluation import SamplingPool, evaluate_checkpoint
 from equicsp.sweep.spec import SweepSpec
 
 STEP_LR_METRIC = "val_match_rate"  # what the step-size search maximises, and the sweep's search metric
+GENERATION_METRIC = "val_denoise"  # a generation sweep's search metric: no step-size search (see search_metric)
+
+
+def search_metric(spec: SweepSpec) -> tuple[str, str]:
+    """(metric, mode) that Optuna optimises over a cell's trials and that picks each cell's best trial.
+
+    CSP: the validation match rate at the model's tuned step size. Generation has no step-size
+    search: the Langevin step moves only the coordinates, and scoring a step size by coverage
+    needs fingerprints of every sample (more costly than sampling them) while validity alone
+    rewards atoms pushed apart rather than the data's structures. Its models sample at the
+    config's step_lr (the dataset presets carry DiffCSP's values), and trials are compared by
+    their validation denoising loss.
+    """
+    return (STEP_LR_METRIC, "max") if spec.task == "csp" else (GENERATION_METRIC, "min")
 
 
 def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: bool,

@@ -9,7 +9,7 @@ import ray.tune
 
 from equicsp.distributed import LaunchOptions, run_training
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
-from equicsp.sweep.step_size import search_step_lr
+from equicsp.sweep.step_size import GENERATION_METRIC, search_step_lr
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
     """One Tune trial: train (Ray Train, reporting each checkpoint to Tune), then search step_lr on validation.
 
     Arms that sample this arm's model (spec.sharing_arms) get their own step-size search on
-    it, reported as `<arm>/tuned_step_lr` and `<arm>/val_match_rate`.
+    it, reported as `<arm>/tuned_step_lr` and `<arm>/val_match_rate`. A generation sweep has no search.
     """
     spec, launch = context.spec, context.launch
     arm = params["arm"]
@@ -49,8 +49,13 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
                             parent_run_id=context.parent_run_id, extra_tags=tags, report_to_tune=True,
                             system_metrics=launch.system_metrics)
     result = run_training(config, options)
-    search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu)
-    for other in spec.sharing_arms(arm):
-        search.update(search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu, sampling_arm=other))
+    search = {}
+    if spec.task == "csp":  # generation samples at the config's step_lr (step_size.search_metric says why)
+        search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu)
+        for other in spec.sharing_arms(arm):
+            search.update(search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu,
+                                         sampling_arm=other))
     final = {**result.history[-1], **search, "training_run_id": result.run_id}
+    if spec.task == "generation":  # the logged model is the best epoch's: compare trials by that epoch
+        final[GENERATION_METRIC] = min(row[GENERATION_METRIC] for row in result.history)
     ray.tune.report(final)
