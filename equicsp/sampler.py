@@ -113,7 +113,7 @@ class Sampler:
 
         The atom counts are read on the host (a list, or a CPU tensor), so no step asks the device for a size.
         """
-        _, x, lattice = self._run(atom_types.to(self.device), num_atoms, keys, seed, progress)
+        _, x, lattice = self._run(atom_types.to(self.device), self._layout(num_atoms), keys, seed, progress)
         return x, lattice
 
     @torch.inference_mode()
@@ -125,25 +125,29 @@ class Sampler:
         """
         if self.diffusion.types is None:
             raise ValueError("this model predicts structures for given compositions (diffusion.task = csp)")
-        counts = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
-        sizes = GraphSizes.of(counts)
-        num_atoms, keys = torch.tensor(counts, dtype=torch.long, device=self.device), keys.to(self.device)
-        batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=self.device), num_atoms,
-                                        output_size=sizes.atoms)
+        layout = self._layout(num_atoms)
+        _, num_atoms, batch = layout
+        keys = keys.to(self.device)
         types = keyed_normal(atom_keys(keys, batch, num_atoms), NUM_TYPE_CLASSES, seed, 0, _INITIAL_TYPES)
-        types, x, lattice = self._run(types, counts, keys, seed, progress)
+        types, x, lattice = self._run(types, layout, keys, seed, progress)
         return decode(types), x, lattice
 
-    def _run(self, atom_types: torch.Tensor, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
-             progress: tqdm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _layout(self, num_atoms: torch.Tensor | list[int]) -> tuple[GraphSizes, torch.Tensor, torch.Tensor]:
+        """(sizes, (B,) counts, (N,) batch vector) on the device, from counts read on the host."""
+        counts = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
+        self.diffusion.check_atom_counts(counts)
+        sizes = GraphSizes.of(counts)
+        num_atoms = torch.tensor(counts, dtype=torch.long, device=self.device)
+        batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=self.device), num_atoms,
+                                        output_size=sizes.atoms)
+        return sizes, num_atoms, batch
+
+    def _run(self, atom_types: torch.Tensor, layout: tuple[GraphSizes, torch.Tensor, torch.Tensor], keys: torch.Tensor,
+             seed: int, progress: tqdm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The predictor-corrector loop; the types follow their DDPM when they are (N, 100) vectors."""
         device, dtype = self.device, torch.float32
-        num_atoms_host = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
-        num_atoms = torch.tensor(num_atoms_host, dtype=torch.long, device=device)
+        sizes, num_atoms, batch = layout
         keys = keys.to(device)
-        sizes = GraphSizes.of(num_atoms_host)
-        self.diffusion.check_atom_counts(num_atoms_host)
-        batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=device), num_atoms, output_size=sizes.atoms)
         per_atom = atom_keys(keys, batch, num_atoms)
         diffuse_types = atom_types.dim() == 2
         x = keyed_uniform(per_atom, 3, seed, 0, _INITIAL_COORDS, dtype)
