@@ -378,3 +378,17 @@ def test_the_generation_table_shows_validity_coverage_and_distances_over_seeds()
         in markdown
     assert "| w/o probabilistic model | shares EquiCSP's | 100.00 | 50.00 | n/a | n/a | n/a | n/a |" in markdown
     assert "match rate" not in markdown
+
+
+def test_the_progress_callback_pickles_on_a_driver_joined_to_a_running_cluster(monkeypatch):
+    """Joined to a cluster (`ray submit`), a driver's builtins.print is Ray's own; Tune pickles its callbacks."""
+    import builtins
+
+    import ray.cloudpickle
+
+    from equicsp.sweep.progress import SweepProgress
+
+    original = builtins.print
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: original(*args, **kwargs))
+    progress = ray.cloudpickle.loads(ray.cloudpickle.dumps(SweepProgress(SweepSpec(name="s", preset="smoke"), 2)))
+    assert progress.total == 2

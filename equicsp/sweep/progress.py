@@ -29,10 +29,12 @@ class SweepProgress(Callback):
     every epoch is trained (step-size searches may still run; the test stage follows).
     """
 
-    def __init__(self, spec: SweepSpec, total_trials: int, print_fn=print):
+    def __init__(self, spec: SweepSpec, total_trials: int, print_fn=None):
         self.spec = spec
         self.total = total_trials
-        self.print = print_fn
+        # Tune pickles its callbacks, and a driver joined to a running cluster has Ray's own print in
+        # builtins, which does not pickle: look print up when a line is written instead of holding it.
+        self.print_fn = print_fn
         self.started = time.monotonic()
         self.epochs_done: dict[str, int] = {}  # trial id -> epochs trained
         self.epochs_of: dict[str, int] = {}  # trial id -> epochs it trains
@@ -60,8 +62,11 @@ class SweepProgress(Callback):
         rate = done / max(time.monotonic() - self.started, 1e-9)
         return f", training: about {duration((planned - done) / rate)} left"
 
+    def _print(self, line: str, flush: bool = True) -> None:
+        (self.print_fn or print)(line, flush=flush)
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.print(f"{self._label(trials, trial)}: started ({len(self.finished)} of {self.total} finished)", flush=True)
+        self._print(f"{self._label(trials, trial)}: started ({len(self.finished)} of {self.total} finished)", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" not in result:
@@ -70,14 +75,14 @@ class SweepProgress(Callback):
         self.epochs_done[trial.trial_id] = int(result["epoch"])
         loss = f", val loss {result['val_total']:.4g}" if "val_total" in result else ""
         tuned = f", tuned step_lr {result['tuned_step_lr']:.3g}" if "tuned_step_lr" in result else ""
-        self.print(f"{self._label(trials, trial)}: epoch {int(result['epoch'])}/{epochs}{loss}{tuned}"
+        self._print(f"{self._label(trials, trial)}: epoch {int(result['epoch'])}/{epochs}{loss}{tuned}"
                    f"{self.eta(trials)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished.add(trial.trial_id)
         self.epochs_done[trial.trial_id] = self._epochs(trial)
-        self.print(f"{self._label(trials, trial)}: done, {len(self.finished)} of {self.total} finished, "
+        self._print(f"{self._label(trials, trial)}: done, {len(self.finished)} of {self.total} finished, "
                    f"{duration(time.monotonic() - self.started)} so far{self.eta(trials)}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.print(f"{self._label(trials, trial)}: failed (Ray reports why)", flush=True)
+        self._print(f"{self._label(trials, trial)}: failed (Ray reports why)", flush=True)
