@@ -21,7 +21,7 @@ import random
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -331,6 +331,13 @@ def find_data_folder(path: str, fallbacks: list[Path] = ()) -> str:
         tried.append(candidate)
     looked = ", ".join(dict.fromkeys(str(place) for place in tried))
     raise DatasetError(f"data.path {path!r} is not a folder (looked at {looked}); pass --data")
+
+
+def load_split(config: Config, split: str, root: str | None = None, show_progress: bool = True) -> CrystalDataset:
+    """One split of a model's data, read from root when its data.path was found elsewhere (find_data_folder)."""
+    if root is not None:
+        config = replace(config, data=replace(config.data, path=root))
+    return load_splits(config, (split,), show_progress)[split]
 
 
 def load_splits(config: Config, splits: tuple[str, ...] = SPLITS, show_progress: bool = True) -> dict[str, CrystalDataset]:

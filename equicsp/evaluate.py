@@ -17,7 +17,7 @@ from equicsp.cache import check_writable_folder
 from equicsp.checkpoint import CheckpointError, read_checkpoint
 from equicsp.config import ConfigError, config_from_dict
 from equicsp.csp import Evaluation, EvaluationSettings, add_leakage
-from equicsp.data import DatasetError, find_data_folder, load_crystals, load_splits, preprocess_options
+from equicsp.data import DatasetError, find_data_folder, load_crystals, load_split, preprocess_options
 from equicsp.evaluation_report import write_report
 from equicsp.logged_evaluation import evaluate_logged_run
 from equicsp.ray_evaluation import evaluate_checkpoint
@@ -85,7 +85,7 @@ def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings) -> Eva
         # A relative data.path is the training's working folder's: look for it under the checkpoint's folders too.
         above = [folder / config.data.path for folder in args.checkpoint.resolve().parents]
         root = find_data_folder(config.data.path, above)
-        return load_splits(replace(config, data=replace(config.data, path=root)), (split,))[split]
+        return load_split(config, split, root)
 
     dataset = load_crystals(args.data, preprocess_options(config)) if args.data else model_split("test")
     if dataset.report.skipped:

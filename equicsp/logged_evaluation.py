@@ -14,7 +14,7 @@ from equicsp.cache import cache_key, check_writable_folder
 from equicsp.checkpoint import model_from_checkpoint
 from equicsp.config import ARMS, Config, config_from_dict, with_sampling_switches
 from equicsp.csp import Evaluation, EvaluationSettings, add_leakage, ground_truth
-from equicsp.data import CrystalDataset, find_data_folder, load_crystals, load_splits, preprocess_options
+from equicsp.data import CrystalDataset, find_data_folder, load_crystals, load_split, preprocess_options
 from equicsp.devices import resolve_device
 from equicsp.evaluation_report import copy_report, summary_record, write_report
 from equicsp.generation import generate, num_atoms_distribution, score_generated, write_generated
@@ -52,7 +52,7 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
 
     def model_split(split: str) -> CrystalDataset:
         root = find_data_folder(model_config.data.path, logged_data_folders(uri, training_run, model_config.data.path))
-        return load_splits(replace(model_config, data=replace(model_config.data, path=root)), (split,), show_progress)[split]
+        return load_split(model_config, split, root, show_progress)
 
     if data:
         dataset = load_crystals(data, preprocess_options(model_config), show_progress=show_progress)
@@ -154,7 +154,7 @@ def generate_for_logged_run(run_id: str, num: int, seed: int = 0, step_lr: float
     if finished is not None:
         return finished.info.run_id, dict(finished.data.metrics)
     root = find_data_folder(config.data.path, logged_data_folders(uri, training_run, config.data.path))
-    test = load_splits(replace(config, data=replace(config.data, path=root)), ("test",), show_progress)["test"]
+    test = load_split(config, "test", root, show_progress)
     crystals = generate(model, config, num_atoms_distribution(checkpoint), num, seed, device,
                         show_progress=show_progress)
     report = score_generated(crystals, ground_truth(test, list(range(len(test)))), config.preset, thresholds,

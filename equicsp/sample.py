@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from equicsp.cache import check_writable_folder
 from equicsp.cells import cell_formula, parse_units, reduced_counts, units_seen_in_training
 from equicsp.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from equicsp.config import Config
-from equicsp.data import MAX_ATOMIC_NUMBER, DatasetError, find_data_folder, load_splits
+from equicsp.data import MAX_ATOMIC_NUMBER, DatasetError, find_data_folder, load_split
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
 from equicsp.metrics import (
@@ -102,7 +101,7 @@ def cells_to_sample(args: argparse.Namespace, config: Config, data_folders: list
     if units is None:
         try:
             root = find_data_folder(config.data.path, data_folders)
-            training = load_splits(replace(config, data=replace(config.data, path=root)), ("train",), False)["train"]
+            training = load_split(config, "train", root, False)
         except DatasetError as error:
             raise ValueError(f"--formula-units auto needs the model's training data, which is not reachable here "
                              f"({error}); give the units instead, e.g. --formula-units 1,2,4") from None
