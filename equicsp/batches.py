@@ -5,6 +5,13 @@ A dataset is moved to the device once, as flat tensors; a batch is a list of cry
 arithmetic on the device. The host knows every crystal's size, so it also knows each
 batch's atom, edge and pair counts: the device never has to be asked for a size, and a
 training or sampling step runs without a host synchronisation.
+
+A compiled step (compiled.py) needs static shapes: `GraphSizes.bucket` rounds a batch's
+sizes up to one of a few buckets, and a padded batch fills them. Its padding crystals come
+after the real ones; the last holds every padding atom and, like the others, has no edges.
+Padding edges and pairs join the last (padding) atom to itself. `real` marks the real
+crystals: the graph gives padding crystals no edges, the losses leave them out, and no
+real value depends on a padding one.
 """
 
 from __future__ import annotations
@@ -31,9 +38,31 @@ class GraphSizes:
         counts = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
         return cls(len(counts), sum(counts), sum(n * n for n in counts), sum(n * (n - 1) // 2 for n in counts))
 
+    @classmethod
+    def bucket(cls, num_atoms: list[int], crystals: int) -> "GraphSizes":
+        """Static shapes for a padded batch of these crystals with room for `crystals` crystals (> len(num_atoms)).
+
+        Atoms and edges are rounded up to the next m * 2^k, m in 4..7 (at most 25 % of padding),
+        with at least one padding atom; pairs follow the edges (sum n (n - 1) / 2 <= sum n^2 / 2),
+        so batches of the same crystal count and similar sizes share a shape, hence a compiled graph.
+        """
+        exact = cls.of(num_atoms)
+        if crystals <= exact.crystals:
+            raise ValueError(f"a padded batch of {exact.crystals} crystals needs room for more than that, not {crystals}")
+        edges = round_up(exact.edges)
+        return cls(crystals, round_up(exact.atoms + 1), edges, edges // 2)
+
     def repeated(self, copies: int) -> "GraphSizes":
         """The sizes of `copies` stacked copies of this batch (the permutation loss, Frame Average)."""
         return GraphSizes(self.crystals * copies, self.atoms * copies, self.edges * copies, self.pairs * copies)
+
+
+def round_up(value: int) -> int:
+    """The smallest m * 2^k >= value with m in 4..7 (every integer below 8)."""
+    if value <= 8:
+        return value
+    scale = 1 << (value.bit_length() - 3)  # value // scale is in 4..7
+    return -(-value // scale) * scale
 
 
 @dataclass
@@ -47,7 +76,9 @@ class CrystalBatch:
     num_atoms: torch.Tensor  # (B,)
     batch: torch.Tensor  # (N,) each atom's crystal in the batch
     crystal_id: torch.Tensor  # (B,) each crystal's index in its dataset: keys its noise
-    sizes: GraphSizes
+    sizes: GraphSizes  # the tensors' shapes (crystals, atoms; the graph's edges and pairs)
+    real: torch.Tensor | None = None  # (B,) bool: real crystals, padding ones False; None when nothing is padded
+    real_atoms: torch.Tensor | None = None  # (N,) bool, likewise
 
 
 class DeviceCrystals:
@@ -66,9 +97,10 @@ class DeviceCrystals:
     def __len__(self) -> int:
         return len(self.num_atoms_host)
 
-    def batch(self, indices: list[int]) -> CrystalBatch:
-        """The crystals at these dataset indices, in this order."""
-        sizes = GraphSizes.of([self.num_atoms_host[i] for i in indices])
+    def batch(self, indices: list[int], capacity: int | None = None) -> CrystalBatch:
+        """The crystals at these dataset indices, in this order; padded to a bucket of `capacity` crystals when given."""
+        host_counts = [self.num_atoms_host[i] for i in indices]
+        sizes = GraphSizes.of(host_counts)
         index = torch.tensor(indices, dtype=torch.long, device=self.device)
         counts = self.num_atoms[index]  # (B,)
         crystal_of_atom = torch.repeat_interleave(torch.arange(sizes.crystals, device=self.device), counts,
@@ -76,6 +108,67 @@ class DeviceCrystals:
         first_in_batch = torch.cumsum(counts, 0) - counts
         local = torch.arange(sizes.atoms, device=self.device) - first_in_batch[crystal_of_atom]
         atoms = self.first_atom[index][crystal_of_atom] + local  # (N,) rows of the flat atom tensors
-        return CrystalBatch(atom_types=self.atom_types[atoms], frac_coords=self.frac_coords[atoms],
-                            lengths=self.lengths[index], angles=self.angles[index], num_atoms=counts,
-                            batch=crystal_of_atom, crystal_id=index, sizes=sizes)
+        batch = CrystalBatch(atom_types=self.atom_types[atoms], frac_coords=self.frac_coords[atoms],
+                             lengths=self.lengths[index], angles=self.angles[index], num_atoms=counts,
+                             batch=crystal_of_atom, crystal_id=index, sizes=sizes)
+        return batch if capacity is None else pad(batch, GraphSizes.bucket(host_counts, capacity))
+
+
+def pad(batch: CrystalBatch, shape: GraphSizes) -> CrystalBatch:
+    """The batch filled out to `shape` (see the module's docstring); its values are placeholders that keep every
+    computation finite: hydrogen at the origin of a 1 A cubic cell."""
+    real = batch.sizes
+    extra_crystals, extra_atoms = shape.crystals - real.crystals, shape.atoms - real.atoms
+    layout = padded_layout(batch.num_atoms, batch.batch, real, shape)
+    return CrystalBatch(atom_types=filled(batch.atom_types, extra_atoms, 1),
+                        frac_coords=filled(batch.frac_coords, extra_atoms, 0.0),
+                        lengths=filled(batch.lengths, extra_crystals, 1.0),
+                        angles=filled(batch.angles, extra_crystals, 90.0),
+                        num_atoms=layout.num_atoms, batch=layout.batch,
+                        crystal_id=filled(batch.crystal_id, extra_crystals, -1), sizes=shape,
+                        real=layout.real, real_atoms=layout.real_atoms)
+
+
+def filled(tensor: torch.Tensor, rows: int, value) -> torch.Tensor:
+    """The tensor with `rows` more rows of `value`."""
+    return torch.cat([tensor, tensor.new_full((rows, *tensor.shape[1:]), value)])
+
+
+@dataclass
+class Layout:
+    """Which crystal each atom belongs to, on the device, with the shapes known on the host."""
+
+    sizes: GraphSizes  # the tensors' shapes
+    num_atoms: torch.Tensor  # (B,)
+    batch: torch.Tensor  # (N,)
+    real: torch.Tensor | None = None  # (B,) bool in a padded layout, else None
+    real_atoms: torch.Tensor | None = None  # (N,)
+
+    @classmethod
+    def of(cls, num_atoms: list[int], device: torch.device, capacity: int | None = None) -> "Layout":
+        """The layout of crystals with these atom counts (from the host); padded to a bucket of `capacity` crystals
+        when given."""
+        sizes = GraphSizes.of(num_atoms)
+        counts = torch.tensor(num_atoms, dtype=torch.long, device=device)
+        batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=device), counts, output_size=sizes.atoms)
+        if capacity is None:
+            return cls(sizes, counts, batch)
+        return padded_layout(counts, batch, sizes, GraphSizes.bucket(num_atoms, capacity))
+
+
+def padded_layout(num_atoms: torch.Tensor, batch: torch.Tensor, real: GraphSizes, shape: GraphSizes) -> Layout:
+    """An exact layout of sizes `real` filled out to `shape`: padding crystals after the real ones, the last
+    holding every padding atom."""
+    device = num_atoms.device
+    counts = filled(num_atoms, shape.crystals - real.crystals, 0)
+    counts[-1] = shape.atoms - real.atoms
+    return Layout(shape, counts, filled(batch, shape.atoms - real.atoms, shape.crystals - 1),
+                  real=torch.arange(shape.crystals, device=device) < real.crystals,
+                  real_atoms=torch.arange(shape.atoms, device=device) < real.atoms)
+
+
+def atom_counts(num_atoms: torch.Tensor, batch: torch.Tensor, real_atoms: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) the size of each atom's crystal; a padding atom counts as a one-atom crystal, which every per-size
+    table holds (its crystal's own count, all the padding atoms, may be larger than the tables)."""
+    counts = num_atoms[batch]
+    return counts if real_atoms is None else torch.where(real_atoms, counts, 1)

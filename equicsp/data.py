@@ -238,6 +238,21 @@ class CrystalDataset(torch.utils.data.Dataset):
         return CrystalDataset(stack_crystals(items), [self.metadata[i] for i in indices], self.report)
 
 
+def random_crystals(num_atoms: list[int], seed: int = 0) -> CrystalDataset:
+    """Crystals of these sizes with random elements, coordinates and plausible cells: for benchmarks and tests,
+    where a step's cost and a path's numbers depend on the sizes alone (no CIF, no pymatgen)."""
+    generator = torch.Generator().manual_seed(seed)
+    count, total = len(num_atoms), sum(num_atoms)
+    tensors = {
+        "atom_types": torch.randint(1, 84, (total,), generator=generator),
+        "frac_coords": torch.rand(total, 3, generator=generator),
+        "lengths": 3 + 5 * torch.rand(count, 3, generator=generator),
+        "angles": 70 + 40 * torch.rand(count, 3, generator=generator),
+        "num_atoms": torch.tensor(num_atoms, dtype=torch.long),
+    }
+    return CrystalDataset(tensors, [{} for _ in range(count)], DataReport("random crystals", count))
+
+
 def stack_crystals(items: list[Data]) -> dict[str, torch.Tensor]:
     return {
         "atom_types": torch.cat([item.atom_types for item in items]),

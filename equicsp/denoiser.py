@@ -62,31 +62,49 @@ class CrystalGraph:
     edge_slot: torch.Tensor  # (E,) row of the Fourier table: pair p (i<j), P + p (i>j), 2P (self)
 
     @classmethod
-    def fully_connected(cls, num_atoms: torch.Tensor, sizes: GraphSizes | None = None) -> "CrystalGraph":
-        """num_atoms (B,) on the model's device; sizes from the host (else read back from the device)."""
+    def fully_connected(cls, num_atoms: torch.Tensor, sizes: GraphSizes | None = None,
+                        real: torch.Tensor | None = None) -> "CrystalGraph":
+        """num_atoms (B,) on the model's device; sizes: the tensors' shapes, from the host (else read back from the
+        device); real (B,) bool marks the real crystals of a padded batch (batches.py): padding crystals get no
+        edges, and the edges and pairs left over join the last atom, a padding one, to itself."""
         if sizes is None:
             sizes = GraphSizes.of(num_atoms.cpu())
-        device = num_atoms.device
-        crystals = torch.arange(num_atoms.shape[0], device=device)
         atom_offsets = torch.cumsum(num_atoms, 0) - num_atoms  # (B,)
-        edges_per_crystal = num_atoms * num_atoms
-        edge_offsets = torch.cumsum(edges_per_crystal, 0) - edges_per_crystal
-        edge_crystal = torch.repeat_interleave(crystals, edges_per_crystal, output_size=sizes.edges)
-        local = torch.arange(sizes.edges, device=device) - edge_offsets[edge_crystal]
-        n = num_atoms[edge_crystal]
+        connected = num_atoms if real is None else torch.where(real, num_atoms, 0)
+        edge_crystal, local, spare_edge = _segments(connected * connected, sizes.edges)
+        n = connected[edge_crystal].clamp_min(1)
         local_i, local_j = local // n, local % n
         # Pairs are numbered j-major inside a crystal: (i, j) with i < j is pair j (j - 1) / 2 + i.
-        pairs_per_crystal = num_atoms * (num_atoms - 1) // 2
+        pairs_per_crystal = connected * (connected - 1) // 2
         pair_offsets = torch.cumsum(pairs_per_crystal, 0) - pairs_per_crystal
         low, high = torch.minimum(local_i, local_j), torch.maximum(local_i, local_j)
         pair = pair_offsets[edge_crystal] + high * (high - 1) // 2 + low
         slot = torch.where(local_i < local_j, pair, pair + sizes.pairs)
-        slot = torch.where(local_i == local_j, torch.full_like(slot, 2 * sizes.pairs), slot)
-        pair_crystal = torch.repeat_interleave(crystals, pairs_per_crystal, output_size=sizes.pairs)
-        pair_i, pair_j = triangle_pair(torch.arange(sizes.pairs, device=device) - pair_offsets[pair_crystal])
+        slot = torch.where((local_i == local_j) | spare_edge, 2 * sizes.pairs, slot)
+        pair_crystal, pair_local, spare_pair = _segments(pairs_per_crystal, sizes.pairs)
+        pair_i, pair_j = triangle_pair(pair_local)
+        spare_atom = sizes.atoms - 1
         base = atom_offsets[pair_crystal]
-        return cls(source=atom_offsets[edge_crystal] + local_i, target=atom_offsets[edge_crystal] + local_j,
-                   edge_crystal=edge_crystal, pair_source=base + pair_i, pair_target=base + pair_j, edge_slot=slot)
+        edge_base = atom_offsets[edge_crystal]
+        return cls(source=torch.where(spare_edge, spare_atom, edge_base + local_i),
+                   target=torch.where(spare_edge, spare_atom, edge_base + local_j), edge_crystal=edge_crystal,
+                   pair_source=torch.where(spare_pair, spare_atom, base + pair_i),
+                   pair_target=torch.where(spare_pair, spare_atom, base + pair_j), edge_slot=slot)
+
+
+def _segments(lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions 0 .. total - 1 cut into consecutive segments of these lengths: each position's segment, its
+    place in it, and whether it lies past the last segment (then segment and place are those of a last position).
+
+    A sorted search rather than repeat_interleave, so `total` may exceed the lengths' sum (padding).
+    """
+    ends = torch.cumsum(lengths, 0)
+    position = torch.arange(total, device=lengths.device)
+    segment = torch.searchsorted(ends, position, right=True)
+    spare = segment >= lengths.shape[0]
+    segment = segment.clamp(max=lengths.shape[0] - 1)
+    local = torch.where(spare, 0, position - (ends - lengths)[segment])
+    return segment, local, spare
 
 
 def triangle_pair(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,11 +185,12 @@ class CSPNet(nn.Module):
 
     def forward(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor,
                 timesteps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor,
-                sizes: GraphSizes | None = None) -> DenoiserOutput:
+                sizes: GraphSizes | None = None, real: torch.Tensor | None = None) -> DenoiserOutput:
         """atom_types (N,) atomic numbers, or (N, 100) noisy one-hots (generation); frac_coords (N, 3),
         lattice (B, D) in its representation, timesteps (B,), batch (N,), num_atoms (B,); sizes: the batch's
-        graph sizes known on the host (else read back from the device)."""
-        graph = CrystalGraph.fully_connected(num_atoms, sizes)
+        graph sizes known on the host (else read back from the device); real: (B,) the real crystals of a
+        padded batch (batches.py), None when nothing is padded."""
+        graph = CrystalGraph.fully_connected(num_atoms, sizes, real)
         atoms_per_atom = num_atoms[batch]
         hidden = self.config.hidden_dim
         time = sinusoidal_embedding(timesteps, self.config.time_dim)[batch]
@@ -211,7 +230,7 @@ class FrameAveraged(nn.Module):
         return self.network.config
 
     def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms,
-                sizes: GraphSizes | None = None) -> DenoiserOutput:
+                sizes: GraphSizes | None = None, real: torch.Tensor | None = None) -> DenoiserOutput:
         num_crystals, total_atoms = num_atoms.shape[0], atom_types.shape[0]
         device = lattice.device
         perms = torch.arange(NUM_PERMUTATIONS, device=device).repeat_interleave(num_crystals)  # (6B,)
@@ -222,7 +241,8 @@ class FrameAveraged(nn.Module):
             permute_columns(frac_coords.repeat(NUM_PERMUTATIONS, 1), perms, stacked_batch),
             permute_lattice(lattice.repeat(NUM_PERMUTATIONS, 1), perms),
             timesteps.repeat(NUM_PERMUTATIONS), stacked_batch, num_atoms.repeat(NUM_PERMUTATIONS),
-            None if sizes is None else sizes.repeated(NUM_PERMUTATIONS))
+            None if sizes is None else sizes.repeated(NUM_PERMUTATIONS),
+            None if real is None else real.repeat(NUM_PERMUTATIONS))
         inverse = inverse_permutation_index(perms)
         lattice_noise = permute_lattice(out.lattice_noise, inverse).view(NUM_PERMUTATIONS, num_crystals, 6)
         coord = permute_columns(out.coord_noise, inverse, stacked_batch).view(NUM_PERMUTATIONS, total_atoms, 3)

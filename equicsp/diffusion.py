@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from equicsp.atom_types import NUM_TYPE_CLASSES, AtomTypeDiffusion
+from equicsp.batches import atom_counts
 from equicsp.config import Config
 from equicsp.lattice import LATTICE_REPRESENTATIONS, NUM_PERMUTATIONS, LatticeRepresentation
-from equicsp.noise import atom_keys, keyed_normal, keyed_uniform
+from equicsp.noise import Step, atom_keys, keyed_normal, keyed_uniform
 from equicsp.schedules import NoiseSchedule, wrap
 from equicsp.targets import CoordinateTargets, build_target, target_class
 from equicsp.von_mises import VonMisesTables, load_or_build_tables
@@ -62,7 +63,7 @@ class Diffusion:
         if self.tables is not None and largest > self.tables.max_atoms:
             raise ValueError(f"a crystal has {largest} atoms but data.max_atoms is {self.tables.max_atoms}")
 
-    def noise(self, batch, seed: int, step: int) -> NoisedBatch:
+    def noise(self, batch, seed: int, step: Step) -> NoisedBatch:
         """Sample t per crystal and noise lattice and coordinates (docs/method.md#lattice, docs/method.md#coordinates).
 
         The draws are keyed by each crystal's dataset index (batch.crystal_id), the seed and the
@@ -80,7 +81,8 @@ class Diffusion:
         per_atom = atom_keys(keys, batch.batch, batch.num_atoms)
         eps = keyed_normal(per_atom, 3, seed, step, _COORD_NOISE, batch.frac_coords.dtype)
         noise = self.schedule.sigmas[t_atom][:, None] * eps
-        targets = self.target.targets(noise, batch.batch, num_crystals, batch.num_atoms[batch.batch], t_atom)
+        counts = atom_counts(batch.num_atoms, batch.batch, getattr(batch, "real_atoms", None))
+        targets = self.target.targets(noise, batch.batch, num_crystals, counts, t_atom)
         noised = NoisedBatch(t, lattice_t, lattice_noise, wrap(batch.frac_coords + noise), targets, batch.atom_types)
         if self.types is not None:
             noised.type_noise = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, step, _TYPE_NOISE, lattice_0.dtype)
@@ -99,7 +101,7 @@ def crystal_keys(batch) -> torch.Tensor:
     return torch.arange(batch.num_atoms.shape[0], device=batch.num_atoms.device)
 
 
-def keyed_permutations(batch, seed: int, step: int) -> torch.Tensor:
+def keyed_permutations(batch, seed: int, step: Step) -> torch.Tensor:
     """(B,) one of the five non-identity axis permutations per crystal, keyed like the noise."""
     u = keyed_uniform(crystal_keys(batch), 1, seed, step, _PERMUTATION)[:, 0]
     return (u * (NUM_PERMUTATIONS - 1)).long().clamp(max=NUM_PERMUTATIONS - 2) + 1

@@ -30,14 +30,28 @@ def unproject_lattice(projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return lengths, angles
 
 
+def axis_order(permutation_index: torch.Tensor) -> torch.Tensor:
+    """(..., 3) the rows of AXIS_PERMUTATIONS at these indices, by arithmetic on the indices' device.
+
+    itertools.permutations orders the six by first axis (index // 2), the other two ascending
+    for an even index and swapped for an odd one. No (6, 3) table is copied to the device, so a
+    captured step holds no host tensor.
+    """
+    first = permutation_index // 2
+    low = (first == 0).long()  # the smaller of the two axes that are not `first`
+    high = 2 - (first == 2).long()
+    odd = permutation_index % 2 == 1
+    second, third = torch.where(odd, high, low), torch.where(odd, low, high)
+    return torch.stack([first, second, third], dim=-1)
+
+
 def inverse_permutation_index(permutation_index: torch.Tensor) -> torch.Tensor:
-    """Index into AXIS_PERMUTATIONS of the inverse of each permutation (same shape as the input)."""
-    perms = AXIS_PERMUTATIONS.to(permutation_index.device)
-    inverse = torch.argsort(perms, dim=-1)  # (6, 3)
-    # Each inverse is again one of the six rows: find which.
-    matches = (inverse[:, None, :] == perms[None, :, :]).all(-1)  # (6, 6)
-    table = matches.float().argmax(-1)
-    return table[permutation_index]
+    """Index into AXIS_PERMUTATIONS of the inverse of each permutation (same shape as the input).
+
+    The two 3-cycles (rows 3 and 4) are each other's inverse; the identity and the swaps are their own.
+    """
+    p = permutation_index
+    return torch.where(p == 3, torch.full_like(p, 4), torch.where(p == 4, torch.full_like(p, 3), p))
 
 
 def permute_lattice(projected: torch.Tensor, permutation_index: torch.Tensor) -> torch.Tensor:
@@ -46,7 +60,7 @@ def permute_lattice(projected: torch.Tensor, permutation_index: torch.Tensor) ->
     projected: (B, 6); permutation_index: (B,) rows of AXIS_PERMUTATIONS. Alpha is the
     angle opposite a, so it moves with a.
     """
-    order = AXIS_PERMUTATIONS.to(projected.device)[permutation_index]  # (B, 3)
+    order = axis_order(permutation_index)  # (B, 3)
     lengths = torch.gather(projected[:, :3], 1, order)
     angles = torch.gather(projected[:, 3:], 1, order)
     return torch.cat([lengths, angles], dim=-1)
@@ -54,9 +68,8 @@ def permute_lattice(projected: torch.Tensor, permutation_index: torch.Tensor) ->
 
 def permute_columns(per_atom: torch.Tensor, permutation_index: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """Permute the three columns of a per-atom (N, 3) tensor with its crystal's permutation."""
-    order = AXIS_PERMUTATIONS.to(per_atom.device)[permutation_index][batch]  # (N, 3)
+    order = axis_order(permutation_index[batch])  # (N, 3)
     return torch.gather(per_atom, 1, order)
-
 
 
 def lattice_matrix(lengths: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
@@ -120,6 +133,10 @@ MIN_LENGTH, MAX_LENGTH = 1.0, 100.0  # Angstrom
 MIN_ANGLE, MAX_ANGLE = 10.0, 170.0  # degrees
 
 
+def _projected_angle(degrees: float) -> float:
+    return math.tan(math.radians(degrees) - math.pi / 2)
+
+
 class ProjectedLattice(LatticeRepresentation):
     """EquiCSP: l = (log a, log b, log c, tan(alpha - pi/2), ...); the network sees l and predicts eps_l."""
 
@@ -138,10 +155,10 @@ class ProjectedLattice(LatticeRepresentation):
         return output
 
     def clamp_physical(self, lattice):
-        bound = lambda value: torch.full((1, 3), value, dtype=lattice.dtype, device=lattice.device)  # noqa: E731
-        low = project_lattice(bound(MIN_LENGTH), bound(MIN_ANGLE))
-        high = project_lattice(bound(MAX_LENGTH), bound(MAX_ANGLE))
-        return torch.maximum(torch.minimum(lattice, high), low)
+        # Scalar bounds per half (the projection is monotonic): no bound tensor is built per step.
+        lengths = lattice[:, :3].clamp(math.log(MIN_LENGTH), math.log(MAX_LENGTH))
+        angles = lattice[:, 3:].clamp(_projected_angle(MIN_ANGLE), _projected_angle(MAX_ANGLE))
+        return torch.cat([lengths, angles], dim=-1)
 
 
 class MatrixLattice(LatticeRepresentation):

@@ -25,16 +25,26 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_keys(keys: torch.Tensor, seed: int, step: int, stream: int) -> torch.Tensor:
-    """(R,) int64 keys -> (R,) hashed keys for one (seed, step, stream)."""
-    salt = mix32(torch.tensor([seed & _MASK, (seed >> 32) & _MASK, step, stream], dtype=torch.int64))
+Step = int | torch.Tensor  # a Python int, or a 0-d int64 tensor on the keys' device (a captured step's input)
+
+
+def row_keys(keys: torch.Tensor, seed: int, step: Step, stream: int) -> torch.Tensor:
+    """(R,) int64 keys -> (R,) hashed keys for one (seed, step, stream).
+
+    A compiled step takes `step` as a device tensor, so one captured graph serves every step.
+    """
+    if isinstance(step, torch.Tensor):
+        parts = torch.tensor([seed & _MASK, (seed >> 32) & _MASK, 0, stream], dtype=torch.int64, device=keys.device)
+        salt = mix32(parts + torch.tensor([0, 0, 1, 0], dtype=torch.int64, device=keys.device) * step)
+    else:
+        salt = mix32(torch.tensor([seed & _MASK, (seed >> 32) & _MASK, step, stream], dtype=torch.int64))
     h = mix32(keys ^ salt[0])
     h = mix32(h ^ salt[1])
     h = mix32(h ^ salt[2])
     return mix32(h ^ salt[3])
 
 
-def keyed_normal(keys: torch.Tensor, width: int, seed: int, step: int, stream: int,
+def keyed_normal(keys: torch.Tensor, width: int, seed: int, step: Step, stream: int,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(R, width) standard normals; row r is a function of keys[r], seed, step, stream only."""
     base = row_keys(keys, seed, step, stream)
@@ -53,7 +63,7 @@ def atom_keys(crystal_keys: torch.Tensor, batch: torch.Tensor, num_atoms: torch.
     return mix32(crystal_keys[batch] * 0x27D4EB2F + local + 1)
 
 
-def keyed_uniform(keys: torch.Tensor, width: int, seed: int, step: int, stream: int,
+def keyed_uniform(keys: torch.Tensor, width: int, seed: int, step: Step, stream: int,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(R, width) uniforms in [0, 1), keyed like keyed_normal."""
     base = row_keys(keys, seed, step, stream)

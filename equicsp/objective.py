@@ -21,8 +21,15 @@ from equicsp.config import ObjectiveConfig
 from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion, NoisedBatch, keyed_permutations
 from equicsp.lattice import permute_columns, permute_lattice
+from equicsp.noise import Step
 
-mse = nn.functional.mse_loss
+
+def mse(output: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the rows marked in `rows` (the real crystals or atoms of a padded batch), or all."""
+    if rows is None:
+        return nn.functional.mse_loss(output, target)
+    squared = torch.where(rows.unsqueeze(-1), output - target, 0).square()
+    return squared.sum() / (rows.sum() * output.shape[-1]).to(squared.dtype)
 
 
 @dataclass
@@ -56,7 +63,16 @@ def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Ten
                 timesteps=noised.timesteps.repeat(2),
                 batch=torch.cat([batch.batch, batch.batch + num_crystals]),
                 num_atoms=batch.num_atoms.repeat(2),
-                sizes=None if getattr(batch, "sizes", None) is None else batch.sizes.repeated(2))
+                sizes=None if getattr(batch, "sizes", None) is None else batch.sizes.repeated(2),
+                real=None if _real(batch) is None else _real(batch).repeat(2))
+
+
+def _real(batch) -> torch.Tensor | None:
+    return getattr(batch, "real", None)
+
+
+def _real_atoms(batch) -> torch.Tensor | None:
+    return getattr(batch, "real_atoms", None)
 
 
 class PermutationLoss:
@@ -67,7 +83,7 @@ class PermutationLoss:
     The atom-type head (generation) should be invariant, P acting as the identity on types.
     """
 
-    def forward_with_loss(self, denoiser: nn.Module, batch, noised: NoisedBatch, seed: int, step: int):
+    def forward_with_loss(self, denoiser: nn.Module, batch, noised: NoisedBatch, seed: int, step: Step):
         """(the plain pass's DenoiserOutput fields, L_perm)."""
         num_crystals, total_atoms = batch.num_atoms.shape[0], batch.atom_types.shape[0]
         permutation = keyed_permutations(batch, seed, step)
@@ -77,13 +93,14 @@ class PermutationLoss:
         plain_lattice, perm_lattice = both.lattice_noise.split(num_crystals)
         plain_coord, perm_coord = both.coord_noise.split(total_atoms)
         plain_score, perm_score = both.coord_score.split(total_atoms)
-        loss = (mse(perm_lattice, permute_lattice(plain_lattice, permutation))
-                + mse(perm_coord, permute_columns(plain_coord, permutation, batch.batch))
-                + mse(perm_score, permute_columns(plain_score, permutation, batch.batch)))
+        crystals, atoms = _real(batch), _real_atoms(batch)
+        loss = (mse(perm_lattice, permute_lattice(plain_lattice, permutation), crystals)
+                + mse(perm_coord, permute_columns(plain_coord, permutation, batch.batch), atoms)
+                + mse(perm_score, permute_columns(plain_score, permutation, batch.batch), atoms))
         plain_types = None
         if both.type_noise is not None:
             plain_types, perm_types = both.type_noise.split(total_atoms)
-            loss = loss + mse(perm_types, plain_types)
+            loss = loss + mse(perm_types, plain_types, atoms)
         return (plain_lattice, plain_coord, plain_score, plain_types), loss
 
 
@@ -99,7 +116,7 @@ class Objective:
         self.type_noise_weight = weights.type_noise_weight
         self.loss_names = GENERATION_LOSS_NAMES if diffusion.types is not None else CSP_LOSS_NAMES
 
-    def __call__(self, batch, seed: int = 0, step: int = 0) -> LossTerms:
+    def __call__(self, batch, seed: int = 0, step: Step = 0) -> LossTerms:
         """The loss terms for one batch; its noise is keyed by (seed, step, crystal index)."""
         noised = self.diffusion.noise(batch, seed, step)
         with autocast(noised.lattice.device, self.precision):
@@ -107,15 +124,16 @@ class Objective:
                 outputs, perm_loss = self.permutation_loss.forward_with_loss(self.denoiser, batch, noised, seed, step)
             else:
                 out = self.denoiser(noised.atom_types, noised.frac_coords, noised.lattice, noised.timesteps,
-                                    batch.batch, batch.num_atoms, getattr(batch, "sizes", None))
+                                    batch.batch, batch.num_atoms, getattr(batch, "sizes", None), _real(batch))
                 outputs, perm_loss = (out.lattice_noise, out.coord_noise, out.coord_score, out.type_noise), None
         lattice_out, coord_out, score_out, type_out = outputs
-        lattice_loss = mse(lattice_out, noised.lattice_noise)
-        coord_loss = mse(coord_out, noised.targets.coord_noise)
-        score_loss = mse(score_out, noised.targets.coord_score)
+        crystals, atoms = _real(batch), _real_atoms(batch)
+        lattice_loss = mse(lattice_out, noised.lattice_noise, crystals)
+        coord_loss = mse(coord_out, noised.targets.coord_noise, atoms)
+        score_loss = mse(score_out, noised.targets.coord_score, atoms)
         perm_loss = lattice_loss.new_zeros(()) if perm_loss is None else perm_loss
         total = lattice_loss + self.coord_noise_weight * coord_loss + score_loss + self.perm_weight * perm_loss
         if noised.type_noise is None:
             return LossTerms(total, lattice_loss, coord_loss, score_loss, perm_loss)
-        type_loss = mse(type_out, noised.type_noise)
+        type_loss = mse(type_out, noised.type_noise, atoms)
         return LossTerms(total + self.type_noise_weight * type_loss, lattice_loss, coord_loss, score_loss, perm_loss, type_loss)

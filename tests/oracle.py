@@ -21,7 +21,8 @@ class OracleDenoiser(nn.Module):
         self.clean_coords = clean_coords  # (N, 3)
         self.clean_lattice = clean_lattice  # (B, D) in the diffusion's lattice representation
 
-    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms, sizes=None) -> DenoiserOutput:
+    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms, sizes=None,
+                real=None) -> DenoiserOutput:
         schedule = self.diffusion.schedule
         alpha_bar = schedule.alpha_bars[timesteps][:, None]
         lattice_noise = (lattice - alpha_bar.sqrt() * self.clean_lattice) / (1 - alpha_bar).sqrt()

@@ -53,29 +53,34 @@ def test_a_training_step_never_reads_a_size_or_value_back(tiny_dataset):
         config = make_config("smoke", preset, {**FAST, "diffusion.task": task})
         model = build_denoiser(config)
         objective = Objective(Diffusion(config), model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         crystals = DeviceCrystals(tiny_dataset, "cpu")
-        with data_dependent_ops_are_refused():
-            batch = crystals.batch([0, 3, 5, 6])
-            loss = objective(batch, seed=0, step=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
-            torch.nn.utils.clip_grad_value_(model.parameters(), 0.5)
-            optimizer.step()
-            first_bad = torch.where(~torch.isfinite(loss.total.detach()), 1, torch.zeros((), dtype=torch.long))
-        assert first_bad.shape == ()
+        for capacity, step in ((None, 1), (6, torch.tensor(1))):  # eager, and as a compiled step sees it (padded)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # its step counts live in one fake mode
+            with data_dependent_ops_are_refused():
+                batch = crystals.batch([0, 3, 5, 6], capacity)
+                loss = objective(batch, seed=0, step=step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.total.backward()
+                torch.nn.utils.clip_grad_value_(model.parameters(), 0.5)
+                optimizer.step()
+                first_bad = torch.where(~torch.isfinite(loss.total.detach()), 1, torch.zeros((), dtype=torch.long))
+            assert first_bad.shape == ()
 
 
 def test_sampling_never_reads_a_size_or_value_back():
-    for preset in ("equicsp", "diffcsp"):
-        config = make_config("smoke", preset, {**FAST, "diffusion.timesteps": 3})
+    for padded in (False, True):  # eager, and padded to a bucket as a compiled step runs it (here with eager kernels)
+        for preset in ("equicsp", "diffcsp"):
+            config = make_config("smoke", preset, {**FAST, "diffusion.timesteps": 3})
+            sampler = Sampler(build_denoiser(config), Diffusion(config), config)
+            sampler.compiled = padded
+            keys = sample_keys(torch.tensor([0, 1]), torch.tensor([0, 0]))
+            with data_dependent_ops_are_refused():
+                x, lattice = sampler.sample_batch(torch.tensor([8, 8, 8, 22, 38, 6, 6]), [5, 2], keys, seed=0)
+            assert x.shape == (7, 3) and lattice.shape[0] == 2
+        config = make_config("smoke", "equicsp", {**FAST, "diffusion.timesteps": 3, "diffusion.task": "generation"})
         sampler = Sampler(build_denoiser(config), Diffusion(config), config)
-        keys = sample_keys(torch.tensor([0, 1]), torch.tensor([0, 0]))
+        sampler.compiled = padded
         with data_dependent_ops_are_refused():
-            x, lattice = sampler.sample_batch(torch.tensor([8, 8, 8, 22, 38, 6, 6]), [5, 2], keys, seed=0)
-        assert x.shape == (7, 3)
-    config = make_config("smoke", "equicsp", {**FAST, "diffusion.timesteps": 3, "diffusion.task": "generation"})
-    sampler = Sampler(build_denoiser(config), Diffusion(config), config)
-    with data_dependent_ops_are_refused():
-        types, x, lattice = sampler.generate_batch([5, 2], sample_keys(torch.tensor([0, 1]), torch.tensor([0, 0])), 0)
+            types, x, lattice = sampler.generate_batch([5, 2], sample_keys(torch.tensor([0, 1]), torch.tensor([0, 0])), 0)
+        assert types.shape == (7,)
     assert types.shape == (7,)

@@ -1,0 +1,95 @@
+"""Padded batches (static shapes for compiled steps) give the eager path's losses, gradients and samples."""
+
+import pytest
+import torch
+from conftest import FAST
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from equicsp.batches import DeviceCrystals, GraphSizes, round_up
+from equicsp.config import make_config
+from equicsp.data import random_crystals
+from equicsp.denoiser import CrystalGraph, build_denoiser
+from equicsp.diffusion import Diffusion
+from equicsp.objective import Objective
+
+ARMS = [("equicsp", "csp"), ("diffcsp", "csp"), ("frame_average", "csp"), ("no_com_free", "csp"),
+        ("no_perm_loss", "csp"), ("equicsp", "generation")]
+
+
+def small_config(preset: str, task: str = "csp", **overrides):
+    return make_config("smoke", preset, {**FAST, "data.max_atoms": 12, "diffusion.task": task, **overrides})
+
+
+@given(value=st.integers(1, 10**7))
+def test_buckets_round_up_by_at_most_a_quarter(value):
+    bucket = round_up(value)
+    assert value <= bucket <= max(8, value * 1.25 + 1)
+    assert round_up(bucket) == bucket
+
+
+def test_batches_of_similar_sizes_share_a_bucket():
+    shapes = {GraphSizes.bucket([5] * 256, 257)} | {GraphSizes.bucket([5] * 255 + [6], 257)}
+    assert len(shapes) == 1
+    with pytest.raises(ValueError, match="room for more"):
+        GraphSizes.bucket([5, 5], 2)
+
+
+@settings(max_examples=12, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=7), spare=st.integers(1, 3),
+       seed=st.integers(0, 1000))
+def test_a_padded_graph_holds_the_same_edges_and_pairs(sizes, spare, seed):
+    data = random_crystals(sizes, seed)
+    crystals = DeviceCrystals(data, "cpu")
+    indices = list(range(len(sizes)))
+    exact, padded = crystals.batch(indices), crystals.batch(indices, capacity=len(sizes) + spare)
+    plain = CrystalGraph.fully_connected(exact.num_atoms, exact.sizes)
+    graph = CrystalGraph.fully_connected(padded.num_atoms, padded.sizes, padded.real)
+    edges, pairs = exact.sizes.edges, exact.sizes.pairs
+    for name in ("source", "target"):
+        assert torch.equal(getattr(graph, name)[:edges], getattr(plain, name))
+        assert (getattr(graph, name)[edges:] == padded.sizes.atoms - 1).all()
+    for name in ("pair_source", "pair_target"):
+        assert torch.equal(getattr(graph, name)[:pairs], getattr(plain, name))
+    # The slots point into a table of 2 P' + 1 rows instead of 2 P + 1: the same pair, sign and self edge.
+    slots, padded_slots = plain.edge_slot, graph.edge_slot[:edges]
+    moved = torch.where(slots >= pairs, slots - pairs + padded.sizes.pairs, slots)
+    moved = torch.where(slots == 2 * pairs, 2 * padded.sizes.pairs, moved)
+    assert torch.equal(padded_slots, moved)
+    assert padded.real.sum() == len(sizes) and padded.real_atoms.sum() == sum(sizes)
+    assert padded.atom_types.shape[0] == padded.sizes.atoms and padded.lengths.shape[0] == padded.sizes.crystals
+
+
+@settings(max_examples=10, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6), spare=st.integers(1, 3),
+       arm=st.sampled_from(ARMS), seed=st.integers(0, 1000), step=st.integers(0, 50))
+def test_a_padded_batch_gives_the_same_losses_and_gradients(sizes, spare, arm, seed, step):
+    config = small_config(*arm)
+    torch.manual_seed(seed)
+    model = build_denoiser(config)
+    objective = Objective(Diffusion(config), model)
+    crystals = DeviceCrystals(random_crystals(sizes, seed), "cpu")
+    indices = list(range(len(sizes)))
+    results = []
+    for batch in (crystals.batch(indices), crystals.batch(indices, capacity=len(sizes) + spare)):
+        model.zero_grad(set_to_none=True)
+        loss = objective(batch, seed=seed, step=step)
+        loss.total.backward()
+        results.append(({name: getattr(loss, name).detach() for name in loss.names},
+                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (exact_loss, exact_grads), (padded_loss, padded_grads) = results
+    for name, value in exact_loss.items():
+        torch.testing.assert_close(padded_loss[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert exact_grads.keys() == padded_grads.keys()
+    for name, grad in exact_grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+        assert torch.isfinite(padded_grads[name]).all()
+
+
+def test_a_step_given_as_a_tensor_draws_the_same_noise():
+    config = small_config("equicsp")
+    diffusion = Diffusion(config)
+    batch = DeviceCrystals(random_crystals([3, 7, 1]), "cpu").batch([0, 1, 2])
+    as_int, as_tensor = diffusion.noise(batch, 5, 17), diffusion.noise(batch, 5, torch.tensor(17))
+    for name in ("timesteps", "lattice", "lattice_noise", "frac_coords"):
+        assert torch.equal(getattr(as_int, name), getattr(as_tensor, name)), name
