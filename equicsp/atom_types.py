@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from equicsp.data import MAX_ATOMIC_NUMBER
-from equicsp.schedules import NoiseSchedule
+from equicsp.schedules import NoiseSchedule, at_last_step, entry
 
 NUM_TYPE_CLASSES = MAX_ATOMIC_NUMBER  # one class per Z = 1 .. 100
 
@@ -37,8 +37,8 @@ class AtomTypeDiffusion:
         alpha_bar = self.schedule.alpha_bars[timesteps][:, None]
         return alpha_bar.sqrt() * one_hot(atom_types, eps.dtype) + (1 - alpha_bar).sqrt() * eps
 
-    def step(self, types: torch.Tensor, predicted_noise: torch.Tensor, t: int, s: int, z: torch.Tensor,
-             clip: bool = False) -> torch.Tensor:
+    def step(self, types: torch.Tensor, predicted_noise: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor,
+             z: torch.Tensor, clip: bool = False) -> torch.Tensor:
         """Ancestral DDPM step from t to s < t (s = t - 1 is DDPM's own step; s = 0 adds no noise).
 
         Written, like the lattice's, through the implied clean types A0_hat = (A_t - sqrt(1 - abar_t) eps_hat)
@@ -49,14 +49,11 @@ class AtomTypeDiffusion:
         and the network would next see type vectors far outside those it was trained on. The last step
         (s = 0) returns A0_hat unclipped, so argmax never meets a tie at the bound.
         """
-        alpha_bars = self.schedule.alpha_bars
-        alpha_ts = alpha_bars[t] / alpha_bars[s]
+        alpha_bar_t, alpha_bar_s = entry(self.schedule.alpha_bars, t), entry(self.schedule.alpha_bars, s)
+        alpha_ts = alpha_bar_t / alpha_bar_s
         beta_ts = 1 - alpha_ts
-        clean = (types - (1 - alpha_bars[t]).sqrt() * predicted_noise) / alpha_bars[t].sqrt()
-        if s == 0:
-            return clean
-        if clip:
-            clean = clean.clamp(0, 1)
-        mean = (alpha_bars[s].sqrt() * beta_ts * clean + alpha_ts.sqrt() * (1 - alpha_bars[s]) * types) / (1 - alpha_bars[t])
-        std = (beta_ts * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()
-        return mean + std * z
+        clean = (types - (1 - alpha_bar_t).sqrt() * predicted_noise) / alpha_bar_t.sqrt()
+        bounded = clean.clamp(0, 1) if clip else clean
+        mean = (alpha_bar_s.sqrt() * beta_ts * bounded + alpha_ts.sqrt() * (1 - alpha_bar_s) * types) / (1 - alpha_bar_t)
+        std = (beta_ts * (1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt()
+        return at_last_step(s, clean, mean + std * z)

@@ -90,11 +90,15 @@ class DataConfig:
     primitive: bool = False
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast for the network's matmuls)
+    precision: str = "fp32"  # fp32 | tf32 (fp32 with TF32 matmuls on a GPU) | bf16 (autocast for the network's matmuls)
+    compile: str = "auto"  # auto (compiled steps on CUDA, eager elsewhere) | on | off: see compiled.py
     checkpoint_every: int = 10  # epochs
     log_every: int = 1
 
@@ -343,8 +347,10 @@ def validate(config: Config) -> None:
         problems.append("sizes, batch sizes and epochs must be >= 1")
     if config.data.max_atoms < 1:
         problems.append("data.max_atoms must be >= 1")
-    if run.precision not in ("fp32", "bf16"):
-        problems.append(f"run.precision must be fp32 or bf16, not {run.precision!r}")
+    if run.precision not in PRECISIONS:
+        problems.append(f"run.precision must be one of {', '.join(PRECISIONS)}, not {run.precision!r}")
+    if run.compile not in ("auto", "on", "off"):
+        problems.append(f"run.compile must be auto, on or off, not {run.compile!r}")
     if not (run.device in ("auto", "cpu", "cuda") or run.device.startswith("cuda:")):
         problems.append(f"run.device must be auto, cpu, cuda or cuda:N, not {run.device!r}")
     if problems:
@@ -352,9 +358,10 @@ def validate(config: Config) -> None:
 
 
 # What a resumed run may change: how long it trains, how often it checkpoints and logs, where it
-# runs, and the sampler (used after training only). Anything else would continue another run.
-RESUMABLE_FIELDS = ("optim.epochs", "run.checkpoint_every", "run.log_every", "run.device", "sampler.step_lr",
-                    "sampler.num_steps", "sampler.batch_size", "sampler.clip_lattice",
+# runs and whether its steps are compiled, and the sampler (used after training only). Anything
+# else would continue another run.
+RESUMABLE_FIELDS = ("optim.epochs", "run.checkpoint_every", "run.log_every", "run.device", "run.compile",
+                    "sampler.step_lr", "sampler.num_steps", "sampler.batch_size", "sampler.clip_lattice",
                     "sampler.clip_types")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from equicsp.cache import check_writable_folder
 from equicsp.checkpoint import CheckpointError, read_checkpoint
-from equicsp.config import ConfigError, config_from_dict
+from equicsp.config import PRECISIONS, ConfigError, config_from_dict
 from equicsp.csp import Evaluation, EvaluationSettings, add_leakage
 from equicsp.data import DatasetError, find_data_folder, load_crystals, load_split, preprocess_options
 from equicsp.evaluation_report import write_report
@@ -41,7 +41,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per CPU sampling worker")
     parser.add_argument("--limit", type=int, help="evaluate the first M test crystals only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
     parser.add_argument("--out", type=Path, help="also write the per-crystal CSV, CIFs, summary and figure here")
     parser.add_argument("--leakage", action="store_true",

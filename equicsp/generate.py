@@ -15,7 +15,7 @@ from pathlib import Path
 
 from equicsp import tracking
 from equicsp.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
-from equicsp.config import ConfigError
+from equicsp.config import PRECISIONS, ConfigError
 from equicsp.csp import ground_truth
 from equicsp.data import DatasetError, load_crystals, load_splits, preprocess_options
 from equicsp.devices import resolve_device
@@ -40,7 +40,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="folder for cifs/, samples.csv, summary.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--batch-size", type=int, help="crystals per sampling batch (default: the model's config)")
     parser.add_argument("--step-lr", type=float, help="Langevin step size (default: the model's config)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: every timestep)")

@@ -21,7 +21,7 @@ from equicsp import tracking
 from equicsp.cache import check_writable_folder
 from equicsp.cells import cell_formula, parse_units, reduced_counts, units_seen_in_training
 from equicsp.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
-from equicsp.config import Config
+from equicsp.config import PRECISIONS, Config
 from equicsp.data import MAX_ATOMIC_NUMBER, DatasetError, find_data_folder, load_split
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
@@ -73,7 +73,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: every timestep)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     return parser.parse_args(argv)
 
 

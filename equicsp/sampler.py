@@ -14,12 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from equicsp.atom_types import NUM_TYPE_CLASSES, decode
-from equicsp.batches import GraphSizes
+from equicsp.batches import GraphSizes, Layout, atom_counts, filled
+from equicsp.compiled import begin_step, compile_enabled, compile_step, configure_precision
 from equicsp.config import Config
 from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion
 from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
-from equicsp.schedules import wrap
+from equicsp.schedules import at_last_step, entry, wrap
 
 # Noise streams of one step, so corrector, predictor and lattice never share a draw.
 _CORRECTOR, _PREDICTOR, _LATTICE, _INITIAL_COORDS, _INITIAL_LATTICE, _TYPES, _INITIAL_TYPES = range(7)
@@ -60,8 +61,11 @@ def timestep_sequence(timesteps: int, num_steps: int) -> list[int]:
 
 
 class Sampler:
+    """Runs the predictor-corrector loop; each step is compiled (compiled.py) when config.run.compile says so on
+    this device, and then the batch is padded to a size bucket."""
+
     def __init__(self, denoiser: nn.Module, diffusion: Diffusion, config: Config,
-                 device: torch.device | str = "cpu", precision: str = "fp32"):
+                 device: torch.device | str = "cpu", precision: str = "fp32", compile_backend: str = "inductor"):
         self.denoiser = denoiser.eval()
         self.diffusion = diffusion
         self.schedule = diffusion.schedule
@@ -69,23 +73,29 @@ class Sampler:
         self.device = torch.device(device)
         self.precision = precision
         self.lattice = diffusion.lattice
+        configure_precision(precision, self.device)
+        self.compiled = compile_enabled(config.run.compile, self.device)
+        self._step = compile_step(self._pc_step, self.device, compile_backend) if self.compiled else self._pc_step
 
-    def score(self, atom_types, frac_coords, lattice, t, batch, num_atoms, sizes: GraphSizes | None = None):
+    def score(self, atom_types, frac_coords, lattice, t, layout: Layout):
         """eps_hat_l and the coordinate score in X (unnormalised; PM-corrected when the target has it)."""
-        lattice_noise, score, _ = self.predict(atom_types, frac_coords, lattice, t, batch, num_atoms, sizes)
+        lattice_noise, score, _ = self.predict(atom_types, frac_coords, lattice, t, layout)
         return lattice_noise, score
 
-    def predict(self, atom_types, frac_coords, lattice, t, batch, num_atoms, sizes: GraphSizes | None = None):
+    def predict(self, atom_types, frac_coords, lattice, t: int | torch.Tensor, layout: Layout):
         """score's outputs and the atom types' eps_hat ((N, 100) for generation, else None)."""
-        num_crystals = num_atoms.shape[0]
-        timesteps = torch.full((num_crystals,), t, device=self.device, dtype=torch.long)
+        num_crystals = layout.sizes.crystals
+        timesteps = (t.expand(num_crystals) if isinstance(t, torch.Tensor)
+                     else torch.full((num_crystals,), t, device=self.device, dtype=torch.long))
         with autocast(self.device, self.precision):
-            out = self.denoiser(atom_types, frac_coords, lattice, timesteps, batch, num_atoms, sizes)
-        score = self.diffusion.target.coordinate_score(out.coord_score, out.coord_noise, batch, num_crystals,
-                                                       num_atoms[batch], timesteps[batch])
+            out = self.denoiser(atom_types, frac_coords, lattice, timesteps, layout.batch, layout.num_atoms,
+                                layout.sizes, layout.real)
+        counts = atom_counts(layout.num_atoms, layout.batch, layout.real_atoms)
+        score = self.diffusion.target.coordinate_score(out.coord_score, out.coord_noise, layout.batch, num_crystals,
+                                                       counts, timesteps[layout.batch])
         return out.lattice_noise, score, out.type_noise
 
-    def lattice_step(self, lattice, lattice_noise, t: int, s: int, z):
+    def lattice_step(self, lattice, lattice_noise, t: int | torch.Tensor, s: int | torch.Tensor, z):
         """DDPM from t to s < t: the step of docs/method.md#lattice-step for s = t - 1, its strided form otherwise.
 
         Written through the implied clean lattice l0_hat = (l_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
@@ -94,17 +104,15 @@ class Sampler:
         clip-denoised): at t = T the step multiplies any error in eps_hat by 1 / sqrt(1 - 0.9999)
         = 100, and an imperfect model's lattice would otherwise leave every physical range.
         """
-        alpha_bars = self.schedule.alpha_bars
-        alpha_ts = alpha_bars[t] / alpha_bars[s]
+        alpha_bar_t, alpha_bar_s = entry(self.schedule.alpha_bars, t), entry(self.schedule.alpha_bars, s)
+        alpha_ts = alpha_bar_t / alpha_bar_s
         beta_ts = 1 - alpha_ts
-        clean = (lattice - (1 - alpha_bars[t]).sqrt() * lattice_noise) / alpha_bars[t].sqrt()
+        clean = (lattice - (1 - alpha_bar_t).sqrt() * lattice_noise) / alpha_bar_t.sqrt()
         if self.config.sampler.clip_lattice:
             clean = self.lattice.clamp_physical(clean)
-        mean = (alpha_bars[s].sqrt() * beta_ts * clean + alpha_ts.sqrt() * (1 - alpha_bars[s]) * lattice) / (1 - alpha_bars[t])
-        if s == 0:
-            return mean
-        std = (beta_ts * (1 - alpha_bars[s]) / (1 - alpha_bars[t])).sqrt()
-        return mean + std * z
+        mean = (alpha_bar_s.sqrt() * beta_ts * clean + alpha_ts.sqrt() * (1 - alpha_bar_s) * lattice) / (1 - alpha_bar_t)
+        std = (beta_ts * (1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt()
+        return at_last_step(s, mean, mean + std * z)
 
     @torch.inference_mode()
     def sample_batch(self, atom_types: torch.Tensor, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
@@ -113,8 +121,12 @@ class Sampler:
 
         The atom counts are read on the host (a list, or a CPU tensor), so no step asks the device for a size.
         """
-        _, x, lattice = self._run(atom_types.to(self.device), self._layout(num_atoms), keys, seed, progress)
-        return x, lattice
+        layout, real = self._layout(num_atoms)
+        atom_types = atom_types.to(self.device)
+        if layout.real is not None:
+            atom_types = filled(atom_types, layout.sizes.atoms - real.atoms, 1)
+        _, x, lattice = self._run(atom_types, layout, self._keys(keys, layout), seed, progress)
+        return x[:real.atoms], lattice[:real.crystals]
 
     @torch.inference_mode()
     def generate_batch(self, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
@@ -125,60 +137,71 @@ class Sampler:
         """
         if self.diffusion.types is None:
             raise ValueError("this model predicts structures for given compositions (diffusion.task = csp)")
-        layout = self._layout(num_atoms)
-        _, num_atoms, batch = layout
-        keys = keys.to(self.device)
-        types = keyed_normal(atom_keys(keys, batch, num_atoms), NUM_TYPE_CLASSES, seed, 0, _INITIAL_TYPES)
+        layout, real = self._layout(num_atoms)
+        keys = self._keys(keys, layout)
+        types = keyed_normal(atom_keys(keys, layout.batch, layout.num_atoms), NUM_TYPE_CLASSES, seed, 0,
+                             _INITIAL_TYPES)
         types, x, lattice = self._run(types, layout, keys, seed, progress)
-        return decode(types), x, lattice
+        return decode(types[:real.atoms]), x[:real.atoms], lattice[:real.crystals]
 
-    def _layout(self, num_atoms: torch.Tensor | list[int]) -> tuple[GraphSizes, torch.Tensor, torch.Tensor]:
-        """(sizes, (B,) counts, (N,) batch vector) on the device, from counts read on the host."""
+    def _layout(self, num_atoms: torch.Tensor | list[int]) -> tuple[Layout, GraphSizes]:
+        """The batch's layout on the device (padded to a bucket when the step is compiled) and its real sizes."""
         counts = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
         self.diffusion.check_atom_counts(counts)
-        sizes = GraphSizes.of(counts)
-        num_atoms = torch.tensor(counts, dtype=torch.long, device=self.device)
-        batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=self.device), num_atoms,
-                                        output_size=sizes.atoms)
-        return sizes, num_atoms, batch
+        # A fixed crystal capacity, so every batch of up to sampler.batch_size crystals can share a graph.
+        capacity = max(self.config.sampler.batch_size, len(counts)) + 1 if self.compiled else None
+        return Layout.of(counts, self.device, capacity), GraphSizes.of(counts)
 
-    def _run(self, atom_types: torch.Tensor, layout: tuple[GraphSizes, torch.Tensor, torch.Tensor], keys: torch.Tensor,
-             seed: int, progress: tqdm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _keys(self, keys: torch.Tensor, layout: Layout) -> torch.Tensor:
+        keys = keys.to(self.device)
+        return keys if layout.real is None else filled(keys, layout.sizes.crystals - keys.shape[0], 0)
+
+    def _run(self, atom_types: torch.Tensor, layout: Layout, keys: torch.Tensor, seed: int,
+             progress: tqdm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The predictor-corrector loop; the types follow their DDPM when they are (N, 100) vectors."""
-        device, dtype = self.device, torch.float32
-        sizes, num_atoms, batch = layout
-        keys = keys.to(device)
-        per_atom = atom_keys(keys, batch, num_atoms)
-        diffuse_types = atom_types.dim() == 2
+        dtype = torch.float32
+        per_atom = atom_keys(keys, layout.batch, layout.num_atoms)
         x = keyed_uniform(per_atom, 3, seed, 0, _INITIAL_COORDS, dtype)
         lattice = keyed_normal(keys, self.lattice.dim, seed, 0, _INITIAL_LATTICE, dtype)
-        sigmas = self.schedule.sigmas
-        step_lr = self.config.sampler.step_lr
         sequence = timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps)
-        for index, t in enumerate(sequence):
-            s = sequence[index + 1] if index + 1 < len(sequence) else 0
-            sigma_t, sigma_s = sigmas[t], sigmas[s]
-            # Corrector: Langevin at sigma_t; the lattice stays. The last step (t = 1) adds no noise,
-            # as in both reference codes: its jitter would be left in the final structure.
-            _, score = self.score(atom_types, x, lattice, t, batch, num_atoms, sizes)
-            step = step_lr * (sigma_t / sigmas[1]) ** 2
-            x = x - step * score
-            if t > 1:
-                x = x + (2 * step).sqrt() * keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
-            x = wrap(x)
-            # Predictor: reverse-diffusion step for X, DDPM step for l (and the types, when diffused).
-            lattice_noise, score, type_noise = self.predict(atom_types, x, lattice, t, batch, num_atoms, sizes)
-            variance_drop = sigma_t**2 - sigma_s**2
-            z = keyed_normal(per_atom, 3, seed, t, _PREDICTOR, dtype)
-            x = wrap(x - variance_drop * score + (sigma_s**2 * variance_drop / sigma_t**2).sqrt() * z)
-            z = keyed_normal(keys, self.lattice.dim, seed, t, _LATTICE, dtype)
-            lattice = self.lattice_step(lattice, lattice_noise, t, s, z)
-            if diffuse_types:
-                z = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, t, _TYPES, dtype)
-                atom_types = self.diffusion.types.step(atom_types, type_noise.to(dtype), t, s, z,
-                                                        self.config.sampler.clip_types)
+        # Every step's t and s as device scalars: one step function (and one compiled graph) serves them all.
+        steps = torch.tensor(sequence + [0], dtype=torch.long, device=self.device)
+        for index in range(len(sequence)):
+            if self.compiled:
+                begin_step(self.device)
+                # Clones: a CUDA-graph replay overwrites its outputs, which the next step reads.
+                atom_types, x, lattice = (value.clone() for value in self._step(
+                    atom_types, x, lattice, steps[index], steps[index + 1], layout, per_atom, keys, seed))
+            else:
+                atom_types, x, lattice = self._step(atom_types, x, lattice, steps[index], steps[index + 1], layout,
+                                                    per_atom, keys, seed)
             if progress is not None:
                 progress.update(1)
+        return atom_types, x, lattice
+
+    def _pc_step(self, atom_types: torch.Tensor, x: torch.Tensor, lattice: torch.Tensor, t: torch.Tensor,
+                 s: torch.Tensor, layout: Layout, per_atom: torch.Tensor, keys: torch.Tensor, seed: int):
+        """One predictor-corrector step from t to s (0-d device tensors) -> (types, x, lattice)."""
+        dtype = torch.float32
+        sigmas = self.schedule.sigmas
+        sigma_t, sigma_s = entry(sigmas, t), entry(sigmas, s)
+        # Corrector: Langevin at sigma_t; the lattice stays. The last step (t = 1) adds no noise,
+        # as in both reference codes: its jitter would be left in the final structure.
+        _, score = self.score(atom_types, x, lattice, t, layout)
+        step = self.config.sampler.step_lr * (sigma_t / sigmas[1]) ** 2
+        jitter = torch.where(t > 1, (2 * step).sqrt(), 0) * keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
+        x = wrap(x - step * score + jitter)
+        # Predictor: reverse-diffusion step for X, DDPM step for l (and the types, when diffused).
+        lattice_noise, score, type_noise = self.predict(atom_types, x, lattice, t, layout)
+        variance_drop = sigma_t**2 - sigma_s**2
+        z = keyed_normal(per_atom, 3, seed, t, _PREDICTOR, dtype)
+        x = wrap(x - variance_drop * score + (sigma_s**2 * variance_drop / sigma_t**2).sqrt() * z)
+        z = keyed_normal(keys, self.lattice.dim, seed, t, _LATTICE, dtype)
+        lattice = self.lattice_step(lattice, lattice_noise, t, s, z)
+        if atom_types.dim() == 2:
+            z = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, t, _TYPES, dtype)
+            atom_types = self.diffusion.types.step(atom_types, type_noise.to(dtype), t, s, z,
+                                                    self.config.sampler.clip_types)
         return atom_types, x, lattice
 
     def sample_jobs(self, jobs: list[SamplingJob], seed: int, progress: tqdm | None = None) -> list[SampledCrystal]:

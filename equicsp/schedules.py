@@ -116,3 +116,18 @@ class NoiseSchedule:
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "NoiseSchedule":
         return NoiseSchedule(**{name: getattr(self, name).to(device=device, dtype=dtype)
                                 for name in self.__dataclass_fields__})
+
+
+def at_last_step(s: int | torch.Tensor, last: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """`last` when the step goes to s = 0, else `other`; s is a Python int, or a 0-d tensor in a compiled step
+    (where a Python branch would bake one case into the graph)."""
+    if isinstance(s, torch.Tensor):
+        return torch.where(s == 0, last, other)
+    return last if s == 0 else other
+
+
+def entry(table: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """table[t] for a Python int or a 0-d device tensor (plain indexing with a 0-d tensor reads it back to the host)."""
+    if isinstance(t, torch.Tensor):
+        return table.index_select(0, t.reshape(1)).squeeze(0)
+    return table[t]

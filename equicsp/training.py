@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from equicsp.batches import DeviceCrystals
 from equicsp.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from equicsp.compiled import LossStep, compile_enabled, configure_precision
 from equicsp.config import Config, ConfigError, flatten, resume_differences
 from equicsp.data import CrystalDataset, load_splits
 from equicsp.denoiser import build_denoiser
@@ -69,7 +70,8 @@ class TrainingLoop:
 
     def __init__(self, config: Config, train_set: CrystalDataset, val_set: CrystalDataset,
                  device: torch.device, rank: int = 0, world_size: int = 1,
-                 wrap_model: Callable[[nn.Module], nn.Module] | None = None, show_progress: bool = True):
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None, show_progress: bool = True,
+                 compile_backend: str = "inductor"):
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.train_set, self.val_set = train_set, val_set
         # The data lives on the device; batches are cut there by index (batches.py).
@@ -80,9 +82,14 @@ class TrainingLoop:
             self.diffusion.check_atom_counts(dataset.num_atoms)
         model = build_denoiser(config).to(device)
         self.model = wrap_model(model) if wrap_model else model
+        configure_precision(config.run.precision, device)
         self.objective = Objective(self.diffusion, self.model, config.run.precision)
+        # Compiled steps need static shapes: batches are padded to buckets with room for one padding crystal.
+        compiled = compile_enabled(config.run.compile, device)
+        self.losses = LossStep(self.objective, config.run.seed, device, compiled, compile_backend)
         o = config.optim
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr)
+        # Fused Adam: one kernel for every parameter on a GPU instead of a few per tensor (the same update).
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, fused=device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr)
         self.state = TrainingState()
@@ -90,6 +97,7 @@ class TrainingLoop:
         if o.batch_size % world_size:
             raise ConfigError(f"optim.batch_size {o.batch_size} is not divisible by {world_size} workers")
         self.local_batch_size = o.batch_size // world_size
+        self.capacity = self.local_batch_size + 1 if compiled else None
 
     def _shard(self, dataset: CrystalDataset, epoch: int, shuffle: bool) -> list[list[int]]:
         """This worker's batches of the epoch, as lists of dataset indices."""
@@ -111,16 +119,15 @@ class TrainingLoop:
         loader = self._shard(self.train_set, epoch, shuffle=True)
         progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
         for step, indices in enumerate(progress, start=1):
-            batch = self.train_crystals.batch(indices)
-            loss = self.objective(batch, self.config.run.seed, epoch + 1)
+            batch = self.train_crystals.batch(indices, self.capacity)
+            total, terms = self.losses(batch, epoch + 1)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
+            total.backward()
             nn.utils.clip_grad_value_(self.model.parameters(), self.config.optim.grad_clip)
             self.optimizer.step()
-            size = batch.num_atoms.shape[0]
-            crystals += size
-            sums += _stacked(loss) * size
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.total.detach()), step, first_bad)
+            crystals += len(indices)
+            sums += terms * len(indices)
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(terms[0]), step, first_bad)
         elapsed = time.perf_counter() - start
         metrics = self._mean_over_workers(sums, crystals, "train")
         if not all(math.isfinite(value) for value in metrics.values()):
@@ -149,11 +156,10 @@ class TrainingLoop:
         sums = torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
         crystals = 0
         for indices in self._shard(self.val_set, 0, shuffle=False):
-            batch = self.val_crystals.batch(indices)
-            loss = self.objective(batch, self.config.run.seed, 0)  # step 0: the same draws every epoch
-            size = batch.num_atoms.shape[0]
-            crystals += size
-            sums += _stacked(loss) * size
+            batch = self.val_crystals.batch(indices, self.capacity)
+            _, terms = self.losses(batch, 0)  # step 0: the same draws every epoch
+            crystals += len(indices)
+            sums += terms * len(indices)
         metrics = self._mean_over_workers(sums, crystals, "val")
         if not all(math.isfinite(value) for value in metrics.values()):
             raise TrainingDiverged(f"training diverged: non-finite validation loss after epoch {self.state.epoch + 1} "
@@ -187,11 +193,6 @@ class TrainingLoop:
         self.optimizer.load_state_dict(stored["optimizer"])
         self.scheduler.load_state_dict(stored["scheduler"])
         self.state = TrainingState(int(stored["epoch"]), float(stored["best_val"]), list(stored.get("history", [])))
-
-
-def _stacked(loss) -> torch.Tensor:
-    """The loss terms (loss.names) as one float64 vector, kept on the device (float64 as the sums were in Python)."""
-    return torch.stack([getattr(loss, name).detach() for name in loss.names]).double()
 
 
 def check_resumable(config: Config, out_dir: Path) -> None:

@@ -61,7 +61,7 @@ def test_samples_depend_on_seed_and_index_not_on_batching():
 class ZeroDenoiser(torch.nn.Module):
     """Predicts no noise and no score: sampling then moves the coordinates by its injected noise alone."""
 
-    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms, sizes=None) -> DenoiserOutput:
+    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms, sizes=None, real=None) -> DenoiserOutput:
         return DenoiserOutput(torch.zeros_like(lattice), torch.zeros_like(frac_coords), torch.zeros_like(frac_coords))
 
 

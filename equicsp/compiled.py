@@ -1,0 +1,84 @@
+"""Compiled steps: the training loss and the sampler's predictor-corrector step under torch.compile.
+
+On a GPU a step of this model is hundreds of small kernels, and launching them costs more than
+running them. Compiled with mode "reduce-overhead", inductor fuses them and replays each
+step as a CUDA graph: a few launches per step. A CUDA graph has fixed shapes, so batches are
+padded to a few size buckets (batches.py; one graph each) and every per-step number (the
+epoch that keys the noise, the sampler's timestep) enters as a device tensor, not a Python
+int the graph would bake in.
+
+`run.compile`: auto (compiled on CUDA, eager elsewhere: on a CPU compiling costs minutes and
+saves little), on, off. The compiled and the eager step compute the same function; tests
+check the losses, gradients and samples agree on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from equicsp.batches import CrystalBatch
+from equicsp.objective import Objective
+
+COMPILE_SETTINGS = ("auto", "on", "off")
+# Buckets of atoms and edges per crystal count: a handful of graphs for a dataset of mixed sizes.
+RECOMPILE_LIMIT = 64
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"run.compile must be one of {', '.join(COMPILE_SETTINGS)}, not {setting!r}")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def compile_step(function: Callable, device: torch.device, backend: str = "inductor") -> Callable:
+    """`function` compiled as one graph per input shape; on CUDA with inductor, replayed as CUDA graphs."""
+    dynamo = torch._dynamo.config
+    if hasattr(dynamo, "recompile_limit"):
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    else:  # torch < 2.6
+        dynamo.cache_size_limit = max(dynamo.cache_size_limit, RECOMPILE_LIMIT)
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    return torch.compile(function, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+
+
+def begin_step(device: torch.device) -> None:
+    """Tell the CUDA-graph runner a new iteration starts (the previous step's outputs have been consumed)."""
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+class LossStep:
+    """objective(batch, seed, step) -> (total, the loss terms as one float64 vector in objective.loss_names' order).
+
+    Compiled or eager, the same function; compiled, `step` reaches the graph as a device tensor.
+    """
+
+    def __init__(self, objective: Objective, seed: int, device: torch.device, compiled: bool,
+                 backend: str = "inductor"):
+        self.objective, self.seed, self.device, self.compiled = objective, seed, device, compiled
+        self._function = compile_step(self._terms, device, backend) if compiled else self._terms
+        self._step = torch.zeros((), dtype=torch.long, device=device)
+
+    def __call__(self, batch: CrystalBatch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.compiled:
+            return self._terms(batch, step)
+        begin_step(self.device)
+        self._step.fill_(step)
+        return self._function(batch, self._step)
+
+    def _terms(self, batch: CrystalBatch, step) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = self.objective(batch, self.seed, step)
+        terms = torch.stack([getattr(loss, name).detach() for name in loss.names]).double()
+        return loss.total, terms
+
+
+def configure_precision(precision: str, device: torch.device) -> None:
+    """tf32: fp32 matmuls on a GPU's tensor cores with a 10-bit mantissa (about 1e-3 relative error per product).
+
+    Process-wide, as torch keeps it; fp32 and bf16 leave the setting as it is.
+    """
+    if precision == "tf32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
