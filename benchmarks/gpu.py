@@ -1,38 +1,47 @@
-"""GPU benchmark: training and sampling steps beside the public EquiCSP code, timed in one run.
+"""GPU benchmark: training and sampling steps, eager and compiled, beside the public EquiCSP code, in one run.
 
-    python benchmarks/gpu.py [--refbench DIR] [--out benchmarks/results/gpu.md] [--quick]
+    python benchmarks/gpu.py [--refbench DIR] [--out benchmarks/results/gpu.md] [--quick] [--budget-s 420]
 
-Times, on the first CUDA device (on the CPU when there is none, and says so):
+Times, on the first CUDA device (on the CPU when there is none, and says so), in order of
+what matters most, so that a run cut short (or past --budget-s) keeps the most important rows:
 - a training step (objective, backward, clipping, Adam) with the full EquiCSP objective at
-  the Perov-5 size (4 x 256) with batch 256 and 1024, and at 6 x 512 on 20-atom crystals
-  with batch 256, in fp32 (and with TF32 / bf16 on a GPU);
-- `TrainingLoop.train_epoch`'s crystals/s beside the bare step's, on the same data;
-- a sampling step (two denoiser calls) at batch 256 and 4,096;
-- whether a training and a sampling step synchronise with the host
-  (`torch.cuda.set_sync_debug_mode("error")`);
-- the public code's training and sampling steps, run by `refbench/ref_bench.py` (its own
-  process: its package is also called `equicsp`) on the same device, in the same run.
+  the Perov-5 size (4 x 256, batch 256), eager and compiled (run.compile), beside the public
+  code's;
+- a sampling step (two denoiser calls) at batch 256, eager and compiled, beside the public code's;
+- the training step at 6 x 512 on 20-atom crystals (batch 256);
+- `TrainingLoop`'s epoch rate against the bare step's, on as many crystals as a 90/10 split of
+  Perov-5's val.csv (3,406 + 379), and what a 3,500-epoch run would take at that rate;
+- the training step at batch 1024, the sampling step at batch 4,096, TF32 and bf16, and
+  6 x 512 on crystals of 1 to 20 atoms (mixed sizes: several padded buckets);
+- whether each step synchronises with the host (`torch.cuda.set_sync_debug_mode("error")`);
+- the public code's steps, run by `refbench/ref_bench.py` (its own process: its package is also
+  called `equicsp`) on the same device, in the same run.
 
-Crystals are synthetic (random lattices, coordinates and elements) so the script needs no
-dataset and no pymatgen; the step's cost depends on the sizes alone. Each result row is
-printed and appended to --out as it finishes, so a run cut short still leaves what it measured.
+"first call" is the first step's time: with compile on, mostly compilation (once per size
+bucket and process). Crystals are synthetic (`data.random_crystals`), so the script needs no
+dataset and no pymatgen; a step's cost depends on the sizes alone. Each row is printed and
+written to --out as it finishes. Compiled rows run on CUDA; `--backend aot_eager` runs them
+on a CPU too, to check the path (not its speed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from equicsp.batches import DeviceCrystals
+from equicsp.compiled import LossStep
 from equicsp.config import make_config
-from equicsp.data import CrystalDataset, DataReport
+from equicsp.data import random_crystals
 from equicsp.denoiser import build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.noise import sample_keys
@@ -41,19 +50,14 @@ from equicsp.sampler import Sampler
 from equicsp.training import TrainingLoop
 
 ROOT = Path(__file__).resolve().parent.parent
+PEROV_TRAIN, PEROV_VAL = 3406, 379  # a 90/10 split of ../shared/data/perov_5/val.csv (3,785 crystals)
 
 
-def synthetic_crystals(count: int, atoms: int, seed: int = 0) -> CrystalDataset:
-    """count crystals of `atoms` atoms each: random elements, coordinates and plausible cells."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        "atom_types": torch.randint(1, 84, (count * atoms,), generator=generator),
-        "frac_coords": torch.rand(count * atoms, 3, generator=generator),
-        "lengths": 3 + 5 * torch.rand(count, 3, generator=generator),
-        "angles": 70 + 40 * torch.rand(count, 3, generator=generator),
-        "num_atoms": torch.full((count,), atoms, dtype=torch.long),
-    }
-    return CrystalDataset(tensors, [{} for _ in range(count)], DataReport("synthetic", count))
+@dataclass
+class Timing:
+    seconds: float  # median of the timed calls
+    first_call: float  # the first call, compilation included
+    syncs: str
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,8 +65,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(function, device: torch.device, steps: int, warmup: int) -> float:
-    """Median seconds of one call, after warm-up calls."""
+def timed(function, device: torch.device, steps: int, warmup: int) -> Timing:
+    """Median seconds of one call after warm-up calls, the first call's seconds, and the sync check."""
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    first = time.perf_counter() - start
     for _ in range(warmup):
         function()
     synchronize(device)
@@ -72,7 +81,7 @@ def timed(function, device: torch.device, steps: int, warmup: int) -> float:
         function()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return Timing(statistics.median(times), first, sync_check(function, device))
 
 
 def sync_check(function, device: torch.device) -> str:
@@ -89,66 +98,86 @@ def sync_check(function, device: torch.device) -> str:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def model_config(size: str, precision: str, batch_size: int):
+def model_config(size: str, batch_size: int, precision: str = "fp32", compiled: bool = False):
     preset = "perov_5" if size == "4x256" else "mp_20"
     overrides = {"run.precision": precision, "optim.batch_size": batch_size, "sampler.batch_size": batch_size,
-                 "data.max_atoms": 20}
+                 "data.max_atoms": 20, "run.compile": "on" if compiled else "off"}
     return make_config(preset, "equicsp", overrides)
 
 
-def training_step(size: str, atoms: int, batch_size: int, precision: str, device: torch.device, steps: int):
-    """(seconds per step, sync report) of the bare step on one device batch."""
-    config = model_config(size, precision, batch_size)
+def crystal_sizes(atoms: int | str, count: int) -> list[int]:
+    """`atoms` atoms each, or "1-20": sizes drawn uniformly from 1 to 20 (seeded)."""
+    if isinstance(atoms, int):
+        return [atoms] * count
+    low, high = map(int, atoms.split("-"))
+    draw = random.Random(0)
+    return [draw.randint(low, high) for _ in range(count)]
+
+
+def training_step(size: str, atoms: int | str, batch_size: int, precision: str, compiled: bool, backend: str,
+                  device: torch.device, steps: int) -> tuple[Timing, int]:
+    """The bare step on device batches cycled from a pool of four, and the number of shapes (buckets) it saw."""
+    config = model_config(size, batch_size, precision, compiled)
     torch.manual_seed(0)
     model = build_denoiser(config).to(device)
     objective = Objective(Diffusion(config, device), model, config.run.precision)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    crystals = synthetic_crystals(batch_size, atoms)
-    batch = DeviceCrystals(crystals, device).batch(list(range(batch_size)))
-    step_number = iter(range(1, 1_000_000))
+    losses = LossStep(objective, 0, device, compiled, backend)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
+    crystals = DeviceCrystals(random_crystals(crystal_sizes(atoms, 4 * batch_size)), device)
+    capacity = batch_size + 1 if compiled else None
+    pool = [crystals.batch(list(range(start, start + batch_size)), capacity)
+            for start in range(0, 4 * batch_size, batch_size)]
+    calls = iter(range(1_000_000))
 
     def step():
-        loss = objective(batch, seed=0, step=next(step_number))
+        call = next(calls)
+        total, _ = losses(pool[call % len(pool)], call)
         optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
+        total.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
 
-    seconds = timed(step, device, steps, warmup=3)
-    return seconds, sync_check(step, device)
+    return timed(step, device, steps, warmup=len(pool) + 1), len({batch.sizes for batch in pool})
 
 
-def loop_rate(size: str, atoms: int, batch_size: int, device: torch.device, crystals: int) -> float:
-    """TrainingLoop.train_epoch crystals/s (one warm-up epoch first)."""
-    config = model_config(size, "fp32", batch_size)
-    data = synthetic_crystals(crystals, atoms)
-    loop = TrainingLoop(config, data, synthetic_crystals(64, atoms, seed=1), device, show_progress=False)
-    loop.train_epoch()  # warm-up
-    loop.state.epoch += 1
-    return loop.train_epoch()["crystals_per_s"]
+def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: int, train: int, val: int):
+    """(TrainingLoop.train_epoch crystals/s, seconds of a whole step_epoch: training and validation) after a warm-up."""
+    config = model_config("4x256", batch_size, compiled=compiled)
+    loop = TrainingLoop(config, random_crystals([5] * train), random_crystals([5] * val, seed=1), device,
+                        show_progress=False, compile_backend=backend)
+    loop.step_epoch()  # warm-up: compiles every bucket
+    synchronize(device)
+    start = time.perf_counter()
+    metrics = loop.step_epoch()
+    synchronize(device)
+    return metrics["crystals_per_s"], time.perf_counter() - start
 
 
-def sampling_step(size: str, atoms: int, batch_size: int, device: torch.device, steps: int):
-    """(seconds per predictor-corrector step, sync report)."""
-    config = make_config("perov_5" if size == "4x256" else "mp_20", "equicsp",
-                         {"sampler.num_steps": steps, "data.max_atoms": 20})
+def sampling_step(batch_size: int, compiled: bool, backend: str, device: torch.device, steps: int) -> Timing:
+    """Seconds per predictor-corrector step (a run of `steps` steps, divided)."""
+    config = make_config("perov_5", "equicsp", {"sampler.num_steps": steps, "data.max_atoms": 20,
+                                                "sampler.batch_size": batch_size,
+                                                "run.compile": "on" if compiled else "off"})
     torch.manual_seed(0)
-    sampler = Sampler(build_denoiser(config).to(device), Diffusion(config, device), config, device)
-    types = torch.randint(1, 84, (batch_size * atoms,))
-    counts = [atoms] * batch_size
+    sampler = Sampler(build_denoiser(config).to(device), Diffusion(config, device), config, device,
+                      compile_backend=backend)
+    types = torch.randint(1, 84, (batch_size * 5,))
+    counts = [5] * batch_size
     keys = sample_keys(torch.arange(batch_size), torch.zeros(batch_size, dtype=torch.long))
-    run = lambda: sampler.sample_batch(types, counts, keys, seed=0)  # noqa: E731
-    seconds = timed(run, device, 1, warmup=1) / steps
-    return seconds, sync_check(run, device)
+    timing = timed(lambda: sampler.sample_batch(types, counts, keys, seed=0), device, 1, warmup=1)
+    return Timing(timing.seconds / steps, timing.first_call, timing.syncs)
 
 
-def reference(refbench: Path, device: torch.device, case: str, batch_size: int, steps: int) -> float | None:
+def reference(refbench: Path, device: torch.device, case: str, batch_size: int, steps: int,
+              tf32: bool = False) -> float | None:
     """The public code's seconds per step for a ref_bench case, or None when it could not run."""
     script = refbench / "ref_bench.py"
     if not script.exists():
         return None
     command = [sys.executable, str(script), "--device", "cuda" if device.type == "cuda" else "cpu", "--case", case,
                "--batch-size", str(batch_size), "--steps", str(steps), "--warmup", "3", "--sample-steps", "10"]
+    if tf32:
+        command.append("--tf32")
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=refbench)
     for line in result.stdout.splitlines():
         if line.startswith("{") and f'"case": "{case}"' in line:
@@ -168,28 +197,34 @@ class Report:
     def __init__(self, out: Path, header: str):
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.lines = [header, "", "| what | ours (ms) | public code (ms) | speed-up | host syncs in the step |",
-                      "|---|---|---|---|---|"]
+        self.lines = [header, "", "| what | ours (ms) | public code (ms) | speed-up | first call (s) | host syncs |",
+                      "|---|---|---|---|---|---|"]
+        self.notes: list[str] = []
         self._flush()
         print("\n".join(self.lines), flush=True)
 
-    def row(self, what: str, ours: float | None, theirs: float | None = None, syncs: str = "") -> None:
+    def row(self, what: str, ours: float | None, theirs: float | None = None, first_call: float | None = None,
+            syncs: str = "") -> None:
         def ms(value):
             return "-" if value is None else f"{1000 * value:.2f}"
 
         ratio = f"{theirs / ours:.1f}x" if ours and theirs else "-"
-        line = f"| {what} | {ms(ours)} | {ms(theirs)} | {ratio} | {syncs} |"
+        first = "-" if first_call is None else f"{first_call:.1f}"
+        line = f"| {what} | {ms(ours)} | {ms(theirs)} | {ratio} | {first} | {syncs} |"
         self.lines.append(line)
         print(line, flush=True)
         self._flush()
 
+    def timing(self, what: str, timing: Timing, theirs: float | None = None) -> None:
+        self.row(what, timing.seconds, theirs, timing.first_call, timing.syncs)
+
     def note(self, text: str) -> None:
-        self.lines += ["", text]
+        self.notes.append(text)
         print(text, flush=True)
         self._flush()
 
     def _flush(self) -> None:
-        self.out.write_text("\n".join(self.lines) + "\n")
+        self.out.write_text("\n".join(self.lines + [""] + self.notes) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,30 +233,72 @@ def main(argv: list[str] | None = None) -> None:
                         help="the public-code harness (default ../shared/refbench)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.md")
     parser.add_argument("--quick", action="store_true", help="few steps and small sizes (a smoke run of the script)")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="start no new section after this many seconds (default 420: a GPU call's 8 minutes)")
+    parser.add_argument("--backend", default=None,
+                        help="torch.compile backend for the compiled rows (default inductor, on CUDA only; "
+                             "aot_eager also runs them on a CPU)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU here: measured on the CPU"
+    backend = args.backend or "inductor"
+    compiled_rows = device.type == "cuda" or args.backend is not None
     steps = 3 if args.quick else 20
-    report = Report(args.out, f"# GPU benchmark: {name}\n\ntorch {torch.__version__}; steps timed: median of {steps}")
-    large = (64, 256) if args.quick else (256, 1024)
-    cases = [("4x256", 5, large[0], "train_perov_4x256"), ("4x256", 5, large[1], "train_perov_4x256"),
-             ("6x512", 20, large[0] // (4 if args.quick else 1), "train_mp20_6x512")]
-    precisions = ["fp32"] + (["bf16"] if device.type == "cuda" else [])
-    for size, atoms, batch_size, case in cases:
-        theirs = reference(args.refbench, device, case, batch_size, steps)
+    small, large, huge = (16, 64, 128) if args.quick else (256, 1024, 4096)
+    report = Report(args.out, f"# GPU benchmark: {name}\n\ntorch {torch.__version__}; steps timed: median of "
+                              f"{steps}; compiled rows: {backend if compiled_rows else 'not run (no CUDA)'}")
+    began = time.perf_counter()
+    modes = [False, True] if compiled_rows else [False]
+
+    def label(compiled: bool) -> str:
+        return "compiled" if compiled else "eager"
+
+    def train_rows(size, atoms, batch_size, case, precisions=("fp32",), eager=True):
+        theirs = reference(args.refbench, device, case, batch_size, steps) if case else None
         for precision in precisions:
-            seconds, syncs = training_step(size, atoms, batch_size, precision, device, steps)
-            report.row(f"training step, {size}, {atoms}-atom crystals, batch {batch_size}, {precision}", seconds,
-                       theirs if precision == "fp32" else None, syncs)
-    bare, _ = training_step("4x256", 5, large[0], "fp32", device, steps)
-    epoch_rate = loop_rate("4x256", 5, large[0], device, crystals=8 * large[0])
-    report.row(f"TrainingLoop epoch, 4x256, batch {large[0]}: {epoch_rate:.0f} crystals/s = "
-               f"{100 * epoch_rate * bare / large[0]:.0f} % of the bare step's rate", large[0] / epoch_rate)
-    sample_sizes = (64, 256) if args.quick else (256, 4096)
-    for batch_size in sample_sizes:
-        theirs = reference(args.refbench, device, "sample_perov_4x256", batch_size, steps) if batch_size <= 1024 else None
-        seconds, syncs = sampling_step("4x256", 5, batch_size, device, steps=5 if args.quick else 20)
-        report.row(f"sampling step (2 denoiser calls), 4x256, batch {batch_size}", seconds, theirs, syncs)
+            for compiled in modes if eager else [m for m in modes if m]:
+                timing, shapes = training_step(size, atoms, batch_size, precision, compiled, backend, device, steps)
+                buckets = f", {shapes} buckets" if compiled and shapes > 1 else ""
+                report.timing(f"training step, {size}, {atoms}-atom crystals, batch {batch_size}, {precision}, "
+                              f"{label(compiled)}{buckets}", timing, theirs if precision == "fp32" else None)
+        return theirs
+
+    def sample_rows(batch_size, case):
+        theirs = reference(args.refbench, device, case, batch_size, steps) if case else None
+        for compiled in modes:
+            timing = sampling_step(batch_size, compiled, backend, device, steps=5 if args.quick else 20)
+            report.timing(f"sampling step (2 denoiser calls), 4x256, batch {batch_size}, {label(compiled)}", timing,
+                          theirs)
+
+    def loop_rows():
+        compiled = compiled_rows
+        bare, _ = training_step("4x256", 5, small, "fp32", compiled, backend, device, steps)
+        train, val = (8 * small, small) if args.quick else (PEROV_TRAIN, PEROV_VAL)
+        rate, epoch = loop_epoch(device, backend, compiled, small, train, val)
+        report.row(f"TrainingLoop, 4x256, batch {small}, {train} + {val} crystals, {label(compiled)}, per training "
+                   f"step: {rate:.0f} crystals/s = {100 * rate * bare.seconds / small:.0f} % of the bare step's rate; "
+                   f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate)
+
+    sections = [
+        ("training 4x256", lambda: train_rows("4x256", 5, small, "train_perov_4x256")),
+        ("sampling", lambda: sample_rows(small, "sample_perov_4x256")),
+        ("training 6x512", lambda: train_rows("6x512", 20, small, "train_mp20_6x512")),
+        ("TrainingLoop", loop_rows),
+        ("training batch 1024", lambda: train_rows("4x256", 5, large, "train_perov_4x256", eager=False)),
+        ("sampling batch 4096", lambda: sample_rows(huge, None)),
+        ("precisions", lambda: train_rows("4x256", 5, small, None, ("tf32", "bf16"), eager=False)
+         if device.type == "cuda" else None),
+        ("mixed sizes", lambda: train_rows("6x512", "1-20", small, None)),
+    ]
+    for title, section in sections:
+        if time.perf_counter() - began > args.budget_s:
+            report.note(f"Not run (past --budget-s {args.budget_s:g}): {title}.")
+            continue
+        try:
+            section()
+        except Exception as error:  # keep the rows that can still run
+            report.note(f"{title} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    report.note(f"Total {time.perf_counter() - began:.0f} s.")
     if device.type != "cuda":
         report.note("No CUDA device: every figure above was measured on the CPU, where the host synchronisation "
                     "check does not apply. The GPU targets of the issue are unmeasured.")

@@ -32,15 +32,19 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def compile_step(function: Callable, device: torch.device, backend: str = "inductor") -> Callable:
-    """`function` compiled as one graph per input shape; on CUDA with inductor, replayed as CUDA graphs."""
+def compile_step(function: Callable, device: torch.device, backend: str = "inductor", fullgraph: bool = True) -> Callable:
+    """`function` compiled as one graph per input shape; on CUDA with inductor, replayed as CUDA graphs.
+
+    fullgraph: a graph break is an error. Under DDP it must be False: Dynamo splits the graph at
+    DDP's gradient buckets on purpose, so that their all-reduce overlaps the backward.
+    """
     dynamo = torch._dynamo.config
     if hasattr(dynamo, "recompile_limit"):
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     else:  # torch < 2.6
         dynamo.cache_size_limit = max(dynamo.cache_size_limit, RECOMPILE_LIMIT)
     mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-    return torch.compile(function, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+    return torch.compile(function, backend=backend, mode=mode, dynamic=False, fullgraph=fullgraph)
 
 
 def begin_step(device: torch.device) -> None:
@@ -56,9 +60,10 @@ class LossStep:
     """
 
     def __init__(self, objective: Objective, seed: int, device: torch.device, compiled: bool,
-                 backend: str = "inductor"):
+                 backend: str = "inductor", distributed: bool = False):
         self.objective, self.seed, self.device, self.compiled = objective, seed, device, compiled
-        self._function = compile_step(self._terms, device, backend) if compiled else self._terms
+        self._function = (compile_step(self._terms, device, backend, fullgraph=not distributed) if compiled
+                          else self._terms)
         self._step = torch.zeros((), dtype=torch.long, device=device)
 
     def __call__(self, batch: CrystalBatch, step: int) -> tuple[torch.Tensor, torch.Tensor]:

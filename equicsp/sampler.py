@@ -75,6 +75,8 @@ class Sampler:
         self.lattice = diffusion.lattice
         configure_precision(precision, self.device)
         self.compiled = compile_enabled(config.run.compile, self.device)
+        # A tensor, not a float the compiled step would bake in: a step-size search reuses one graph for every value.
+        self._step_lr = torch.tensor(config.sampler.step_lr, dtype=torch.float32, device=self.device)
         self._step = compile_step(self._pc_step, self.device, compile_backend) if self.compiled else self._pc_step
 
     def score(self, atom_types, frac_coords, lattice, t, layout: Layout):
@@ -188,7 +190,7 @@ class Sampler:
         # Corrector: Langevin at sigma_t; the lattice stays. The last step (t = 1) adds no noise,
         # as in both reference codes: its jitter would be left in the final structure.
         _, score = self.score(atom_types, x, lattice, t, layout)
-        step = self.config.sampler.step_lr * (sigma_t / sigmas[1]) ** 2
+        step = self._step_lr * (sigma_t / sigmas[1]) ** 2
         jitter = torch.where(t > 1, (2 * step).sqrt(), 0) * keyed_normal(per_atom, 3, seed, t, _CORRECTOR, dtype)
         x = wrap(x - step * score + jitter)
         # Predictor: reverse-diffusion step for X, DDPM step for l (and the types, when diffused).

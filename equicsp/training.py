@@ -86,7 +86,8 @@ class TrainingLoop:
         self.objective = Objective(self.diffusion, self.model, config.run.precision)
         # Compiled steps need static shapes: batches are padded to buckets with room for one padding crystal.
         compiled = compile_enabled(config.run.compile, device)
-        self.losses = LossStep(self.objective, config.run.seed, device, compiled, compile_backend)
+        self.losses = LossStep(self.objective, config.run.seed, device, compiled, compile_backend,
+                               distributed=wrap_model is not None)
         o = config.optim
         # Fused Adam: one kernel for every parameter on a GPU instead of a few per tensor (the same update).
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, fused=device.type == "cuda" or None)

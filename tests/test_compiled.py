@@ -68,3 +68,19 @@ def test_compile_is_chosen_per_device_and_checked():
     with pytest.raises(ConfigError, match="run.precision must be one of fp32, tf32, bf16"):
         small_config(**{"run.precision": "fp16"})
     assert small_config(**{"run.precision": "tf32"}).run.precision == "tf32"
+
+
+def test_samplers_at_other_step_sizes_share_the_compiled_step():
+    """A step-size search builds a Sampler per step size; each must not compile its step again."""
+    from torch._dynamo.utils import counters
+
+    counts, keys = [3, 6], sample_keys(torch.arange(2), torch.zeros(2, dtype=torch.long))
+    types = torch.randint(1, 80, (9,), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = build_denoiser(small_config())
+    torch._dynamo.reset()
+    counters.clear()
+    for step_lr in (1e-5, 3e-4, 2e-3):
+        config = small_config(**{"run.compile": "on", "sampler.step_lr": step_lr})
+        Sampler(model, Diffusion(config), config, compile_backend="aot_eager").sample_batch(types, counts, keys, 0)
+    assert counters["stats"]["unique_graphs"] == 1
