@@ -91,6 +91,7 @@ class DataConfig:
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_SETTINGS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ def validate(config: Config) -> None:
         problems.append("data.max_atoms must be >= 1")
     if run.precision not in PRECISIONS:
         problems.append(f"run.precision must be one of {', '.join(PRECISIONS)}, not {run.precision!r}")
-    if run.compile not in ("auto", "on", "off"):
+    if run.compile not in COMPILE_SETTINGS:
         problems.append(f"run.compile must be auto, on or off, not {run.compile!r}")
     if not (run.device in ("auto", "cpu", "cuda") or run.device.startswith("cuda:")):
         problems.append(f"run.device must be auto, cpu, cuda or cuda:N, not {run.device!r}")

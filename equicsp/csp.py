@@ -36,6 +36,7 @@ class EvaluationSettings:
     step_lr: float | None = None  # None: the model's own config
     num_steps: int | None = None
     batch_size: int | None = None
+    compile: str | None = None  # run.compile for sampling; None: the model's
     sampling_arm: str | None = None  # sample with this arm's sampling-only switches (a model it shares); None: the model's
     leakage: bool = False  # also score the test crystals no training crystal answers (see leakage.py)
 
@@ -51,7 +52,7 @@ class EvaluationSettings:
 
     def sampling_config(self, model_config: Config) -> Config:
         """The model's config with these sampler settings (and the sampling arm's switches)."""
-        config = with_sampler_options(model_config, self.step_lr, self.num_steps, self.batch_size)
+        config = with_sampler_options(model_config, self.step_lr, self.num_steps, self.batch_size, self.compile)
         if self.sampling_arm is not None:
             config = with_sampling_switches(config, ARMS[self.sampling_arm].objective)
         return config

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from equicsp.cache import check_writable_folder
 from equicsp.checkpoint import CheckpointError, read_checkpoint
-from equicsp.config import PRECISIONS, ConfigError, config_from_dict
+from equicsp.config import COMPILE_SETTINGS, PRECISIONS, ConfigError, config_from_dict
 from equicsp.csp import Evaluation, EvaluationSettings, add_leakage
 from equicsp.data import DatasetError, find_data_folder, load_crystals, load_split, preprocess_options
 from equicsp.evaluation_report import write_report
 from equicsp.logged_evaluation import evaluate_logged_run
 from equicsp.ray_evaluation import evaluate_checkpoint
+from equicsp.sampler import COMPILE_HELP
 from equicsp.tracking import TrackingError, describe_run, resolve_tracking_uri
 
 
@@ -42,6 +43,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="evaluate the first M test crystals only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--compile", choices=COMPILE_SETTINGS, help=COMPILE_HELP)
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
     parser.add_argument("--out", type=Path, help="also write the per-crystal CSV, CIFs, summary and figure here")
     parser.add_argument("--leakage", action="store_true",
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     settings = EvaluationSettings(num_samples=args.num_samples, seed=args.seed, limit=args.limit,
                                   workers=args.workers, threads=args.threads, precision=args.precision, step_lr=args.step_lr,
-                                  num_steps=args.num_steps, batch_size=args.batch_size, leakage=args.leakage)
+                                  num_steps=args.num_steps, batch_size=args.batch_size, leakage=args.leakage,
+                                  compile=args.compile)
     try:
         if args.run_id:
             evaluation = evaluate_logged_run(args.run_id, settings, args.data, args.tracking_uri, args.out)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from equicsp import tracking
 from equicsp.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
-from equicsp.config import PRECISIONS, ConfigError
+from equicsp.config import COMPILE_SETTINGS, PRECISIONS, ConfigError
 from equicsp.csp import ground_truth
 from equicsp.data import DatasetError, load_crystals, load_splits, preprocess_options
 from equicsp.devices import resolve_device
@@ -27,7 +27,7 @@ from equicsp.generation import (
 )
 from equicsp.generation_metrics import CoverageThresholds, thresholds_for
 from equicsp.logged_evaluation import log_generation_run
-from equicsp.sampler import with_sampler_options
+from equicsp.sampler import COMPILE_HELP, with_sampler_options
 from equicsp.tracking import TrackingError
 
 
@@ -41,6 +41,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--compile", choices=COMPILE_SETTINGS, help=COMPILE_HELP)
     parser.add_argument("--batch-size", type=int, help="crystals per sampling batch (default: the model's config)")
     parser.add_argument("--step-lr", type=float, help="Langevin step size (default: the model's config)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: every timestep)")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         histogram = num_atoms_distribution(checkpoint)
         device = resolve_device(args.device)
         config, model = model_from_checkpoint(checkpoint, device)
-        config = with_sampler_options(config, args.step_lr, args.num_steps, args.batch_size)
+        config = with_sampler_options(config, args.step_lr, args.num_steps, args.batch_size, args.compile)
         reference = reference_set(args, config)
         thresholds = thresholds_for(config.preset)
         thresholds = CoverageThresholds(args.struct_cutoff or thresholds.structure,

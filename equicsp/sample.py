@@ -21,7 +21,7 @@ from equicsp import tracking
 from equicsp.cache import check_writable_folder
 from equicsp.cells import cell_formula, parse_units, reduced_counts, units_seen_in_training
 from equicsp.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
-from equicsp.config import PRECISIONS, Config
+from equicsp.config import COMPILE_SETTINGS, PRECISIONS, Config
 from equicsp.data import MAX_ATOMIC_NUMBER, DatasetError, find_data_folder, load_split
 from equicsp.devices import resolve_device
 from equicsp.diffusion import Diffusion
@@ -33,7 +33,7 @@ from equicsp.metrics import (
     structure_of,
     validity_problem,
 )
-from equicsp.sampler import Sampler, with_sampler_options
+from equicsp.sampler import COMPILE_HELP, Sampler, with_sampler_options
 
 
 def composition_of(formula: str) -> torch.Tensor:
@@ -74,6 +74,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--compile", choices=COMPILE_SETTINGS, help=COMPILE_HELP)
     return parser.parse_args(argv)
 
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         step_lr = args.step_lr if args.step_lr is not None else tuned_step_lr
         if args.step_lr is None and tuned_step_lr is not None:
             print(f"step_lr {tuned_step_lr:.3g}: the step size a sweep tuned for this model")
-        config = with_sampler_options(config, step_lr, args.num_steps)
+        config = with_sampler_options(config, step_lr, args.num_steps, compile=args.compile)
         cells = cells_to_sample(args, config, data_folders)
         if max(len(types) for _, types in cells) > config.data.max_atoms:
             raise ValueError(f"a formula has more atoms than the model's data.max_atoms ({config.data.max_atoms})")

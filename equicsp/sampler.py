@@ -45,11 +45,16 @@ class SampledCrystal:
 
 
 def with_sampler_options(config: Config, step_lr: float | None = None, num_steps: int | None = None,
-                         batch_size: int | None = None) -> Config:
-    """The config with the sampler settings that are given (None keeps the config's own)."""
+                         batch_size: int | None = None, compile: str | None = None) -> Config:
+    """The config with the sampler settings that are given (None keeps the config's own), and run.compile."""
     changes = {k: v for k, v in dict(step_lr=step_lr, num_steps=num_steps, batch_size=batch_size).items()
                if v is not None}
-    return replace(config, sampler=replace(config.sampler, **changes)).validate()
+    run = config.run if compile is None else replace(config.run, compile=compile)
+    return replace(config, sampler=replace(config.sampler, **changes), run=run).validate()
+
+
+COMPILE_HELP = ("compile the sampling step: auto (on CUDA), on, off; default: the model's run.compile. Compiling "
+                "takes a while once per batch size, so a few samples on a GPU may come sooner with off")
 
 
 def timestep_sequence(timesteps: int, num_steps: int) -> list[int]:
@@ -73,8 +78,8 @@ class Sampler:
         self.device = torch.device(device)
         self.precision = precision
         self.lattice = diffusion.lattice
-        configure_precision(precision, self.device)
         self.compiled = compile_enabled(config.run.compile, self.device)
+        configure_precision(precision, self.device, self.compiled)
         # A tensor, not a float the compiled step would bake in: a step-size search reuses one graph for every value.
         self._step_lr = torch.tensor(config.sampler.step_lr, dtype=torch.float32, device=self.device)
         self._step = compile_step(self._pc_step, self.device, compile_backend) if self.compiled else self._pc_step

@@ -82,10 +82,10 @@ class TrainingLoop:
             self.diffusion.check_atom_counts(dataset.num_atoms)
         model = build_denoiser(config).to(device)
         self.model = wrap_model(model) if wrap_model else model
-        configure_precision(config.run.precision, device)
         self.objective = Objective(self.diffusion, self.model, config.run.precision)
         # Compiled steps need static shapes: batches are padded to buckets with room for one padding crystal.
         compiled = compile_enabled(config.run.compile, device)
+        configure_precision(config.run.precision, device, compiled)
         self.losses = LossStep(self.objective, config.run.seed, device, compiled, compile_backend,
                                distributed=wrap_model is not None)
         o = config.optim

@@ -84,3 +84,28 @@ def test_samplers_at_other_step_sizes_share_the_compiled_step():
         config = small_config(**{"run.compile": "on", "sampler.step_lr": step_lr})
         Sampler(model, Diffusion(config), config, compile_backend="aot_eager").sample_batch(types, counts, keys, 0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_bf16_without_compiled_steps_on_cuda_says_why_it_is_slow():
+    from equicsp.compiled import configure_precision
+
+    with pytest.warns(UserWarning, match="waits on kernel launches"):
+        configure_precision("bf16", torch.device("cuda"), compiled=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configure_precision("bf16", torch.device("cuda"), compiled=True)
+        configure_precision("bf16", torch.device("cpu"), compiled=False)  # on a CPU bf16 is the fast path (AMX)
+
+
+def test_the_sampling_commands_override_the_models_compile_setting():
+    from equicsp.csp import EvaluationSettings
+    from equicsp.sampler import with_sampler_options
+
+    model_config = small_config(**{"run.compile": "auto"})
+    assert with_sampler_options(model_config, compile="off").run.compile == "off"
+    assert with_sampler_options(model_config).run.compile == "auto"
+    assert EvaluationSettings(compile="on").sampling_config(model_config).run.compile == "on"
+    with pytest.raises(ConfigError, match="run.compile"):
+        with_sampler_options(model_config, compile="always")
