@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 
 from equicsp.batches import DeviceCrystals
-from equicsp.compiled import LossStep
+from equicsp.compiled import LossStep, compile_step
 from equicsp.config import make_config
 from equicsp.data import random_crystals
 from equicsp.denoiser import build_denoiser
 from equicsp.diffusion import Diffusion
-from equicsp.noise import sample_keys
+from equicsp.noise import keyed_normal, sample_keys
 from equicsp.objective import Objective
 from equicsp.sampler import Sampler
 from equicsp.training import TrainingLoop
@@ -168,6 +168,17 @@ def sampling_step(batch_size: int, compiled: bool, backend: str, device: torch.d
     return Timing(timing.seconds / steps, timing.first_call, timing.syncs)
 
 
+def noise_check(device: torch.device, backend: str) -> str:
+    """Whether the compiled keyed noise (int64 hashing in generated kernels) gives the eager noise bit for bit."""
+    keys = torch.arange(100_000, device=device) * 7919
+    step = torch.tensor(17, device=device)
+    eager = keyed_normal(keys, 3, 5, step, 2)
+    compiled = compile_step(lambda k, s: keyed_normal(k, 3, 5, s, 2), device, backend)(keys, step)
+    if torch.equal(eager, compiled):
+        return "compiled keyed noise equals the eager noise bit for bit"
+    return f"compiled keyed noise DIFFERS from the eager noise: max |difference| {(eager - compiled).abs().max():.3g}"
+
+
 def reference(refbench: Path, device: torch.device, case: str, batch_size: int, steps: int,
               tf32: bool = False) -> float | None:
     """The public code's seconds per step for a ref_bench case, or None when it could not run."""
@@ -280,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                    f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate)
 
     sections = [
+        ("keyed noise", lambda: report.note(noise_check(device, backend)) if compiled_rows else None),
         ("training 4x256", lambda: train_rows("4x256", 5, small, "train_perov_4x256")),
         ("sampling", lambda: sample_rows(small, "sample_perov_4x256")),
         ("training 6x512", lambda: train_rows("6x512", 20, small, "train_mp20_6x512")),
@@ -299,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as error:  # keep the rows that can still run
             report.note(f"{title} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
     report.note(f"Total {time.perf_counter() - began:.0f} s.")
+    if compiled_rows:
+        from torch._dynamo.utils import counters
+
+        skips = dict(counters["inductor"].items())
+        report.note(f"torch.compile counters: {skips}; CUDA graphs skipped: {skips.get('cudagraph_skips', 0)} "
+                    "(run with TORCH_LOGS=recompiles,graph_breaks,cudagraphs for the reasons)")
     if device.type != "cuda":
         report.note("No CUDA device: every figure above was measured on the CPU, where the host synchronisation "
                     "check does not apply. The GPU targets of the issue are unmeasured.")

@@ -42,19 +42,25 @@ class GraphSizes:
     def bucket(cls, num_atoms: list[int], crystals: int) -> "GraphSizes":
         """Static shapes for a padded batch of these crystals with room for `crystals` crystals (> len(num_atoms)).
 
-        Edges are rounded up to the next m * 2^k with m in 8..15 (at most 12.5 % of padding), atoms,
-        which need one padding atom, with m in 16..31 (6 %: a batch of equal crystals would
-        otherwise pay up to 12.5 % for that one atom), pairs like edges. So batches of the same
-        crystal count and similar sizes share a shape, hence a compiled graph.
+        Edges are rounded up to the next m * 2^k with m in 8..15 (at most 12.5 % of padding),
+        atoms, which need one padding atom, with m in 16..31 (6 %: a batch of equal crystals
+        would otherwise pay up to 12.5 % for that one atom). Pairs follow from the two, since a
+        batch's pairs are (edges - atoms) / 2: the shape is a function of two rounded numbers,
+        so batches of the same crystal count and similar sizes share it, hence a compiled graph.
         """
         exact = cls.of(num_atoms)
         if crystals <= exact.crystals:
             raise ValueError(f"a padded batch of {exact.crystals} crystals needs room for more than that, not {crystals}")
-        return cls(crystals, round_up(exact.atoms + 1, bits=5), round_up(exact.edges), round_up(exact.pairs))
+        atoms, edges = round_up(exact.atoms + 1, ATOM_BITS), round_up(exact.edges)
+        # Every batch in this atoms bucket has at least round_down(atoms - 1) atoms, hence at most this many pairs.
+        return cls(crystals, atoms, edges, (edges - round_down(atoms - 1, ATOM_BITS)) // 2)
 
     def repeated(self, copies: int) -> "GraphSizes":
         """The sizes of `copies` stacked copies of this batch (the permutation loss, Frame Average)."""
         return GraphSizes(self.crystals * copies, self.atoms * copies, self.edges * copies, self.pairs * copies)
+
+
+ATOM_BITS = 5
 
 
 def round_up(value: int, bits: int = 4) -> int:
@@ -63,6 +69,14 @@ def round_up(value: int, bits: int = 4) -> int:
         return value
     scale = 1 << (value.bit_length() - bits)
     return -(-value // scale) * scale
+
+
+def round_down(value: int, bits: int = 4) -> int:
+    """The largest m * 2^k <= value with m of `bits` bits: the grid round_up rounds onto."""
+    if value < 1 << bits:
+        return value
+    scale = 1 << (value.bit_length() - bits)
+    return value // scale * scale
 
 
 @dataclass

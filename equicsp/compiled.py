@@ -14,6 +14,7 @@ check the losses, gradients and samples agree on CPU.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Callable
 
@@ -23,8 +24,10 @@ from equicsp.batches import CrystalBatch
 from equicsp.config import COMPILE_SETTINGS
 from equicsp.objective import Objective
 
-# Buckets of atoms and edges per crystal count: a handful of graphs for a dataset of mixed sizes.
-RECOMPILE_LIMIT = 64
+# Graphs per compiled function: one per batch shape (GraphSizes.bucket) and grad mode. A dataset of 1 to 20 atoms
+# at batch 256 makes about 20 training shapes, 1 to 52 at batch 64 about 50; past the limit a fullgraph
+# compile is an error, not a fall-back.
+RECOMPILE_LIMIT = 512
 
 
 def compile_enabled(setting: str, device: torch.device) -> bool:
@@ -36,8 +39,9 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
 def compile_step(function: Callable, device: torch.device, backend: str = "inductor", fullgraph: bool = True) -> Callable:
     """`function` compiled as one graph per input shape; on CUDA with inductor, replayed as CUDA graphs.
 
-    fullgraph: a graph break is an error. Under DDP it must be False: Dynamo splits the graph at
-    DDP's gradient buckets on purpose, so that their all-reduce overlaps the backward.
+    fullgraph: a graph break is an error. Under DDP it is False: Dynamo cannot trace DDP's own
+    bookkeeping (its reducer and its forward hooks), so the step becomes several graphs around
+    it. That combination has not run on GPUs yet.
     """
     dynamo = torch._dynamo.config
     if hasattr(dynamo, "recompile_limit"):
@@ -66,10 +70,14 @@ class LossStep:
         self._function = (compile_step(self._terms, device, backend, fullgraph=not distributed) if compiled
                           else self._terms)
         self._step = torch.zeros((), dtype=torch.long, device=device)
+        self._shapes = ShapeLog("training step")
+        if compiled:
+            keep_tables_in_place(objective.diffusion)
 
     def __call__(self, batch: CrystalBatch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.compiled:
             return self._terms(batch, step)
+        self._shapes.see(batch.sizes, torch.is_grad_enabled())
         begin_step(self.device)
         self._step.fill_(step)
         return self._function(batch, self._step)
@@ -78,6 +86,29 @@ class LossStep:
         loss = self.objective(batch, self.seed, step)
         terms = torch.stack([getattr(loss, name).detach() for name in loss.names]).double()
         return loss.total, terms
+
+
+class ShapeLog:
+    """Says on stderr when a compiled step meets a new shape: its first call compiles (a while, once per shape)."""
+
+    def __init__(self, what: str):
+        self.what, self.seen = what, set()
+
+    def see(self, sizes, *mode) -> None:
+        key = (sizes, *mode)
+        if key not in self.seen:
+            self.seen.add(key)
+            print(f"compiling the {self.what} for {sizes.crystals} crystals, {sizes.atoms} atoms, {sizes.edges} edges"
+                  f"{'' if not mode or mode[0] else ' (no grad)'}: shape {len(self.seen)}", file=sys.stderr, flush=True)
+
+
+def keep_tables_in_place(diffusion) -> None:
+    """Mark the schedule and von Mises tables as fixed-address graph inputs, so no CUDA-graph replay copies them."""
+    holders = [diffusion.schedule] + ([diffusion.tables] if diffusion.tables is not None else [])
+    for holder in holders:
+        for value in vars(holder).values():
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.mark_static_address(value)
 
 
 def configure_precision(precision: str, device: torch.device, compiled: bool) -> None:

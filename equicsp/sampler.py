@@ -15,7 +15,14 @@ from tqdm.auto import tqdm
 
 from equicsp.atom_types import NUM_TYPE_CLASSES, decode
 from equicsp.batches import GraphSizes, Layout, atom_counts, filled
-from equicsp.compiled import begin_step, compile_enabled, compile_step, configure_precision
+from equicsp.compiled import (
+    ShapeLog,
+    begin_step,
+    compile_enabled,
+    compile_step,
+    configure_precision,
+    keep_tables_in_place,
+)
 from equicsp.config import Config
 from equicsp.devices import autocast
 from equicsp.diffusion import Diffusion
@@ -83,6 +90,9 @@ class Sampler:
         # A tensor, not a float the compiled step would bake in: a step-size search reuses one graph for every value.
         self._step_lr = torch.tensor(config.sampler.step_lr, dtype=torch.float32, device=self.device)
         self._step = compile_step(self._pc_step, self.device, compile_backend) if self.compiled else self._pc_step
+        self._shapes = ShapeLog("sampling step")
+        if self.compiled:
+            keep_tables_in_place(diffusion)
 
     def score(self, atom_types, frac_coords, lattice, t, layout: Layout):
         """eps_hat_l and the coordinate score in X (unnormalised; PM-corrected when the target has it)."""
@@ -121,7 +131,7 @@ class Sampler:
         std = (beta_ts * (1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt()
         return at_last_step(s, mean, mean + std * z)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: compiled steps under it have failed in torch 2.11
     def sample_batch(self, atom_types: torch.Tensor, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
                      progress: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) atom types, (B,) atom counts, (B,) keys -> ((N, 3) X_0, (B, D) lattice in the representation).
@@ -135,7 +145,7 @@ class Sampler:
         _, x, lattice = self._run(atom_types, layout, self._keys(keys, layout), seed, progress)
         return x[:real.atoms], lattice[:real.crystals]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: compiled steps under it have failed in torch 2.11
     def generate_batch(self, num_atoms: torch.Tensor | list[int], keys: torch.Tensor, seed: int,
                        progress: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Generation: (B,) atom counts (on the host), (B,) keys -> ((N,) atomic numbers, (N, 3) X_0, (B, D) lattice).
@@ -173,6 +183,8 @@ class Sampler:
         sequence = timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps)
         # Every step's t and s as device scalars: one step function (and one compiled graph) serves them all.
         steps = torch.tensor(sequence + [0], dtype=torch.long, device=self.device)
+        if self.compiled:
+            self._shapes.see(layout.sizes)
         for index in range(len(sequence)):
             if self.compiled:
                 begin_step(self.device)

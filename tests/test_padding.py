@@ -6,7 +6,7 @@ from conftest import FAST
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from equicsp.batches import DeviceCrystals, GraphSizes, round_up
+from equicsp.batches import DeviceCrystals, GraphSizes, round_down, round_up
 from equicsp.config import make_config
 from equicsp.data import random_crystals
 from equicsp.denoiser import CrystalGraph, build_denoiser
@@ -26,6 +26,22 @@ def test_buckets_round_up_by_at_most_their_granularity(value, bits):
     bucket = round_up(value, bits)
     assert value <= bucket <= value * (1 + 2 ** (1 - bits))
     assert round_up(bucket, bits) == bucket
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=300), spare=st.integers(1, 4))
+def test_a_bucket_holds_its_batch(sizes, spare):
+    exact, shape = GraphSizes.of(sizes), GraphSizes.bucket(sizes, len(sizes) + spare)
+    assert shape.crystals > exact.crystals and shape.atoms > exact.atoms
+    assert shape.edges >= exact.edges and shape.pairs >= exact.pairs
+    assert shape.atoms <= (exact.atoms + 1) * 1.0625 and shape.edges <= exact.edges * 1.125
+
+
+@given(value=st.integers(1, 10**7), bits=st.integers(2, 6))
+def test_rounding_down_finds_the_grid_point_below(value, bits):
+    below = round_down(value, bits)
+    assert below <= value and round_up(below, bits) == below
+    assert round_up(below + 1, bits) >= value
 
 
 def test_batches_of_similar_sizes_share_a_bucket():
