@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +141,23 @@ def training_step(size: str, atoms: int | str, batch_size: int, precision: str, 
     return timed(step, device, steps, warmup=len(pool) + 1), len({batch.sizes for batch in pool})
 
 
+def syncs_in(function, device: torch.device) -> str:
+    """How many host synchronisations torch reports while `function` runs."""
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            function()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return str(sum("synchroniz" in str(warning.message) for warning in caught))
+
+
 def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: int, train: int, val: int):
-    """(TrainingLoop.train_epoch crystals/s, seconds of a whole step_epoch: training and validation) after a warm-up."""
+    """(TrainingLoop.train_epoch crystals/s, seconds of a whole step_epoch: training and validation, host syncs in
+    a training epoch) after a warm-up epoch."""
     config = model_config("4x256", batch_size, compiled=compiled)
     loop = TrainingLoop(config, random_crystals([5] * train), random_crystals([5] * val, seed=1), device,
                         show_progress=False, compile_backend=backend)
@@ -150,7 +166,8 @@ def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: i
     start = time.perf_counter()
     metrics = loop.step_epoch()
     synchronize(device)
-    return metrics["crystals_per_s"], time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return metrics["crystals_per_s"], seconds, syncs_in(loop.train_epoch, device)
 
 
 def sampling_step(batch_size: int, compiled: bool, backend: str, device: torch.device, steps: int) -> Timing:
@@ -285,10 +302,11 @@ def main(argv: list[str] | None = None) -> None:
         compiled = compiled_rows
         bare, _ = training_step("4x256", 5, small, "fp32", compiled, backend, device, steps)
         train, val = (8 * small, small) if args.quick else (PEROV_TRAIN, PEROV_VAL)
-        rate, epoch = loop_epoch(device, backend, compiled, small, train, val)
+        rate, epoch, syncs = loop_epoch(device, backend, compiled, small, train, val)
         report.row(f"TrainingLoop, 4x256, batch {small}, {train} + {val} crystals, {label(compiled)}, per training "
                    f"step: {rate:.0f} crystals/s = {100 * rate * bare.seconds / small:.0f} % of the bare step's rate; "
-                   f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate)
+                   f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate,
+                   syncs=f"{syncs} in a training epoch (at most 2 expected: the indices' upload, the losses' read-back)")
 
     sections = [
         ("keyed noise", lambda: report.note(noise_check(device, backend)) if compiled_rows else None),

@@ -16,6 +16,7 @@ real value depends on a padding one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +112,27 @@ class DeviceCrystals:
     def __len__(self) -> int:
         return len(self.num_atoms_host)
 
-    def batch(self, indices: list[int], capacity: int | None = None) -> CrystalBatch:
-        """The crystals at these dataset indices, in this order; padded to a bucket of `capacity` crystals when given."""
+    def batches(self, batches: list[list[int]], capacity: int | None = None) -> Iterator[CrystalBatch]:
+        """Each list of dataset indices as a batch (see batch), the indices sent to the device in one copy.
+
+        A copy from the host's pageable memory waits for the device to finish its queue: once per
+        epoch, not once per batch, so the host can run ahead of the device.
+        """
+        flat = torch.tensor([i for indices in batches for i in indices], dtype=torch.long, device=self.device)
+        start = 0
+        for indices in batches:
+            yield self.batch(indices, capacity, flat[start:start + len(indices)])
+            start += len(indices)
+
+    def batch(self, indices: list[int], capacity: int | None = None, index: torch.Tensor | None = None) -> CrystalBatch:
+        """The crystals at these dataset indices, in this order; padded to a bucket of `capacity` crystals when given.
+
+        index: the same indices already on the device (batches sends an epoch's at once).
+        """
         host_counts = [self.num_atoms_host[i] for i in indices]
         sizes = GraphSizes.of(host_counts)
-        index = torch.tensor(indices, dtype=torch.long, device=self.device)
+        if index is None:
+            index = torch.tensor(indices, dtype=torch.long, device=self.device)
         counts = self.num_atoms[index]  # (B,)
         crystal_of_atom = torch.repeat_interleave(torch.arange(sizes.crystals, device=self.device), counts,
                                                   output_size=sizes.atoms)

@@ -118,9 +118,9 @@ class TrainingLoop:
         crystals = 0
         start = time.perf_counter()
         loader = self._shard(self.train_set, epoch, shuffle=True)
+        batches = self.train_crystals.batches(loader, self.capacity)
         progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
-        for step, indices in enumerate(progress, start=1):
-            batch = self.train_crystals.batch(indices, self.capacity)
+        for (step, indices), batch in zip(enumerate(progress, start=1), batches):
             total, terms = self.losses(batch, epoch + 1)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -156,8 +156,8 @@ class TrainingLoop:
         self.model.eval()
         sums = torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
         crystals = 0
-        for indices in self._shard(self.val_set, 0, shuffle=False):
-            batch = self.val_crystals.batch(indices, self.capacity)
+        loader = self._shard(self.val_set, 0, shuffle=False)
+        for indices, batch in zip(loader, self.val_crystals.batches(loader, self.capacity)):
             _, terms = self.losses(batch, 0)  # step 0: the same draws every epoch
             crystals += len(indices)
             sums += terms * len(indices)
