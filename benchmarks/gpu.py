@@ -1,6 +1,7 @@
 """GPU benchmark: training and sampling steps, eager and compiled, beside the public EquiCSP code, in one run.
 
     python benchmarks/gpu.py [--refbench DIR] [--out benchmarks/results/gpu.md] [--quick] [--budget-s 420]
+    PYTHONPATH=. python3 benchmarks/gpu.py --refbench .gpu/refbench --out $OUT/gpu.md   # on the GPU machine
 
 Times, on the first CUDA device (on the CPU when there is none, and says so), in order of
 what matters most, so that a run cut short (or past --budget-s) keeps the most important rows:
