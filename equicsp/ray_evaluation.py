@@ -56,17 +56,22 @@ def _match_chunk(jobs: list[MatchJob]) -> list[CrystalResult]:
 
 
 def sampling_resources(workers: int, threads: int = 1) -> tuple[int, bool, int]:
-    """(workers, use_gpu, threads per worker) for this Ray cluster; fails before anything starts."""
+    """(workers, use_gpu, threads per worker) for this Ray cluster; fails before anything starts.
+
+    workers = 0 takes the GPUs (else CPUs) free now, at least one: a Tune trial that ASHA stopped
+    can keep its placement group's CPU for a while after the sweep's trials end, and a pool
+    sized by the cluster's total would wait for it (predictions do not depend on the count).
+    """
     import ray
 
-    resources = ray.cluster_resources()
+    resources, free = ray.cluster_resources(), ray.available_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if gpus:
-        workers = workers or gpus
+        workers = workers or max(1, min(gpus, int(free.get("GPU", 0))))
         if workers > gpus:
             raise ValueError(f"{workers} sampling workers asked for, but the cluster has {gpus} GPUs")
         return workers, True, 1
-    workers = workers or max(1, cpus // threads)
+    workers = workers or max(1, min(cpus, int(free.get("CPU", 0))) // threads)
     if workers * threads > cpus:
         raise ValueError(f"{workers} sampling workers x {threads} threads asked for, but the cluster has {cpus} CPUs")
     return workers, False, threads

@@ -256,3 +256,20 @@ def test_a_relative_data_path_resolves_from_another_working_folder(tiny_data_dir
                                          f"{elsewhere / tiny_data_dir.name}, {lonely.parent / tiny_data_dir.name}.*\\); "
                                          "pass --data"):
         evaluate_main(["--checkpoint", str(lonely)])
+
+
+def test_an_automatic_sampling_pool_takes_the_free_cpus_not_the_reserved_ones(monkeypatch):
+    """A stopped trial's placement group can hold a CPU after a sweep's trials end (seen: the final stage waited
+    forever for a second sampling worker); the pool is sized by what is free, and never below one worker."""
+    import ray
+
+    from equicsp.ray_evaluation import sampling_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    for free, expected in (({"CPU": 1.0}, 1), ({}, 1), ({"CPU": 2.0}, 2)):
+        monkeypatch.setattr(ray, "available_resources", lambda free=free: free)
+        assert sampling_resources(0) == (expected, False, 1)
+    assert sampling_resources(2) == (2, False, 1)  # asked for: the cluster's total decides
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0, "GPU": 3.0})
+    assert sampling_resources(0) == (3, True, 1)
