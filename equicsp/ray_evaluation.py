@@ -90,11 +90,25 @@ class SamplingPool:
         checkpoint_ref = ray.put(checkpoint)
         self.actors = [actor.remote(checkpoint_ref, precision, threads) for _ in range(self.workers)]
 
-    def wait_ready(self) -> None:
-        """Until every actor has started and loaded the model."""
+    def wait_ready(self, grace_s: float = 30.0) -> None:
+        """Until one actor has started and loaded the model, and the others have had grace_s seconds more; those
+        not started by then are let go (the predictions do not depend on the number of actors).
+
+        Waiting for every actor could wait forever: in a sweep another trial's training, or a
+        finished Ray Train run's placement group not yet removed, can hold the CPUs they need
+        while this trial holds the first actor's (seen: the step-size search of one trial and
+        the training of the next waited on each other).
+        """
         import ray
 
-        ray.get([worker.ready.remote() for worker in self.actors])
+        waiting = {worker.ready.remote(): worker for worker in self.actors}
+        ray.get(ray.wait(list(waiting), num_returns=1)[0])  # the first one, however long it takes
+        ready, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=grace_s)
+        ray.get(ready)  # an actor that failed to start raises here
+        for ref in late:
+            ray.kill(waiting[ref])
+        self.actors = [waiting[ref] for ref in ready]
+        self.workers = len(self.actors)
 
     def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
                seed: int, show_progress: bool = True, label: str = "") -> list[SampledCrystal]:

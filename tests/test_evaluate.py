@@ -61,6 +61,34 @@ def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus
     assert not torch.equal(other_seed.predictions[0].frac_coords, one.predictions[0].frac_coords)
 
 
+def test_a_pool_whose_second_worker_cannot_start_samples_with_the_first(ray_two_cpus, tiny_dataset, tmp_path):
+    """Another job holds one of the two CPUs: the pool lets the worker that cannot start go after its grace period
+    instead of waiting for it forever (a sweep's step-size search did), and samples with the one that started."""
+    import ray
+
+    from equicsp.ray_evaluation import SamplingPool
+
+    config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
+    checkpoint = read_checkpoint(untrained_checkpoint(config, tmp_path / "model.pt"))
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    try:
+        with SamplingPool(checkpoint, workers=2) as pool:
+            pool.wait_ready(grace_s=3)
+            assert pool.workers == 1
+            evaluation = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=1, seed=5, limit=4),
+                                             show_progress=False, pool=pool)
+        assert len(evaluation.predictions) == 4
+    finally:
+        ray.kill(holder)
+
+
 def test_a_shared_model_sampled_as_another_arm_is_that_arms_sampler(ray_two_cpus, tiny_dataset, tmp_path):
     """sampling_arm = no_pm on an EquiCSP checkpoint samples exactly as the same weights saved as no_pm."""
     config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 8})
