@@ -188,12 +188,9 @@ class Sampler:
         for index in range(len(sequence)):
             if self.compiled:
                 begin_step(self.device)
-                # Clones: a CUDA-graph replay overwrites its outputs, which the next step reads.
-                atom_types, x, lattice = (value.clone() for value in self._step(
-                    atom_types, x, lattice, steps[index], steps[index + 1], layout, per_atom, keys, seed))
-            else:
-                atom_types, x, lattice = self._step(atom_types, x, lattice, steps[index], steps[index + 1], layout,
-                                                    per_atom, keys, seed)
+            out = self._step(atom_types, x, lattice, steps[index], steps[index + 1], layout, per_atom, keys, seed)
+            # Clones when compiled: a CUDA-graph replay overwrites its outputs, which the next step reads.
+            atom_types, x, lattice = (value.clone() for value in out) if self.compiled else out
             if progress is not None:
                 progress.update(1)
         return atom_types, x, lattice
