@@ -7,6 +7,7 @@ hash (murmur3's finaliser) on int64 tensors gives the uniform bits; Box-Muller t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,6 +26,26 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _int64_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A small int64 constant. Eager: made on the device once, since building it per call is a host-to-device
+    copy that waits for the device. Compiled: a constant of the graph. As a table rather than `arange * c`, a
+    compiler cannot fold it into 32-bit index arithmetic (inductor made `2654435769 * x` of a counter, out of
+    int32's range)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    return _device_int64_table(values, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_int64_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _counters(width: int, device: torch.device) -> torch.Tensor:
+    """(width,) the element counters i * golden ratio that spread a row's key over its elements."""
+    return _int64_table(tuple(index * _GOLDEN for index in range(width)), device)
+
+
 Step = int | torch.Tensor  # a Python int, or a 0-d int64 tensor on the keys' device (a captured step's input)
 
 
@@ -34,8 +55,8 @@ def row_keys(keys: torch.Tensor, seed: int, step: Step, stream: int) -> torch.Te
     A compiled step takes `step` as a device tensor, so one captured graph serves every step.
     """
     if isinstance(step, torch.Tensor):
-        parts = torch.tensor([seed & _MASK, (seed >> 32) & _MASK, 0, stream], dtype=torch.int64, device=keys.device)
-        salt = mix32(parts + torch.tensor([0, 0, 1, 0], dtype=torch.int64, device=keys.device) * step)
+        parts = _int64_table((seed & _MASK, (seed >> 32) & _MASK, 0, stream), keys.device)
+        salt = mix32(parts + _int64_table((0, 0, 1, 0), keys.device) * step)
     else:
         salt = mix32(torch.tensor([seed & _MASK, (seed >> 32) & _MASK, step, stream], dtype=torch.int64))
     h = mix32(keys ^ salt[0])
@@ -48,8 +69,7 @@ def keyed_normal(keys: torch.Tensor, width: int, seed: int, step: Step, stream: 
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(R, width) standard normals; row r is a function of keys[r], seed, step, stream only."""
     base = row_keys(keys, seed, step, stream)
-    counters = torch.arange(2 * width, device=keys.device, dtype=torch.int64) * _GOLDEN
-    bits = mix32(base[:, None] + counters[None, :])  # (R, 2 * width)
+    bits = mix32(base[:, None] + _counters(2 * width, keys.device)[None, :])  # (R, 2 * width)
     scale = 1.0 / (1 << 24)
     u1 = ((bits[:, :width] >> 8).to(torch.float64) + 0.5) * scale  # in (0, 1)
     u2 = (bits[:, width:] >> 8).to(torch.float64) * scale
@@ -67,8 +87,7 @@ def keyed_uniform(keys: torch.Tensor, width: int, seed: int, step: Step, stream:
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(R, width) uniforms in [0, 1), keyed like keyed_normal."""
     base = row_keys(keys, seed, step, stream)
-    counters = torch.arange(width, device=keys.device, dtype=torch.int64) * _GOLDEN
-    bits = mix32(base[:, None] + counters[None, :])
+    bits = mix32(base[:, None] + _counters(width, keys.device)[None, :])
     return ((bits >> 8).to(torch.float64) / (1 << 24)).to(dtype)
 
 

@@ -1,5 +1,6 @@
 import torch
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from equicsp.noise import keyed_normal, keyed_uniform, sample_keys
 
@@ -28,3 +29,27 @@ def test_successive_steps_and_samples_are_uncorrelated():
     other = keyed_normal(sample_keys(torch.arange(5000), torch.ones(5000, dtype=torch.long)), 1, 0, 1, 0)
     assert abs(stats.pearsonr(a, b).statistic) < 0.05
     assert abs(stats.pearsonr(a, other.flatten().double().numpy()).statistic) < 0.05
+
+
+class RecordedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_keyed_draw_in_a_step_uploads_nothing_and_numbers_no_counter_by_arange():
+    """On a GPU, a tensor made from host values each step is an upload that waits for the device (it was the
+    sampler's one sync per step), and `arange * 2654435769` became 32-bit index arithmetic in inductor's
+    kernels, which failed to compile on an H100 ("Scalar 2654435769 is out of range for type int32")."""
+    keys = sample_keys(torch.arange(10), torch.zeros(10, dtype=torch.long))
+    step = torch.tensor(4)
+    expected = keyed_normal(keys, 3, 5, step, 2), keyed_uniform(keys, 3, 5, step, 1)
+    with RecordedOps() as ops:
+        drawn = keyed_normal(keys, 3, 5, step, 2), keyed_uniform(keys, 3, 5, step, 1)
+    assert not ops.names & {"lift_fresh", "arange"}
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    assert torch.equal(drawn[0], keyed_normal(keys, 3, 5, 4, 2))  # the same draws as with a Python int step
