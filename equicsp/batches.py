@@ -191,8 +191,8 @@ def padded_layout(num_atoms: torch.Tensor, batch: torch.Tensor, real: GraphSizes
     """An exact layout of sizes `real` filled out to `shape`: padding crystals after the real ones, the last
     holding every padding atom."""
     device = num_atoms.device
-    counts = filled(num_atoms, shape.crystals - real.crystals, 0)
-    counts[-1] = shape.atoms - real.atoms
+    # Not `counts[-1] = ...`: assigning a Python number copies it from the host, which waits for the GPU.
+    counts = filled(filled(num_atoms, shape.crystals - real.crystals - 1, 0), 1, shape.atoms - real.atoms)
     return Layout(shape, counts, filled(batch, shape.atoms - real.atoms, shape.crystals - 1),
                   real=torch.arange(shape.crystals, device=device) < real.crystals,
                   real_atoms=torch.arange(shape.atoms, device=device) < real.atoms)
