@@ -14,6 +14,7 @@ what matters most, so that a run cut short (or past --budget-s) keeps the most i
   Perov-5's val.csv (3,406 + 379), and what a 3,500-epoch run would take at that rate;
 - the training step at batch 1024, the sampling step at batch 4,096, TF32 and bf16, and
   6 x 512 on crystals of 1 to 20 atoms (mixed sizes: several padded buckets);
+- a profile of the 4x256 training step (eager and compiled): the kernel tables go beside --out;
 - whether each step synchronises with the host (`torch.cuda.set_sync_debug_mode("error")`);
 - the public code's steps, run by `refbench/ref_bench.py` (its own process: its package is also
   called `equicsp`) on the same device, in the same run.
@@ -28,12 +29,14 @@ on a CPU too, to check the path (not its speed).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +49,7 @@ from equicsp.config import make_config
 from equicsp.data import random_crystals
 from equicsp.denoiser import build_denoiser
 from equicsp.diffusion import Diffusion
-from equicsp.noise import keyed_normal, sample_keys
+from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
 from equicsp.objective import Objective
 from equicsp.sampler import Sampler
 from equicsp.training import TrainingLoop
@@ -62,12 +65,23 @@ class Timing:
     syncs: str
 
 
+def fresh_compile_state(compiled: bool) -> None:
+    """Forget the compiled graphs of earlier models, as a new process would. torch keeps compiled code per
+    function, not per model, so a later model's every call would first check its parameters' addresses
+    against each earlier model's CUDA graphs; a training process holds one model."""
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(function, device: torch.device, steps: int, warmup: int) -> Timing:
+def timed(function, device: torch.device, steps: int, warmup: int, check_syncs: bool = True) -> Timing:
     """Median seconds of one call after warm-up calls, the first call's seconds, and the sync check."""
     synchronize(device)
     start = time.perf_counter()
@@ -83,7 +97,7 @@ def timed(function, device: torch.device, steps: int, warmup: int) -> Timing:
         function()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times), first, sync_check(function, device))
+    return Timing(statistics.median(times), first, sync_check(function, device) if check_syncs else "")
 
 
 def sync_check(function, device: torch.device) -> str:
@@ -118,8 +132,16 @@ def crystal_sizes(atoms: int | str, count: int) -> list[int]:
 
 def training_step(size: str, atoms: int | str, batch_size: int, precision: str, compiled: bool, backend: str,
                   device: torch.device, steps: int) -> tuple[Timing, int]:
-    """The bare step on device batches cycled from a pool of four, and the number of shapes (buckets) it saw."""
+    """The bare step's timing on device batches cycled from a pool of four, and the number of shapes (buckets)."""
+    step, shapes = make_training_step(size, atoms, batch_size, precision, compiled, backend, device)
+    return timed(step, device, steps, warmup=5), shapes
+
+
+def make_training_step(size: str, atoms: int | str, batch_size: int, precision: str, compiled: bool, backend: str,
+                       device: torch.device):
+    """A training step on device batches cycled from a pool of four, and the number of shapes (buckets) they have."""
     config = model_config(size, batch_size, precision, compiled)
+    fresh_compile_state(compiled)
     torch.manual_seed(0)
     model = build_denoiser(config).to(device)
     objective = Objective(Diffusion(config, device), model, config.run.precision)
@@ -139,7 +161,29 @@ def training_step(size: str, atoms: int | str, batch_size: int, precision: str, 
         torch.nn.utils.clip_grad_value_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
 
-    return timed(step, device, steps, warmup=len(pool) + 1), len({batch.sizes for batch in pool})
+    return step, len({batch.sizes for batch in pool})
+
+
+def profile(step, device: torch.device, steps: int, out: Path) -> str:
+    """Profiles `steps` warm calls of `step`, writes the kernel table to `out`, and says how busy the device was."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    for _ in range(5):
+        step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler(activities=activities) as trace:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    averages = trace.key_averages()
+    busy = sum(event.self_device_time_total for event in averages) / 1e6
+    out.write_text(averages.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                                  row_limit=40))
+    return f"{1000 * wall / steps:.2f} ms a step under the profiler, device kernels {1000 * busy / steps:.2f} ms of it"
 
 
 def syncs_in(function, device: torch.device) -> str:
@@ -160,6 +204,7 @@ def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: i
     """(TrainingLoop.train_epoch crystals/s, seconds of a whole step_epoch: training and validation, host syncs in
     a training epoch) after a warm-up epoch."""
     config = model_config("4x256", batch_size, compiled=compiled)
+    fresh_compile_state(compiled)
     loop = TrainingLoop(config, random_crystals([5] * train), random_crystals([5] * val, seed=1), device,
                         show_progress=False, compile_backend=backend)
     loop.step_epoch()  # warm-up: compiles every bucket
@@ -176,30 +221,43 @@ def sampling_step(batch_size: int, compiled: bool, backend: str, device: torch.d
     config = make_config("perov_5", "equicsp", {"sampler.num_steps": steps, "data.max_atoms": 20,
                                                 "sampler.batch_size": batch_size,
                                                 "run.compile": "on" if compiled else "off"})
+    fresh_compile_state(compiled)
     torch.manual_seed(0)
     sampler = Sampler(build_denoiser(config).to(device), Diffusion(config, device), config, device,
                       compile_backend=backend)
     types = torch.randint(1, 84, (batch_size * 5,))
     counts = [5] * batch_size
     keys = sample_keys(torch.arange(batch_size), torch.zeros(batch_size, dtype=torch.long))
-    timing = timed(lambda: sampler.sample_batch(types, counts, keys, seed=0), device, 1, warmup=1)
-    return Timing(timing.seconds / steps, timing.first_call, timing.syncs)
+    run = lambda: sampler.sample_batch(types, counts, keys, seed=0)  # noqa: E731
+    timing = timed(run, device, 1, warmup=1, check_syncs=False)
+    # A run uploads its layout and keys once (a few syncs); a step should add none.
+    return Timing(timing.seconds / steps, timing.first_call, f"{syncs_in(run, device)} in a run of {steps} steps")
 
 
 def noise_check(device: torch.device, backend: str) -> str:
     """Whether the compiled keyed noise (int64 hashing in generated kernels) gives the eager noise bit for bit."""
     keys = torch.arange(100_000, device=device) * 7919
+    num_atoms = torch.full((20_000,), 5, device=device)
+    batch = torch.arange(20_000, device=device).repeat_interleave(5)
     step = torch.tensor(17, device=device)
-    eager = keyed_normal(keys, 3, 5, step, 2)
-    compiled = compile_step(lambda k, s: keyed_normal(k, 3, 5, s, 2), device, backend)(keys, step)
-    if torch.equal(eager, compiled):
+
+    def draws(keys, num_atoms, batch, step):
+        return (keyed_normal(keys, 3, 5, step, 2), keyed_uniform(keys, 3, 5, step, 1),
+                keyed_normal(keys, 6, 2**40 + 3, step, 4), atom_keys(keys[:20_000], batch, num_atoms))
+
+    eager = draws(keys, num_atoms, batch, step)
+    compiled = compile_step(draws, device, backend)(keys, num_atoms, batch, step)
+    differing = [name for name, a, b in zip(("normal", "uniform", "normal, 64-bit seed", "atom keys"), eager, compiled)
+                 if not torch.equal(a, b)]
+    if not differing:
         return "compiled keyed noise equals the eager noise bit for bit"
-    return f"compiled keyed noise DIFFERS from the eager noise: max |difference| {(eager - compiled).abs().max():.3g}"
+    return f"compiled keyed noise DIFFERS from the eager noise: {differing}"
 
 
 def reference(refbench: Path, device: torch.device, case: str, batch_size: int, steps: int,
               tf32: bool = False) -> float | None:
     """The public code's seconds per step for a ref_bench case, or None when it could not run."""
+    refbench = refbench.resolve()
     script = refbench / "ref_bench.py"
     if not script.exists():
         return None
@@ -267,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default=None,
                         help="torch.compile backend for the compiled rows (default inductor, on CUDA only; "
                              "aot_eager also runs them on a CPU)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated section titles to run (default all), e.g. 'training 4x256,profile'")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU here: measured on the CPU"
@@ -309,25 +369,40 @@ def main(argv: list[str] | None = None) -> None:
                    f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate,
                    syncs=f"{syncs} in a training epoch (at most 2 expected: the indices' upload, the losses' read-back)")
 
+    def profile_rows():
+        for compiled in modes:
+            step, _ = make_training_step("4x256", 5, small, "fp32", compiled, backend, device)
+            table = args.out.with_name(f"{args.out.stem}_profile_{label(compiled)}.txt")
+            report.note(f"Profile of the training step, 4x256, batch {small}, {label(compiled)}: "
+                        f"{profile(step, device, 5, table)} (kernels: {table.name})")
+
     sections = [
         ("keyed noise", lambda: report.note(noise_check(device, backend)) if compiled_rows else None),
         ("training 4x256", lambda: train_rows("4x256", 5, small, "train_perov_4x256")),
         ("sampling", lambda: sample_rows(small, "sample_perov_4x256")),
-        ("training 6x512", lambda: train_rows("6x512", 20, small, "train_mp20_6x512")),
         ("TrainingLoop", loop_rows),
+        ("training 6x512", lambda: train_rows("6x512", 20, small, "train_mp20_6x512")),
         ("training batch 1024", lambda: train_rows("4x256", 5, large, "train_perov_4x256", eager=False)),
         ("sampling batch 4096", lambda: sample_rows(huge, None)),
         ("precisions", lambda: train_rows("4x256", 5, small, None, ("tf32", "bf16"), eager=False)
          if device.type == "cuda" else None),
         ("mixed sizes", lambda: train_rows("6x512", "1-20", small, None)),
+        ("profile", profile_rows),
     ]
+    chosen = None if args.only is None else {title.strip() for title in args.only.split(",")}
+    unknown = (chosen or set()) - {title for title, _ in sections}
+    if unknown:
+        parser.error(f"--only: no section {sorted(unknown)}; the sections: {[title for title, _ in sections]}")
     for title, section in sections:
+        if chosen is not None and title not in chosen:
+            continue
         if time.perf_counter() - began > args.budget_s:
             report.note(f"Not run (past --budget-s {args.budget_s:g}): {title}.")
             continue
         try:
             section()
         except Exception as error:  # keep the rows that can still run
+            traceback.print_exc()
             report.note(f"{title} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
     report.note(f"Total {time.perf_counter() - began:.0f} s.")
     if compiled_rows:
