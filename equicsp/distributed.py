@@ -29,7 +29,7 @@ from equicsp.checkpoint import read_checkpoint
 from equicsp.config import Config, ConfigError, config_from_dict, resume_differences
 from equicsp.data import load_splits
 from equicsp.plots import learning_curve
-from equicsp.training import TrainingDiverged, TrainingLoop
+from equicsp.training import DDP_SETTINGS, TrainingDiverged, TrainingLoop
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     datasets = load_splits(config, ("train", "val"), show_progress=False)
     loop = TrainingLoop(config, datasets["train"], datasets["val"], ray.train.torch.get_device(), rank, world_size,
-                        wrap_model=ray.train.torch.prepare_model, show_progress=False)
+                        wrap_model=lambda model: ray.train.torch.prepare_model(
+                            model, parallel_strategy_kwargs=DDP_SETTINGS), show_progress=False)
     local = Path(tempfile.mkdtemp(prefix="equicsp-ckpt-"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

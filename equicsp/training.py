@@ -60,6 +60,11 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+# DistributedDataParallel's settings. The model's buffers are constants, the same on every worker:
+# broadcasting them before each forward would be a collective per step and, compiled, a graph break.
+DDP_SETTINGS = {"broadcast_buffers": False}
+
+
 class TrainingLoop:
     """One process's training; Ray Train runs one per worker with its rank and world size.
 

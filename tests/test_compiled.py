@@ -8,7 +8,9 @@ the minutes inductor's C++ code generation takes here. On CUDA the steps run thr
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import FAST
+from torch import nn
 
 from equicsp.compiled import compile_enabled
 from equicsp.config import ConfigError, make_config
@@ -17,7 +19,7 @@ from equicsp.denoiser import build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.noise import sample_keys
 from equicsp.sampler import Sampler
-from equicsp.training import TrainingLoop
+from equicsp.training import DDP_SETTINGS, TrainingLoop
 
 SIZES = [1, 3, 5, 7, 12, 2, 4, 6, 8, 9, 10]  # 11 crystals: batches of 4, 4 and 3, each of another size mix
 
@@ -109,3 +111,39 @@ def test_the_sampling_commands_override_the_models_compile_setting():
     assert EvaluationSettings(compile="on").sampling_config(model_config).run.compile == "on"
     with pytest.raises(ConfigError, match="run.compile"):
         with_sampler_options(model_config, compile="always")
+
+
+def _ddp_worker(rank: int, world: int, store: str, setting: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    config = small_config(**{"run.compile": setting, "optim.batch_size": 4})
+    loop = TrainingLoop(config, random_crystals([4] * 8, 0), random_crystals([4] * 4, 1), torch.device("cpu"), rank,
+                        world, wrap_model=lambda model: nn.parallel.DistributedDataParallel(model, **DDP_SETTINGS),
+                        show_progress=False, compile_backend="aot_eager")
+    history = [loop.step_epoch() for _ in range(2)]
+    if rank == 0:
+        weights = torch.cat([p.detach().flatten() for p in loop.model.parameters()])
+        torch.save({"history": history, "weights": weights, "graph_breaks": dict(counters["graph_break"])}, out)
+    dist.destroy_process_group()
+
+
+def test_a_compiled_step_under_ddp_makes_the_eager_updates_and_broadcasts_no_buffers(tmp_path):
+    """Two gloo workers with DistributedDataParallel, as Ray Train runs them: the compiled step (split at DDP's
+    gradient buckets) gives the eager weights; DDP broadcasting its buffers each step was a graph break and a
+    collective."""
+    results = {}
+    for setting in ("off", "on"):
+        out = tmp_path / f"{setting}.pt"
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / f"store-{setting}"), setting, str(out)), nprocs=2)
+        results[setting] = torch.load(out)
+    # Dynamo does not trace DDP's own forward (it splits there, so the step is not one graph under DDP); a
+    # buffer broadcast in it would be another split and a collective per step.
+    breaks = " ".join(results["on"]["graph_breaks"])
+    assert "_inside_ddp_forward" in breaks and "broadcast" not in breaks
+    for eager, compiled in zip(results["off"]["history"], results["on"]["history"]):
+        for name in ("train_total", "val_total"):
+            assert compiled[name] == pytest.approx(eager[name], rel=1e-5), name
+    torch.testing.assert_close(results["on"]["weights"], results["off"]["weights"], rtol=1e-4, atol=1e-6)
