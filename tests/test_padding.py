@@ -13,6 +13,7 @@ from equicsp.data import random_crystals
 from equicsp.denoiser import CrystalGraph, build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.objective import Objective
+from equicsp.training import TrainingLoop
 
 ARMS = [("equicsp", "csp"), ("diffcsp", "csp"), ("frame_average", "csp"), ("no_com_free", "csp"),
         ("no_perm_loss", "csp"), ("equicsp", "generation")]
@@ -135,3 +136,18 @@ def test_padding_a_batch_makes_no_tensor_from_host_values(sizes, spare):
     assert "lift_fresh" not in ops.names and "copy_" not in ops.names
     assert padded.num_atoms.tolist()[:len(sizes)] == [sizes[i] for i in indices]
     assert padded.num_atoms.sum() == padded.sizes.atoms and padded.num_atoms[len(sizes):-1].eq(0).all()
+
+
+def test_a_padded_training_epoch_makes_tensors_from_host_values_once(monkeypatch):
+    """The compiled path's epoch (padded batches, the step as a device tensor), with eager kernels: besides the
+    epoch's index upload and the count in its read-back, any tensor made from host values is a copy per batch
+    that waits for the GPU."""
+    monkeypatch.setattr("equicsp.compiled.compile_step", lambda function, *args, **kwargs: function)
+    config = make_config("smoke", "equicsp", {**FAST, "optim.batch_size": 3, "run.compile": "on"})
+    loop = TrainingLoop(config, random_crystals([3, 5, 2, 7, 4, 6, 1, 2, 3, 4]), random_crystals([3, 4], seed=1),
+                        torch.device("cpu"), show_progress=False)
+    assert loop.capacity == 4 and loop.losses.compiled
+    loop.train_epoch()
+    with RecordedOps() as ops:
+        loop.train_epoch()
+    assert ops.names.count("lift_fresh") == 2
