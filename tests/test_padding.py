@@ -13,6 +13,8 @@ from equicsp.data import random_crystals
 from equicsp.denoiser import CrystalGraph, build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.objective import Objective
+from equicsp.noise import sample_keys
+from equicsp.sampler import Sampler
 from equicsp.training import TrainingLoop
 
 ARMS = [("equicsp", "csp"), ("diffcsp", "csp"), ("frame_average", "csp"), ("no_com_free", "csp"),
@@ -151,3 +153,19 @@ def test_a_padded_training_epoch_makes_tensors_from_host_values_once(monkeypatch
     with RecordedOps() as ops:
         loop.train_epoch()
     assert ops.names.count("lift_fresh") == 2
+
+
+def test_a_sampling_run_makes_tensors_from_host_values_only_to_start():
+    """Its layout, keys and timesteps go to the device once; a step that made a tensor from host values (the keyed
+    noise's salt did, three times a step) would wait for the GPU each time."""
+    made = {}
+    for steps in (2, 5):
+        config = make_config("smoke", "equicsp", {**FAST, "diffusion.timesteps": 5, "sampler.num_steps": steps})
+        sampler = Sampler(build_denoiser(config), Diffusion(config), config)
+        sampler.compiled = True  # the compiled path's padding, with eager kernels
+        keys = sample_keys(torch.tensor([0, 1]), torch.tensor([0, 0]))
+        sampler.sample_batch(torch.tensor([8, 8, 8, 22, 38, 6, 6]), [5, 2], keys, seed=0)  # constants made once
+        with RecordedOps() as ops:
+            sampler.sample_batch(torch.tensor([8, 8, 8, 22, 38, 6, 6]), [5, 2], keys, seed=0)
+        made[steps] = ops.names.count("lift_fresh")
+    assert made[2] == made[5]
