@@ -5,11 +5,16 @@ matching runs in one-CPU Ray tasks over the whole cluster. The sampling batches 
 from the whole test set by `sampler.batch_size` alone and every crystal's noise is keyed by
 (seed, composition index, sample number), so the predictions are the same whichever worker
 samples which batch, whatever the number of workers, and as `csp.evaluate_in_process` gives.
+A pool none of whose actors can start within `WORKER_START_TIMEOUT_S` samples and matches in
+the calling process instead, with the same model, batches and threads (so the same predictions).
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,6 +29,12 @@ from equicsp.diffusion import Diffusion
 from equicsp.distributed import connect_ray
 from equicsp.metrics import CrystalResult, match_one, matching_chunk_size
 from equicsp.sampler import SampledCrystal, Sampler, SamplingJob, sampling_batches
+
+# How long a pool waits for its first actor before it samples in the calling process. Actors wait
+# for CPUs (GPUs) others hold: in a sweep, another trial's training, or the placement group of a
+# trial that early stopping ended, which Ray Train frees only once its state API sees the trial's
+# controller dead (never, without the dashboard: see sweep.cluster.check_stopped_trials_are_freed).
+WORKER_START_TIMEOUT_S = 120.0
 
 
 class SamplingWorker:
@@ -55,6 +66,17 @@ def _match_chunk(jobs: list[MatchJob]) -> list[CrystalResult]:
     return [match_one(job) for job in jobs]
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads for a block, the caller's restored after (sampling in the caller's process)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def sampling_resources(workers: int, threads: int = 1) -> tuple[int, bool, int]:
     """(workers, use_gpu, threads per worker) for this Ray cluster; fails before anything starts.
 
@@ -78,37 +100,70 @@ def sampling_resources(workers: int, threads: int = 1) -> tuple[int, bool, int]:
 
 
 class SamplingPool:
-    """Sampling actors holding the model, kept across evaluations (a step-size search reuses them)."""
+    """Sampling actors holding the model, kept across evaluations (a step-size search reuses them).
 
-    def __init__(self, checkpoint: dict[str, Any], workers: int = 0, threads: int = 1, precision: str = "fp32"):
+    When none of them can start within start_timeout_s (default `WORKER_START_TIMEOUT_S`), the
+    pool samples and matches in the calling process instead, and says so on stderr.
+    """
+
+    def __init__(self, checkpoint: dict[str, Any], workers: int = 0, threads: int = 1, precision: str = "fp32",
+                 start_timeout_s: float | None = None):
         import ray
 
-        self.workers, use_gpu, threads = sampling_resources(workers, threads)
+        self.workers, use_gpu, self.threads = sampling_resources(workers, threads)
+        self.start_timeout_s = WORKER_START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
+        self.here: SamplingWorker | None = None  # the model in this process, once no actor could start
+        self._checkpoint, self._precision = checkpoint, precision
+        self._started = False
         # "DEFAULT": outside the caller's placement group (a Tune trial holds almost no resources of its own).
-        actor = ray.remote(SamplingWorker).options(num_cpus=threads, num_gpus=1 if use_gpu else 0,
+        actor = ray.remote(SamplingWorker).options(num_cpus=self.threads, num_gpus=1 if use_gpu else 0,
                                                    scheduling_strategy="DEFAULT")
         checkpoint_ref = ray.put(checkpoint)
-        self.actors = [actor.remote(checkpoint_ref, precision, threads) for _ in range(self.workers)]
+        self.actors = [actor.remote(checkpoint_ref, precision, self.threads) for _ in range(self.workers)]
+
+    @property
+    def in_process(self) -> bool:
+        return self.here is not None
 
     def wait_ready(self, grace_s: float = 30.0) -> None:
         """Until one actor has started and loaded the model, and the others have had grace_s seconds more; those
-        not started by then are let go (the predictions do not depend on the number of actors).
+        not started by then are let go (the predictions do not depend on the number of actors). With no actor
+        started within start_timeout_s, the model is loaded here and the pool samples in this process.
 
-        Waiting for every actor could wait forever: in a sweep another trial's training, or a
-        finished Ray Train run's placement group not yet removed, can hold the CPUs they need
-        while this trial holds the first actor's (seen: the step-size search of one trial and
-        the training of the next waited on each other).
+        Waiting for every actor, or for the first one without a limit, could wait forever: in a sweep
+        another trial's training, or the placement group of a trial that early stopping ended, can
+        hold the CPUs they need while this trial holds the first actor's or its own (seen: the
+        step-size search of one trial and the training of the next waited on each other).
         """
         import ray
 
+        if self._started:
+            return
+        self._started = True
         waiting = {worker.ready.remote(): worker for worker in self.actors}
-        ray.get(ray.wait(list(waiting), num_returns=1)[0])  # the first one, however long it takes
+        first, _ = ray.wait(list(waiting), num_returns=1, timeout=self.start_timeout_s)
+        if not first:
+            self._load_here()
+            return
+        ray.get(first)  # an actor that failed to start raises here
         ready, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=grace_s)
-        ray.get(ready)  # an actor that failed to start raises here
+        ray.get(ready)
         for ref in late:
             ray.kill(waiting[ref])
         self.actors = [waiting[ref] for ref in ready]
         self.workers = len(self.actors)
+
+    def _load_here(self) -> None:
+        import ray
+
+        free = {name: amount for name, amount in ray.available_resources().items() if name in ("CPU", "GPU")}
+        self.close()
+        with torch_threads(self.threads):
+            self.here = SamplingWorker(self._checkpoint, self._precision, self.threads)
+        self.workers = 1
+        print(f"equicsp: no sampling worker could start on Ray within {self.start_timeout_s:g} s (free now: {free}); "
+              f"sampling and matching in this process instead, on {self.here.device} with {self.threads} thread(s): "
+              "the same predictions, one worker's speed", file=sys.stderr, flush=True)
 
     def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
                seed: int, show_progress: bool = True, label: str = "") -> list[SampledCrystal]:
@@ -117,8 +172,11 @@ class SamplingPool:
 
         batches = sampling_batches(compositions, num_samples, config.sampler.batch_size, indices)
         settings = config.to_dict()
-        outputs = ActorPool(self.actors).map_unordered(
-            lambda worker, jobs: worker.sample.remote(settings, jobs, seed), batches)
+        if self.here is not None:
+            outputs = (self._run_here(self.here.sample, settings, jobs, seed) for jobs in batches)
+        else:
+            outputs = ActorPool(self.actors).map_unordered(
+                lambda worker, jobs: worker.sample.remote(settings, jobs, seed), batches)
         predictions: list[SampledCrystal] = []
         for crystals in tqdm(outputs, total=len(batches), desc=_bar(label, f"sampling ({self.workers} workers)"), unit="batch",
                              disable=not show_progress):
@@ -129,12 +187,19 @@ class SamplingPool:
         """StructureMatcher on the pool's own actors (which hold their CPUs for as long as the pool lives)."""
         from ray.util import ActorPool
 
-        size = matching_chunk_size(len(jobs), len(self.actors))
+        size = matching_chunk_size(len(jobs), self.workers)
         chunks = [jobs[start:start + size] for start in range(0, len(jobs), size)]
-        outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(chunk), chunks)
+        if self.here is not None:
+            outputs = (_match_chunk(chunk) for chunk in chunks)
+        else:
+            outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(chunk), chunks)
         results = [result for part in tqdm(outputs, total=len(chunks), desc=_bar(label, "matching"), unit="chunk",
                                            disable=not show_progress) for result in part]
         return in_job_order(results, jobs)
+
+    def _run_here(self, method: Callable[..., list[SampledCrystal]], *args: Any) -> list[SampledCrystal]:
+        with torch_threads(self.threads):  # the actors' thread count: the same numbers as theirs
+            return method(*args)
 
     def close(self) -> None:
         import ray
@@ -142,6 +207,7 @@ class SamplingPool:
         for worker in self.actors:
             ray.kill(worker)
         self.actors = []
+        self.here = None
 
     def __enter__(self) -> "SamplingPool":
         return self
@@ -185,6 +251,8 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
     A pool made for this checkpoint can be passed in to keep its actors between evaluations;
     it then matches too (its actors hold their CPUs, so Ray tasks might wait on them forever).
     Without one, a pool samples and goes, and matching spreads over the cluster in Ray tasks.
+    A pool that samples in this process (no actor could start) matches here too: Ray tasks
+    would wait for the same CPUs.
     """
     settings.check()
     config = settings.sampling_config(config_from_dict(checkpoint["config"]))
@@ -198,12 +266,16 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
         start = time.perf_counter()
         predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
                                   settings.seed, show_progress, label)
+        sampled = time.perf_counter()
+        jobs = matching_jobs(dataset, indices, predictions)
+        if own_pool and not pool.in_process:
+            pool.close()  # its actors' CPUs go to the matching tasks
+            per_crystal = match_on_ray(jobs, show_progress, label)
+        else:
+            per_crystal = pool.match(jobs, show_progress, label)
     finally:
         if own_pool:
             pool.close()
-    sampled = time.perf_counter()
-    jobs = matching_jobs(dataset, indices, predictions)
-    per_crystal = match_on_ray(jobs, show_progress, label) if own_pool else pool.match(jobs, show_progress, label)
     return finish(per_crystal, dataset, settings, predictions=predictions, sampling_s=sampled - start,
                   matching_s=time.perf_counter() - sampled, workers=pool.workers, config=config,
                   startup_s=start - begin)

@@ -89,6 +89,48 @@ def test_a_pool_whose_second_worker_cannot_start_samples_with_the_first(ray_two_
         ray.kill(holder)
 
 
+def test_a_pool_none_of_whose_workers_can_start_samples_here_with_the_same_predictions(ray_two_cpus, tiny_dataset,
+                                                                                         tmp_path, monkeypatch, capsys):
+    """A placement group holds every CPU (as the one of a trial that early stopping ended holds its CPU until
+    Ray Train frees it): a pool of its own and a shared one (a step-size search's) give up on their workers after
+    the start timeout, sample and match in this process, and predict and match exactly what Ray workers do."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from equicsp import ray_evaluation
+    from equicsp.ray_evaluation import SamplingPool
+
+    config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
+    checkpoint = read_checkpoint(untrained_checkpoint(config, tmp_path / "model.pt"))
+    settings = EvaluationSettings(num_samples=2, seed=5, limit=5, workers=1)
+    on_ray = evaluate_checkpoint(checkpoint, tiny_dataset, settings, show_progress=False)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(ray_evaluation, "WORKER_START_TIMEOUT_S", 3.0)
+    everything = placement_group([{"CPU": 1}, {"CPU": 1}])
+    ray.get(everything.ready())
+    try:
+        begin = time.monotonic()
+        own = evaluate_checkpoint(checkpoint, tiny_dataset, settings, show_progress=False)
+        with SamplingPool(checkpoint, workers=1) as pool:
+            shared = evaluate_checkpoint(checkpoint, tiny_dataset, settings, show_progress=False, pool=pool)
+            assert pool.in_process and pool.actors == []
+        elapsed = time.monotonic() - begin
+    finally:
+        remove_placement_group(everything)
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    assert capsys.readouterr().err.count("sampling and matching in this process instead") == 2
+    assert torch.get_num_threads() == threads, "the caller keeps its own thread count"
+    key = lambda crystal: (crystal.composition_index, crystal.sample_index)  # noqa: E731
+    for here in (own, shared):
+        assert len(here.predictions) == len(on_ray.predictions) == 10
+        for a, b in zip(sorted(here.predictions, key=key), sorted(on_ray.predictions, key=key)):
+            assert key(a) == key(b) and torch.equal(a.frac_coords, b.frac_coords)
+            assert torch.equal(a.lengths, b.lengths) and torch.equal(a.angles, b.angles)
+        assert repr(here.summary) == repr(on_ray.summary) and repr(here.per_crystal) == repr(on_ray.per_crystal)
+
+
 def test_a_shared_model_sampled_as_another_arm_is_that_arms_sampler(ray_two_cpus, tiny_dataset, tmp_path):
     """sampling_arm = no_pm on an EquiCSP checkpoint samples exactly as the same weights saved as no_pm."""
     config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 8})

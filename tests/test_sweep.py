@@ -112,6 +112,28 @@ def test_a_missing_dataset_fails_before_any_trial(tmp_path):
         ray.shutdown()
 
 
+def test_early_stopping_is_refused_where_rays_state_api_cannot_free_the_trials_it_stops():
+    """ASHA ends a trial together with its Ray Train controller, and Ray Train frees that run's CPUs only once
+    its state API (the dashboard) reports the controller dead: without it later trials would wait forever."""
+    import ray
+
+    from equicsp.sweep.cluster import check_stopped_trials_are_freed
+
+    spec = SweepSpec(name="asha", preset="smoke", arms=("equicsp",), asha=True)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        with pytest.raises(SweepError, match="early stopping .* needs Ray's state API"):
+            check_stopped_trials_are_freed(spec, wait_s=0)
+        check_stopped_trials_are_freed(replace(spec, asha=False), wait_s=0)  # no trial is stopped: nothing to free
+    finally:
+        ray.shutdown()
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    try:
+        check_stopped_trials_are_freed(spec)
+    finally:
+        ray.shutdown()
+
+
 def sweep_command(tmp_path, *extra):
     return [sys.executable, str(ROOT / "sweeps" / "ablation.py"), "--profile", "smoke",
             "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",

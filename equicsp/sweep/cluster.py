@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,36 @@ def check_data_on_cluster(spec: SweepSpec) -> None:
 def _data_problem(path: str) -> str:
     resolved = resolve_path(path)
     return "" if resolved.is_dir() else f"{path} is not a folder on node {socket.gethostname()}"
+
+
+def check_stopped_trials_are_freed(spec: SweepSpec, wait_s: float = 20.0) -> None:
+    """With early stopping, Ray's state API must answer (its dashboard may take wait_s seconds to start).
+
+    A trial that ASHA stops is ended together with its Ray Train controller, so the training
+    run's placement group is not removed by the run itself: Ray Train's placement-group cleaner
+    removes it once the state API reports that controller dead. Without the state API (Ray
+    installed without `ray[default]`, or a cluster started with --include-dashboard=false) its
+    CPUs (GPUs) stay held until the sweep ends, and the trials after it wait for them forever.
+    """
+    if not spec.asha:
+        return
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+            return
+        except RayStateApiException as error:
+            if time.monotonic() > deadline:
+                raise SweepError(
+                    "early stopping (asha) needs Ray's state API, which does not answer here "
+                    f"({str(error).splitlines()[0]}): Ray Train frees the CPUs (GPUs) of a trial that ASHA "
+                    "stopped only through it, so later trials would wait for them forever. Install ray[default] "
+                    "(equicsp depends on it; check `pip show aiohttp-cors grpcio`), start clusters with their "
+                    "dashboard (no --include-dashboard=false), or sweep without asha") from None
+            time.sleep(1)
 
 
 def with_gpu_decided(launch: SweepLaunch) -> SweepLaunch:

@@ -12,7 +12,13 @@ from ray.tune.schedulers import ASHAScheduler
 
 from equicsp import tracking
 from equicsp.distributed import connect_ray, resolve_storage
-from equicsp.sweep.cluster import check_data_on_cluster, concurrent_trials, with_absolute_data_path, with_gpu_decided
+from equicsp.sweep.cluster import (
+    check_data_on_cluster,
+    check_stopped_trials_are_freed,
+    concurrent_trials,
+    with_absolute_data_path,
+    with_gpu_decided,
+)
 from equicsp.sweep.final import CellResult, best_per_cell, evaluate_cell
 from equicsp.sweep.progress import SweepProgress
 from equicsp.sweep.report import ablation_table, write_sweep_report
@@ -40,6 +46,7 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
     connect_ray()
     launch = with_gpu_decided(launch)
     check_data_on_cluster(spec)
+    check_stopped_trials_are_freed(spec)
     storage = resolve_storage(launch.storage_path, "sweeps")
     launch = replace(launch, storage_path=storage)  # the parent run's params record where the sweep lives
     experiment_id = tracking.ensure_experiment(uri, launch.experiment)
