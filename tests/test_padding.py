@@ -12,8 +12,8 @@ from equicsp.config import make_config
 from equicsp.data import random_crystals
 from equicsp.denoiser import CrystalGraph, build_denoiser
 from equicsp.diffusion import Diffusion
-from equicsp.objective import Objective
 from equicsp.noise import sample_keys
+from equicsp.objective import Objective
 from equicsp.sampler import Sampler
 from equicsp.training import TrainingLoop
 
