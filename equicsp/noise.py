@@ -11,6 +11,7 @@ import functools
 import math
 
 import torch
+from torch._guards import detect_fake_mode
 
 _MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -28,10 +29,10 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 def _int64_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A small int64 constant. Eager: made on the device once, since building it per call is a host-to-device
-    copy that waits for the device. Compiled: a constant of the graph. As a table rather than `arange * c`, a
-    compiler cannot fold it into 32-bit index arithmetic (inductor made `2654435769 * x` of a counter, out of
-    int32's range)."""
-    if torch.compiler.is_compiling():
+    copy that waits for the device. Compiled, or under fake tensors (which must not be kept): made each time,
+    a constant of the graph. As a table rather than `arange * c`, a compiler cannot fold it into 32-bit index
+    arithmetic (inductor made `2654435769 * x` of a counter, out of int32's range)."""
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
         return torch.tensor(values, dtype=torch.int64, device=device)
     return _device_int64_table(values, device)
 

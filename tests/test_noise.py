@@ -1,5 +1,6 @@
 import torch
 from scipy import stats
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from equicsp.noise import keyed_normal, keyed_uniform, sample_keys
@@ -53,3 +54,14 @@ def test_a_keyed_draw_in_a_step_uploads_nothing_and_numbers_no_counter_by_arange
     assert not ops.names & {"lift_fresh", "arange"}
     assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
     assert torch.equal(drawn[0], keyed_normal(keys, 3, 5, 4, 2))  # the same draws as with a Python int step
+
+
+def test_draws_under_fake_tensors_leave_real_draws_real():
+    """The device constants are cached: one made under a fake-tensor mode (the no-sync tests trace the sampler
+    that way) was kept and handed to later real draws, which then failed."""
+    keys = sample_keys(torch.arange(6), torch.zeros(6, dtype=torch.long))
+    step = torch.tensor(3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        keyed_normal(keys, 3, 11, step, 7)
+    drawn = keyed_normal(keys, 3, 11, step, 7)
+    assert not isinstance(drawn, FakeTensor) and torch.equal(drawn, keyed_normal(keys, 3, 11, 3, 7))
