@@ -70,8 +70,10 @@ def resolve_storage(storage_path: str | None, default_folder: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def connect_ray() -> None:
-    """Join a running cluster (`ray submit`, `ray start`) when there is one, else start Ray here."""
+def connect_ray(dashboard: bool = False) -> None:
+    """Join a running cluster (`ray submit`, `ray start`) when there is one, else start Ray here; with its
+    dashboard only when asked (a sweep with early stopping needs its state API: sweep.cluster), since on a
+    laptop its processes take CPU from the training."""
     import ray
 
     if ray.is_initialized():
@@ -80,7 +82,7 @@ def connect_ray() -> None:
     try:
         ray.init(address="auto", logging_level="ERROR")
     except ConnectionError:
-        ray.init(logging_level="ERROR", log_to_driver=False)
+        ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=dashboard)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:

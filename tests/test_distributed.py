@@ -19,7 +19,7 @@ from equicsp.train import main as train_main
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -30,7 +30,7 @@ def ray_session_that_kills_a_worker(tmp_path):
     import ray
 
     marker = tmp_path / "killed"
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False,
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"EQUICSP_KILL_WORKER": f"25:{marker}"}})
     yield marker
     ray.shutdown()

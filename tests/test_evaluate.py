@@ -22,7 +22,7 @@ from equicsp.ray_evaluation import evaluate_checkpoint
 def ray_two_cpus():
     import ray
 
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -43,7 +43,7 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
     spec = with_absolute_data_path(spec)
     uri = tracking.resolve_tracking_uri(launch.tracking_uri)
     tracking.check_reachable(uri)
-    connect_ray()
+    connect_ray(dashboard=spec.asha)
     launch = with_gpu_decided(launch)
     check_data_on_cluster(spec)
     check_stopped_trials_are_freed(spec)
