@@ -113,12 +113,9 @@ class DeviceCrystals:
         return len(self.num_atoms_host)
 
     def batches(self, batches: list[list[int]], capacity: int | None = None) -> Iterator[CrystalBatch]:
-        """Each list of dataset indices as a batch (see batch), the indices sent to the device in one copy.
-
-        A copy from the host's pageable memory waits for the device to finish its queue: once per
-        epoch, not once per batch, so the host can run ahead of the device.
-        """
-        flat = torch.tensor([i for indices in batches for i in indices], dtype=torch.long, device=self.device)
+        """Each list of dataset indices as a batch (see batch), the indices sent to the device in one copy
+        that does not wait for the device (upload)."""
+        flat = upload([i for indices in batches for i in indices], self.device)
         start = 0
         for indices in batches:
             yield self.batch(indices, capacity, flat[start:start + len(indices)])
@@ -132,7 +129,7 @@ class DeviceCrystals:
         host_counts = [self.num_atoms_host[i] for i in indices]
         sizes = GraphSizes.of(host_counts)
         if index is None:
-            index = torch.tensor(indices, dtype=torch.long, device=self.device)
+            index = upload(indices, self.device)
         counts = self.num_atoms[index]  # (B,)
         crystal_of_atom = torch.repeat_interleave(torch.arange(sizes.crystals, device=self.device), counts,
                                                   output_size=sizes.atoms)
@@ -143,6 +140,19 @@ class DeviceCrystals:
                              lengths=self.lengths[index], angles=self.angles[index], num_atoms=counts,
                              batch=crystal_of_atom, crystal_id=index, sizes=sizes)
         return batch if capacity is None else pad(batch, GraphSizes.bucket(host_counts, capacity))
+
+
+def upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """Integers sent to the device as a long tensor without waiting for it.
+
+    A copy from the host's pageable memory first waits for everything queued on the device; one
+    from page-locked memory is queued behind it, so the host keeps running ahead (torch keeps
+    the page-locked buffer alive until the copy has run).
+    """
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def pad(batch: CrystalBatch, shape: GraphSizes) -> CrystalBatch:
@@ -180,7 +190,7 @@ class Layout:
         """The layout of crystals with these atom counts (from the host); padded to a bucket of `capacity` crystals
         when given."""
         sizes = GraphSizes.of(num_atoms)
-        counts = torch.tensor(num_atoms, dtype=torch.long, device=device)
+        counts = upload(num_atoms, device)
         batch = torch.repeat_interleave(torch.arange(sizes.crystals, device=device), counts, output_size=sizes.atoms)
         if capacity is None:
             return cls(sizes, counts, batch)

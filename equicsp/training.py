@@ -60,6 +60,47 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class DeviceClock:
+    """Seconds of the device's work from its creation to stop(), read after a later read-back has waited for the
+    device. On a GPU, CUDA events: they time the stream without a synchronisation of their own, where the host's
+    clock would time only the launches. On a CPU, the host's clock."""
+
+    def __init__(self, device: torch.device):
+        self._events = None
+        if device.type == "cuda":
+            self._stream = torch.cuda.current_stream(device)
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record(self._stream)
+        self._began, self._host_seconds = time.perf_counter(), 0.0
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events[1].record(self._stream)
+        self._host_seconds = time.perf_counter() - self._began
+
+    def seconds(self) -> float:
+        if self._events is not None:
+            return self._events[0].elapsed_time(self._events[1]) / 1000
+        return self._host_seconds
+
+
+@dataclass
+class DevicePass:
+    """One pass over a worker's shard, its loss sums still on the device (read back with others, once)."""
+
+    prefix: str  # "train" or "val": the metrics' prefix
+    sums: torch.Tensor  # (len(objective.loss_names),) float64: each loss term summed over crystals
+    crystals: int = 0
+    steps: int = 0
+    clock: DeviceClock | None = None
+    first_bad: torch.Tensor | None = None  # 1-based step of the first non-finite training loss, 0 when none
+
+    def add(self, terms: torch.Tensor, crystals: int) -> None:
+        self.sums += terms * crystals
+        self.crystals += crystals
+        self.steps += 1
+
+
 # DistributedDataParallel's settings. The model's buffers are constants, the same on every worker:
 # broadcasting them before each forward would be a collective per step and, compiled, a graph break.
 DDP_SETTINGS = {"broadcast_buffers": False}
@@ -116,12 +157,41 @@ class TrainingLoop:
         return [mine[start:start + self.local_batch_size] for start in range(0, len(mine), self.local_batch_size)]
 
     def train_epoch(self) -> dict[str, float]:
+        """One epoch of training: its metrics, read back from the device once."""
+        done = self._train_pass()
+        return self._train_metrics(done, *self._read_back(done))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """The objective on the validation set with fixed noise (the same draws every epoch)."""
+        return self._validation_metrics(*self._read_back(self._validation_pass()))
+
+    def step_epoch(self) -> dict[str, float]:
+        """Train one epoch, validate, step the LR schedule; returns the epoch's metrics.
+
+        Both passes' losses come back from the device together: one synchronisation an epoch.
+        """
+        train = self._train_pass()
+        with torch.no_grad():
+            val = self._validation_pass()
+        train_means, val_means = self._read_back(train, val)
+        metrics = self._train_metrics(train, train_means)
+        metrics.update(self._validation_metrics(val_means))
+        # The validation loss without the permutation term: comparable across permutation-loss weights.
+        metrics["val_denoise"] = metrics["val_total"] - self.config.objective.perm_loss_weight * metrics["val_perm"]
+        self.scheduler.step(metrics["val_total"])
+        self.state.epoch += 1
+        improved = metrics["val_total"] < self.state.best_val
+        self.state.best_val = min(self.state.best_val, metrics["val_total"])
+        metrics.update(epoch=self.state.epoch, lr=self.optimizer.param_groups[0]["lr"], improved=float(improved))
+        self.state.history.append(metrics)
+        return metrics
+
+    def _train_pass(self) -> "DevicePass":
         epoch = self.state.epoch
         self.model.train()
-        sums = torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
-        first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 1-based step of the first nan/inf loss
-        crystals = 0
-        start = time.perf_counter()
+        done = DevicePass("train", self._zero_sums(), clock=DeviceClock(self.device),
+                          first_bad=torch.zeros((), dtype=torch.long, device=self.device))
         loader = self._shard(self.train_set, epoch, shuffle=True)
         batches = self.train_crystals.batches(loader, self.capacity)
         progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
@@ -131,60 +201,49 @@ class TrainingLoop:
             total.backward()
             nn.utils.clip_grad_value_(self.model.parameters(), self.config.optim.grad_clip)
             self.optimizer.step()
-            crystals += len(indices)
-            sums += terms * len(indices)
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(terms[0]), step, first_bad)
-        elapsed = time.perf_counter() - start
-        metrics = self._mean_over_workers(sums, crystals, "train")
-        if not all(math.isfinite(value) for value in metrics.values()):
-            bad = int(first_bad)
-            where = f"first at step {bad} of {len(loader)}" if bad else "first on another worker"
-            raise TrainingDiverged(f"training diverged: non-finite training loss in epoch {epoch + 1}, {where} "
-                                   f"(optim.lr {self.optimizer.param_groups[0]['lr']:g}); nothing of this epoch "
-                                   "is saved, the last checkpoints keep the last good weights")
-        metrics.update(crystals_per_s=crystals * self.world_size / elapsed, epoch_time_s=elapsed)
-        return metrics
+            done.add(terms, len(indices))
+            # 1-based step of the first nan/inf loss, kept on the device.
+            done.first_bad = torch.where((done.first_bad == 0) & ~torch.isfinite(terms[0]), step, done.first_bad)
+        done.clock.stop()
+        return done
 
-    def _mean_over_workers(self, sums: torch.Tensor, crystals: int, prefix: str) -> dict[str, float]:
-        """Per-crystal means of the loss sums (one per objective.loss_names) over every worker's shard."""
-        names = self.objective.loss_names
-        totals = torch.cat([sums, sums.new_tensor([crystals])])
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)
-        totals = totals.cpu()  # the epoch's one read-back
-        count = max(float(totals[-1]), 1.0)
-        return {f"{prefix}_{name}": float(value) / count for name, value in zip(names, totals[:-1])}
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """The objective on the validation set with fixed noise (the same draws every epoch)."""
+    def _validation_pass(self) -> "DevicePass":
         self.model.eval()
-        sums = torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
-        crystals = 0
+        done = DevicePass("val", self._zero_sums())
         loader = self._shard(self.val_set, 0, shuffle=False)
         for indices, batch in zip(loader, self.val_crystals.batches(loader, self.capacity)):
             _, terms = self.losses(batch, 0)  # step 0: the same draws every epoch
-            crystals += len(indices)
-            sums += terms * len(indices)
-        metrics = self._mean_over_workers(sums, crystals, "val")
+            done.add(terms, len(indices))
+        return done
+
+    def _zero_sums(self) -> torch.Tensor:
+        return torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
+
+    def _read_back(self, *passes: "DevicePass") -> list[dict[str, float]]:
+        """Each pass's per-crystal loss means over every worker's shard: one all-reduce, one copy to the host."""
+        totals = torch.cat([torch.cat([done.sums, done.sums.new_tensor([done.crystals])]) for done in passes])
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        rows = totals.cpu().view(len(passes), -1).tolist()
+        return [{f"{done.prefix}_{name}": value / max(row[-1], 1.0) for name, value in zip(self.objective.loss_names, row)}
+                for done, row in zip(passes, rows)]
+
+    def _train_metrics(self, done: "DevicePass", metrics: dict[str, float]) -> dict[str, float]:
+        if not all(math.isfinite(value) for value in metrics.values()):
+            bad = int(done.first_bad)
+            where = f"first at step {bad} of {done.steps}" if bad else "first on another worker"
+            raise TrainingDiverged(f"training diverged: non-finite training loss in epoch {self.state.epoch + 1}, "
+                                   f"{where} (optim.lr {self.optimizer.param_groups[0]['lr']:g}); nothing of this "
+                                   "epoch is saved, the last checkpoints keep the last good weights")
+        seconds = done.clock.seconds()
+        metrics.update(crystals_per_s=done.crystals * self.world_size / seconds, epoch_time_s=seconds)
+        return metrics
+
+    def _validation_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         if not all(math.isfinite(value) for value in metrics.values()):
             raise TrainingDiverged(f"training diverged: non-finite validation loss after epoch {self.state.epoch + 1} "
                                    "(its last step left non-finite weights); nothing of this epoch is saved, "
                                    "the last checkpoints keep the last good weights")
-        return metrics
-
-    def step_epoch(self) -> dict[str, float]:
-        """Train one epoch, validate, step the LR schedule; returns the epoch's metrics."""
-        metrics = self.train_epoch()
-        metrics.update(self.validate())
-        # The validation loss without the permutation term: comparable across permutation-loss weights.
-        metrics["val_denoise"] = metrics["val_total"] - self.config.objective.perm_loss_weight * metrics["val_perm"]
-        self.scheduler.step(metrics["val_total"])
-        self.state.epoch += 1
-        improved = metrics["val_total"] < self.state.best_val
-        self.state.best_val = min(self.state.best_val, metrics["val_total"])
-        metrics.update(epoch=self.state.epoch, lr=self.optimizer.param_groups[0]["lr"], improved=float(improved))
-        self.state.history.append(metrics)
         return metrics
 
     def save(self, path: Path) -> None:

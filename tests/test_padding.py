@@ -155,6 +155,39 @@ def test_a_padded_training_epoch_makes_tensors_from_host_values_once(monkeypatch
     assert ops.names.count("lift_fresh") == 2
 
 
+def loop_of(seed: int = 0) -> TrainingLoop:
+    config = make_config("smoke", "equicsp", {**FAST, "optim.batch_size": 3, "run.seed": seed})
+    return TrainingLoop(config, random_crystals([3, 5, 2, 7, 4, 6, 1]), random_crystals([3, 4, 2, 5], seed=1),
+                        torch.device("cpu"), show_progress=False)
+
+
+def test_an_epoch_reads_its_losses_back_once(monkeypatch):
+    """Each read-back waits for the GPU to finish its queue, which then idles while the host prepares the next
+    work: training and validation losses come back together (they came back apart)."""
+    loop = loop_of()
+    copies = []
+    to_host = torch.Tensor.cpu
+
+    def counted(tensor, *args, **kwargs):
+        copies.append(tuple(tensor.shape))
+        return to_host(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    loop.step_epoch()
+    assert len(copies) == 1
+
+
+def test_one_read_back_gives_each_pass_its_own_metrics():
+    together, apart = loop_of(), loop_of()
+    epoch = together.step_epoch()
+    passes = {**apart.train_epoch(), **apart.validate()}
+    for name in together.objective.loss_names:
+        for prefix in ("train", "val"):
+            assert epoch[f"{prefix}_{name}"] == passes[f"{prefix}_{name}"], (prefix, name)
+    assert epoch["train_total"] != epoch["val_total"]
+    assert epoch["crystals_per_s"] > 0 and epoch["epoch_time_s"] > 0
+
+
 def test_a_sampling_run_makes_tensors_from_host_values_only_to_start():
     """Its layout, keys and timesteps go to the device once; a step that made a tensor from host values (the keyed
     noise's salt did, three times a step) would wait for the GPU each time."""
