@@ -9,7 +9,8 @@ what matters most, so that a run cut short (or past --budget-s) keeps the most i
   the Perov-5 size (4 x 256, batch 256), eager and compiled (run.compile), beside the public
   code's;
 - a sampling step (two denoiser calls) at batch 256, eager and compiled, beside the public code's;
-- the training step at 6 x 512 on 20-atom crystals (batch 256);
+- the training step at 6 x 512 on 20-atom crystals (batch 256), then with TF32 and bf16 beside
+  the public code with TF32 matmuls;
 - `TrainingLoop`'s epoch rate against the bare step's, on as many crystals as a 90/10 split of
   Perov-5's val.csv (3,406 + 379), and what a 3,500-epoch run would take at that rate;
 - the training step at batch 1024, the sampling step at batch 4,096, TF32 and bf16, and
@@ -201,8 +202,8 @@ def syncs_in(function, device: torch.device) -> str:
 
 
 def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: int, train: int, val: int):
-    """(TrainingLoop.train_epoch crystals/s, seconds of a whole step_epoch: training and validation, host syncs in
-    a training epoch) after a warm-up epoch."""
+    """(the training pass's crystals/s, timed on the device; seconds of a whole step_epoch: training and
+    validation; host syncs in a step_epoch) after a warm-up epoch."""
     config = model_config("4x256", batch_size, compiled=compiled)
     fresh_compile_state(compiled)
     loop = TrainingLoop(config, random_crystals([5] * train), random_crystals([5] * val, seed=1), device,
@@ -213,7 +214,7 @@ def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: i
     metrics = loop.step_epoch()
     synchronize(device)
     seconds = time.perf_counter() - start
-    return metrics["crystals_per_s"], seconds, syncs_in(loop.train_epoch, device)
+    return metrics["crystals_per_s"], seconds, syncs_in(loop.step_epoch, device)
 
 
 def sampling_step(batch_size: int, compiled: bool, backend: str, device: torch.device, steps: int) -> Timing:
@@ -367,7 +368,15 @@ def main(argv: list[str] | None = None) -> None:
         report.row(f"TrainingLoop, 4x256, batch {small}, {train} + {val} crystals, {label(compiled)}, per training "
                    f"step: {rate:.0f} crystals/s = {100 * rate * bare.seconds / small:.0f} % of the bare step's rate; "
                    f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate,
-                   syncs=f"{syncs} in a training epoch (at most 2 expected: the indices' upload, the losses' read-back)")
+                   syncs=f"{syncs} in an epoch (1 expected: the losses' read-back)")
+
+    def reduced_precision_rows():
+        """6x512 is arithmetic-bound in fp32: its step beside the public code's with TF32 matmuls too."""
+        theirs = reference(args.refbench, device, "train_mp20_6x512", small, steps, tf32=True)
+        for precision in ("tf32", "bf16"):
+            timing, _ = training_step("6x512", 20, small, precision, True, backend, device, steps)
+            report.timing(f"training step, 6x512, 20-atom crystals, batch {small}, {precision}, compiled "
+                          "(public code: TF32)", timing, theirs)
 
     def profile_rows():
         for compiled in modes:
@@ -382,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         ("sampling", lambda: sample_rows(small, "sample_perov_4x256")),
         ("TrainingLoop", loop_rows),
         ("training 6x512", lambda: train_rows("6x512", 20, small, "train_mp20_6x512")),
+        ("6x512 precisions", lambda: reduced_precision_rows() if device.type == "cuda" else None),
         ("training batch 1024", lambda: train_rows("4x256", 5, large, "train_perov_4x256", eager=False)),
         ("sampling batch 4096", lambda: sample_rows(huge, None)),
         ("precisions", lambda: train_rows("4x256", 5, small, None, ("tf32", "bf16"), eager=False)
