@@ -152,15 +152,39 @@ def read_artifact_csv(uri, run_id, name):
     return list(csv.DictReader(io.StringIO(text)))
 
 
+def finished_training_runs(database: Path) -> int:
+    return sum(run.info.status == "FINISHED" for run in runs_of_kind(f"sqlite:///{database}", "training"))
+
+
 @pytest.mark.slow
-def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_runs(tmp_path):
-    done = subprocess.run(sweep_command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| EquiCSP |" in done.stdout and "| DiffCSP |" in done.stdout
-    trained = SweepSpec(name="ablation-smoke", preset="smoke").trained_arms  # no_pm and no_vm sample others' models
-    assert f"trial 1 of {len(trained)} (" in done.stdout and "epoch 4/4" in done.stdout and " left" in done.stdout
-    assert "A smoke run tests the machinery, not the method" in done.stdout and "One seed: no spread" in done.stdout
+def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_table_that_matches_its_runs(tmp_path):
+    """The README's main command, its driver killed after its first trained model and started again: the second
+    run resumes the sweep, and what it logs is what an uninterrupted sweep logs (one Ray-heavy run for both)."""
+    command = sweep_command(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The store exists before the driver starts: this test polls it, and two processes creating a
+    # fresh SQLite store at once race in MLflow's migrations.
+    tracking.ensure_experiment(uri, "equicsp-sweeps")
+    trained = SweepSpec(name="ablation-smoke", preset="smoke").trained_arms  # no_pm and no_vm sample others' models
+    log = tmp_path / "first_driver.log"
+    with open(log, "w") as output:
+        driver = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    deadline = time.time() + 600
+    while finished_training_runs(tmp_path / "mlflow.db") < 1 and time.time() < deadline:
+        assert driver.poll() is None, "the sweep ended before it could be killed: " + log.read_text()[-3000:]
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    interrupted_at = finished_training_runs(tmp_path / "mlflow.db")
+    assert 1 <= interrupted_at < len(trained), "killed mid-sweep"
+
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    progress = log.read_text() + done.stdout
+    assert f"trial 1 of {len(trained)} (" in progress and "epoch 4/4" in progress and " left" in progress
+    assert "| EquiCSP |" in done.stdout and "| DiffCSP |" in done.stdout
+    assert "A smoke run tests the machinery, not the method" in done.stdout and "One seed: no spread" in done.stdout
     [parent] = runs_of_kind(uri, "sweep")
     assert f"/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in done.stderr
     training = runs_of_kind(uri, "training")
@@ -168,9 +192,13 @@ def test_the_smoke_ablation_sweep_logs_every_arm_and_a_table_that_matches_its_ru
     for run in training + evaluations:  # the UI cuts names: the arm comes first
         assert run.info.run_name.startswith(f"{run.data.tags['arm']}-s0-"), run.info.run_name
     assert not [key for run in training for key in run.data.metrics if key.startswith("system/")]
-    assert sorted(run.data.tags["arm"] for run in training) == sorted(trained)
+    assert sorted(run.data.tags["arm"] for run in training) == sorted(trained), "each trained arm once"
+    assert all(run.info.status == "FINISHED" for run in training)
     assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in training)
     assert all("val_total" in run.data.metrics and "tuned_step_lr" in run.data.metrics for run in training)
+    for run in training:  # one continuous history per run: every epoch logged once
+        steps = [step for step, _ in tracking.metric_history(uri, run.info.run_id, "train_total")]
+        assert sorted(steps) == [1, 2, 3, 4], run.data.tags["arm"]
     assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(ARMS)
     artifacts = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id)}
     assert {"ablation_table.md", "ablation_table.csv", "ablation_cells.csv", "ablation_bars.png",
@@ -209,43 +237,6 @@ def test_the_smoke_ablation_sweep_for_generation_trains_once_for_two_arms_and_re
         assert parent.data.metrics[f"{arm}/struct_valid"] == pytest.approx(run.data.metrics["struct_valid"])
         assert f"{arm}/comp_valid" in parent.data.metrics
     assert parent.info.status == "FINISHED"
-
-
-def finished_training_runs(database: Path) -> int:
-    return sum(run.info.status == "FINISHED" for run in runs_of_kind(f"sqlite:///{database}", "training"))
-
-
-@pytest.mark.slow
-def test_a_killed_sweep_driver_resumes_and_counts_each_trial_once(tmp_path):
-    arms = ("equicsp", "no_perm_loss", "diffcsp")
-    command = sweep_command(tmp_path, "--arms", *arms, "--max-concurrent", "1", "--name", "resumable")
-    # The store exists before the driver starts: this test polls it, and two processes creating a
-    # fresh SQLite store at once race in MLflow's migrations.
-    tracking.ensure_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "equicsp-sweeps")
-    log = tmp_path / "first_driver.log"
-    with open(log, "w") as output:
-        driver = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    deadline = time.time() + 600
-    while finished_training_runs(tmp_path / "mlflow.db") < 1 and time.time() < deadline:
-        assert driver.poll() is None, "the sweep ended before it could be killed: " + log.read_text()[-3000:]
-        time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    interrupted_at = finished_training_runs(tmp_path / "mlflow.db")
-    assert 1 <= interrupted_at < 3, "killed mid-sweep"
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert len(runs_of_kind(uri, "sweep")) == 1
-    training = runs_of_kind(uri, "training")
-    cells = sorted((run.data.tags["arm"], run.data.tags["seed"]) for run in training)
-    assert cells == sorted((arm, "0") for arm in arms)
-    assert all(run.info.status == "FINISHED" for run in training)
-    for run in training:  # one continuous history per run: every epoch logged once
-        steps = [step for step, _ in tracking.metric_history(uri, run.info.run_id, "train_total")]
-        assert sorted(steps) == [1, 2, 3, 4], run.data.tags["arm"]
-    assert len(runs_of_kind(uri, "evaluation")) == 3
 
 
 def load_script(name):
