@@ -343,14 +343,17 @@ def main(argv: list[str] | None = None) -> None:
     def label(compiled: bool) -> str:
         return "compiled" if compiled else "eager"
 
-    def train_rows(size, atoms, batch_size, case, precisions=("fp32",), eager=True):
-        theirs = reference(args.refbench, device, case, batch_size, steps) if case else None
+    def train_rows(size, atoms, batch_size, case, precisions=("fp32",), eager=True, reference_tf32=False):
+        """reference_tf32: the public code runs with TF32 matmuls, and every precision's row is set beside it."""
+        theirs = reference(args.refbench, device, case, batch_size, steps, tf32=reference_tf32) if case else None
+        beside = " (public code: TF32)" if reference_tf32 else ""
         for precision in precisions:
             for compiled in modes if eager else [m for m in modes if m]:
                 timing, shapes = training_step(size, atoms, batch_size, precision, compiled, backend, device, steps)
                 buckets = f", {shapes} buckets" if compiled and shapes > 1 else ""
                 report.timing(f"training step, {size}, {atoms}-atom crystals, batch {batch_size}, {precision}, "
-                              f"{label(compiled)}{buckets}", timing, theirs if precision == "fp32" else None)
+                              f"{label(compiled)}{buckets}{beside}", timing,
+                              theirs if precision == "fp32" or reference_tf32 else None)
         return theirs
 
     def sample_rows(batch_size, case):
@@ -370,14 +373,6 @@ def main(argv: list[str] | None = None) -> None:
                    f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate,
                    syncs=f"{syncs} in an epoch (1 expected: the losses' read-back)")
 
-    def reduced_precision_rows():
-        """6x512 is arithmetic-bound in fp32: its step beside the public code's with TF32 matmuls too."""
-        theirs = reference(args.refbench, device, "train_mp20_6x512", small, steps, tf32=True)
-        for precision in ("tf32", "bf16"):
-            timing, _ = training_step("6x512", 20, small, precision, True, backend, device, steps)
-            report.timing(f"training step, 6x512, 20-atom crystals, batch {small}, {precision}, compiled "
-                          "(public code: TF32)", timing, theirs)
-
     def profile_rows():
         for compiled in modes:
             step, _ = make_training_step("4x256", 5, small, "fp32", compiled, backend, device)
@@ -391,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
         ("sampling", lambda: sample_rows(small, "sample_perov_4x256")),
         ("TrainingLoop", loop_rows),
         ("training 6x512", lambda: train_rows("6x512", 20, small, "train_mp20_6x512")),
-        ("6x512 precisions", lambda: reduced_precision_rows() if device.type == "cuda" else None),
+        # 6x512 is arithmetic-bound in fp32: reduced precision, beside the public code with TF32 matmuls too.
+        ("6x512 precisions", lambda: train_rows("6x512", 20, small, "train_mp20_6x512", ("tf32", "bf16"), eager=False,
+                                                reference_tf32=True) if device.type == "cuda" else None),
         ("training batch 1024", lambda: train_rows("4x256", 5, large, "train_perov_4x256", eager=False)),
         ("sampling batch 4096", lambda: sample_rows(huge, None)),
         ("precisions", lambda: train_rows("4x256", 5, small, None, ("tf32", "bf16"), eager=False)
