@@ -24,14 +24,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
 from equicsp.cache import cache_dir, cache_key, load_cached, save_atomically
 from equicsp.config import Config
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 PREPROCESS_VERSION = 1
 MAX_ATOMIC_NUMBER = 100  # the denoiser's embedding table has one row per Z = 1 .. 100
@@ -224,6 +227,8 @@ class CrystalDataset(torch.utils.data.Dataset):
         return self.num_atoms.shape[0]
 
     def __getitem__(self, index: int) -> Data:
+        from torch_geometric.data import Data  # here, not at the top: importing PyG costs 2-3 s (segments.py)
+
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
         return Data(atom_types=self.atom_types[start:stop], frac_coords=self.frac_coords[start:stop],
                     lengths=self.lengths[index:index + 1], angles=self.angles[index:index + 1],

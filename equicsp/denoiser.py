@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch_geometric.utils import scatter
 
 from equicsp.atom_types import NUM_TYPE_CLASSES
 from equicsp.batches import GraphSizes
@@ -36,6 +35,7 @@ from equicsp.lattice import (
     permute_lattice,
 )
 from equicsp.schedules import wrap
+from equicsp.segments import per_crystal_mean
 
 
 @dataclass
@@ -203,13 +203,13 @@ class CSPNet(nn.Module):
             h = layer(h, lattice_features, tables[:, index].index_select(0, graph.edge_slot), graph, batch, atoms_per_atom)
         h = self.final_norm(h)
         num_crystals = num_atoms.shape[0]
-        crystal_h = scatter(h, batch, dim=0, dim_size=num_crystals, reduce="mean")
+        crystal_h = per_crystal_mean(h, batch, num_crystals)
         # Heads leave autocast's bf16 as float32; a float64 model stays float64.
         out_dtype = torch.promote_types(frac_coords.dtype, torch.float32)
         coord_noise, coord_score = self.coord_head(h).to(out_dtype), self.score_head(h).to(out_dtype)
         if self.config.context_mean:
-            coord_noise = coord_noise + scatter(coord_noise, batch, dim=0, dim_size=num_crystals, reduce="mean")[batch]
-            coord_score = coord_score + scatter(coord_score, batch, dim=0, dim_size=num_crystals, reduce="mean")[batch]
+            coord_noise = coord_noise + per_crystal_mean(coord_noise, batch, num_crystals)[batch]
+            coord_score = coord_score + per_crystal_mean(coord_score, batch, num_crystals)[batch]
         lattice_noise = self.lattice.network_noise(self.lattice_head(crystal_h).to(out_dtype), lattice)
         type_noise = self.type_head(h).to(out_dtype) if self.type_head is not None else None
         return DenoiserOutput(lattice_noise, coord_noise, coord_score, type_noise)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch_geometric.utils import scatter
 
 from equicsp.schedules import wrap
+from equicsp.segments import per_crystal_mean, per_crystal_sum
 
 TWO_PI = 2 * math.pi
 
@@ -23,8 +23,8 @@ def _mean_direction(mean_sin: torch.Tensor, mean_cos: torch.Tensor) -> torch.Ten
 def circular_mean(x: torch.Tensor, batch: torch.Tensor, num_crystals: int) -> torch.Tensor:
     """(B, 3) circular mean in [0, 1) of each crystal's (N, 3) fractional values, per axis."""
     angle = TWO_PI * x
-    mean_sin = scatter(torch.sin(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
-    mean_cos = scatter(torch.cos(angle), batch, dim=0, dim_size=num_crystals, reduce="mean")
+    mean_sin = per_crystal_mean(torch.sin(angle), batch, num_crystals)
+    mean_cos = per_crystal_mean(torch.cos(angle), batch, num_crystals)
     return wrap(_mean_direction(mean_sin, mean_cos))
 
 
@@ -64,10 +64,10 @@ def pm_corrected_score(score: torch.Tensor, predicted_noise: torch.Tensor, batch
     """
     theta = TWO_PI * predicted_noise.clamp(-0.5, 0.5)
     sin, cos = torch.sin(theta), torch.cos(theta)
-    u = scatter(sin, batch, dim=0, dim_size=num_crystals, reduce="mean")
-    v = scatter(cos, batch, dim=0, dim_size=num_crystals, reduce="mean")
+    u = per_crystal_mean(sin, batch, num_crystals)
+    v = per_crystal_mean(cos, batch, num_crystals)
     atom_counts = atoms_per_atom(batch, num_crystals) if atom_counts is None else atom_counts
     resultant = ((u * u + v * v)[batch] * atom_counts.to(score.dtype).unsqueeze(-1)).clamp_min(torch.finfo(score.dtype).tiny)
     g = (v[batch] * cos + u[batch] * sin) / resultant
-    score_sum = scatter(score, batch, dim=0, dim_size=num_crystals, reduce="sum")
+    score_sum = per_crystal_sum(score, batch, num_crystals)
     return score - g * score_sum[batch]

@@ -13,3 +13,13 @@ def test_the_training_and_sampling_modules_import_without_pymatgen_ray_or_mlflow
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.stdout.strip() == "[]"
+
+
+def test_what_every_ray_worker_imports_leaves_out_torch_geometric_and_dynamo():
+    """Each training worker, sampling actor and matching task is a fresh process; torch_geometric imports
+    torch._dynamo, 2-3 s that each of them (dozens in a sweep) paid before its first step."""
+    code = ("import sys; import equicsp.distributed, equicsp.ray_evaluation, equicsp.sweep.trials, equicsp.sample, "
+            "equicsp.evaluate; print(sorted(m for m in ('torch_geometric', 'torch._dynamo') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == "[]"
