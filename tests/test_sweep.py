@@ -159,13 +159,20 @@ def finished_training_runs(database: Path) -> int:
 @pytest.mark.slow
 def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_table_that_matches_its_runs(tmp_path):
     """The README's main command, its driver killed after its first trained model and started again: the second
-    run resumes the sweep, and what it logs is what an uninterrupted sweep logs (one Ray-heavy run for both)."""
-    command = sweep_command(tmp_path)
+    run resumes the sweep, and what it logs is what an uninterrupted sweep logs (one Ray-heavy run for both).
+
+    Four of the nine arms, each kind once: EquiCSP, an arm that samples EquiCSP's model (no_pm), a projected
+    lattice arm with every switch off, and DiffCSP's lattice. Every arm costs the same Ray start-up (a
+    training run, a step-size search, a test evaluation: about a minute on 2 cores), and all nine took
+    nine minutes of CI.
+    """
+    arms = ("equicsp", "no_pm", "none", "diffcsp")
+    command = sweep_command(tmp_path, "--arms", *arms)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The store exists before the driver starts: this test polls it, and two processes creating a
     # fresh SQLite store at once race in MLflow's migrations.
     tracking.ensure_experiment(uri, "equicsp-sweeps")
-    trained = SweepSpec(name="ablation-smoke", preset="smoke").trained_arms  # no_pm and no_vm sample others' models
+    trained = SweepSpec(name="ablation-smoke", preset="smoke", arms=arms).trained_arms  # no_pm samples EquiCSP's
     log = tmp_path / "first_driver.log"
     with open(log, "w") as output:
         driver = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
@@ -199,11 +206,15 @@ def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_tab
     for run in training:  # one continuous history per run: every epoch logged once
         steps = [step for step, _ in tracking.metric_history(uri, run.info.run_id, "train_total")]
         assert sorted(steps) == [1, 2, 3, 4], run.data.tags["arm"]
-    assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(ARMS)
+    assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(arms)
     artifacts = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id)}
     assert {"ablation_table.md", "ablation_table.csv", "ablation_cells.csv", "ablation_bars.png",
             "learning_curves.png"} <= artifacts
     table = {row["arm"]: row for row in read_artifact_csv(uri, parent.info.run_id, "ablation_table.csv")}
+    training_of = {run.data.tags["arm"]: run.info.run_id for run in training}
+    evaluated = {run.data.tags["arm"]: run.data.tags["mlflow.parentRunId"] for run in evaluations}
+    assert evaluated == {**training_of, "no_pm": training_of["equicsp"]}, "each evaluation under its model's run"
+    assert table["no_pm"]["model"] == "shares EquiCSP's" and table["diffcsp"]["model"] == "own"
     for evaluation in evaluations:
         row = table[evaluation.data.tags["arm"]]
         assert float(row["match_rate_mean"]) == pytest.approx(100 * evaluation.data.metrics["match_rate"])
