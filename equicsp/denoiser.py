@@ -171,17 +171,24 @@ class CSPNet(nn.Module):
         self.coord_head = nn.Linear(hidden, 3, bias=False)
         self.score_head = nn.Linear(hidden, 3, bias=False)
 
-    def fourier_tables(self, frac_coords: torch.Tensor, graph: CrystalGraph) -> torch.Tensor:
-        """(2P + 1, L * hidden): each layer's FT projection for i<j pairs, i>j pairs and self edges."""
-        k = self.config.num_freqs
-        weight = torch.cat([layer.edge_fourier.weight for layer in self.layers], dim=0)  # (L*h, 6K)
-        sin_weight, cos_weight = weight[:, :3 * k], weight[:, 3 * k:]
+    def fourier_tables(self, frac_coords: torch.Tensor, graph: CrystalGraph) -> list[torch.Tensor]:
+        """Each layer's FT projection, (2P + 1, hidden): rows for the i<j pairs, the i>j pairs and self edges.
+
+        One table per layer rather than one (2P + 1, L * hidden) table sliced per layer: the backward of
+        L slices fills and adds L zero tables of the whole size (or stacks the L gradients into one).
+        """
+        k3 = 3 * self.config.num_freqs
         distance = wrap(frac_coords[graph.pair_target] - frac_coords[graph.pair_source])  # (P, 3)
         angles = (distance.unsqueeze(-1) * self.frequencies).flatten(1)  # (P, 3K), axis-major
-        sin_part = angles.sin() @ sin_weight.T.to(angles.dtype)
-        cos_part = angles.cos() @ cos_weight.T.to(angles.dtype)
-        self_edge = cos_weight.sum(-1).to(cos_part.dtype)[None]  # d = 0: sin = 0, cos = 1
-        return torch.cat([cos_part + sin_part, cos_part - sin_part, self_edge], dim=0)
+        sines, cosines = angles.sin(), angles.cos()
+        tables = []
+        for layer in self.layers:
+            sin_weight, cos_weight = layer.edge_fourier.weight[:, :k3], layer.edge_fourier.weight[:, k3:]
+            sin_part = sines @ sin_weight.T.to(angles.dtype)
+            cos_part = cosines @ cos_weight.T.to(angles.dtype)
+            self_edge = cos_weight.sum(-1).to(cos_part.dtype)[None]  # d = 0: sin = 0, cos = 1
+            tables.append(torch.cat([cos_part + sin_part, cos_part - sin_part, self_edge], dim=0))
+        return tables
 
     def forward(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor,
                 timesteps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor,
@@ -192,15 +199,11 @@ class CSPNet(nn.Module):
         padded batch (batches.py), None when nothing is padded."""
         graph = CrystalGraph.fully_connected(num_atoms, sizes, real)
         atoms_per_atom = num_atoms[batch]
-        hidden = self.config.hidden_dim
         time = sinusoidal_embedding(timesteps, self.config.time_dim)[batch]
         h = self.input_mlp(torch.cat([self.atom_embedding(atom_types), time], dim=-1))
         lattice_features = self.lattice.features(lattice)
-        tables = self.fourier_tables(frac_coords, graph)
-        tables = tables.view(tables.shape[0], len(self.layers), hidden)  # (2P + 1, L, hidden)
-        for index, layer in enumerate(self.layers):
-            # Gathered per layer so each layer's (E, hidden) block is contiguous.
-            h = layer(h, lattice_features, tables[:, index].index_select(0, graph.edge_slot), graph, batch, atoms_per_atom)
+        for layer, table in zip(self.layers, self.fourier_tables(frac_coords, graph)):
+            h = layer(h, lattice_features, table.index_select(0, graph.edge_slot), graph, batch, atoms_per_atom)
         h = self.final_norm(h)
         num_crystals = num_atoms.shape[0]
         crystal_h = per_crystal_mean(h, batch, num_crystals)
