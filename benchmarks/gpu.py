@@ -18,7 +18,11 @@ what matters most, so that a run cut short (or past --budget-s) keeps the most i
 - a profile of the 4x256 training step (eager and compiled): the kernel tables go beside --out;
 - whether each step synchronises with the host (`torch.cuda.set_sync_debug_mode("error")`);
 - the public code's steps, run by `refbench/ref_bench.py` (its own process: its package is also
-  called `equicsp`) on the same device, in the same run.
+  called `equicsp`) on the same device, in the same run;
+- the work of each training step, ours and the public code's: matmul FLOPs as torch's
+  FlopCounterMode counts them, on the CPU at a few crystals and scaled to the batch (every
+  matmul's rows grow with it), so each training row says what arithmetic rate it ran at.
+  `--only work` prints the counts alone, in seconds, on any machine.
 
 "first call" is the first step's time: with compile on, mostly compilation (once per size
 bucket and process). Crystals are synthetic (`data.random_crystals`), so the script needs no
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from equicsp.batches import DeviceCrystals
 from equicsp.compiled import LossStep, compile_step
@@ -57,6 +62,7 @@ from equicsp.training import TrainingLoop
 
 ROOT = Path(__file__).resolve().parent.parent
 PEROV_TRAIN, PEROV_VAL = 3406, 379  # a 90/10 split of ../shared/data/perov_5/val.csv (3,785 crystals)
+WORK_PROBE = 4  # crystals a step's work is counted on, then scaled to the batch
 
 
 @dataclass
@@ -163,6 +169,32 @@ def make_training_step(size: str, atoms: int | str, batch_size: int, precision: 
         optimizer.step()
 
     return step, len({batch.sizes for batch in pool})
+
+
+def training_work(size: str, atoms: int | str, batch_size: int) -> float | None:
+    """Matmul FLOPs of one eager fp32 training step at `batch_size` crystals of `atoms` atoms, counted on the CPU
+    at WORK_PROBE crystals and scaled (None for mixed sizes, whose work depends on the draw)."""
+    if not isinstance(atoms, int):
+        return None
+    step, _ = make_training_step(size, atoms, WORK_PROBE, "fp32", False, "inductor", torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() * batch_size / WORK_PROBE
+
+
+def reference_work(refbench: Path, case: str, batch_size: int) -> float | None:
+    """The public code's matmul FLOPs per training step of a ref_bench case at `batch_size`, counted like ours
+    (benchmarks/reference_work.py), or None when the harness is not there or could not run."""
+    script = refbench.resolve() / "ref_bench.py"
+    if not script.exists():
+        return None
+    command = [sys.executable, str(Path(__file__).with_name("reference_work.py")), str(script), case, str(WORK_PROBE)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=script.parent)
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])["flops"] * batch_size / WORK_PROBE
+    except (IndexError, KeyError, ValueError):
+        print(f"reference work of {case} not counted: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
 
 
 def profile(step, device: torch.device, steps: int, out: Path) -> str:
@@ -285,26 +317,32 @@ class Report:
     def __init__(self, out: Path, header: str):
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.lines = [header, "", "| what | ours (ms) | public code (ms) | speed-up | first call (s) | host syncs |",
-                      "|---|---|---|---|---|---|"]
+        self.lines = [header, "", "| what | ours (ms) | public code (ms) | speed-up | first call (s) | host syncs "
+                              "| TFLOP/s, ours / public |", "|---|---|---|---|---|---|---|"]
         self.notes: list[str] = []
         self._flush()
         print("\n".join(self.lines), flush=True)
 
     def row(self, what: str, ours: float | None, theirs: float | None = None, first_call: float | None = None,
-            syncs: str = "") -> None:
+            syncs: str = "", work: tuple[float | None, float | None] = (None, None)) -> None:
+        """work: the matmul FLOPs of our step and of the public code's, when counted."""
         def ms(value):
             return "-" if value is None else f"{1000 * value:.2f}"
 
+        def rate(flops, seconds):
+            return "-" if not flops or not seconds else f"{flops / seconds / 1e12:.3g}"
+
         ratio = f"{theirs / ours:.1f}x" if ours and theirs else "-"
         first = "-" if first_call is None else f"{first_call:.1f}"
-        line = f"| {what} | {ms(ours)} | {ms(theirs)} | {ratio} | {first} | {syncs} |"
+        rates = f"{rate(work[0], ours)} / {rate(work[1], theirs)}"
+        line = f"| {what} | {ms(ours)} | {ms(theirs)} | {ratio} | {first} | {syncs} | {rates} |"
         self.lines.append(line)
         print(line, flush=True)
         self._flush()
 
-    def timing(self, what: str, timing: Timing, theirs: float | None = None) -> None:
-        self.row(what, timing.seconds, theirs, timing.first_call, timing.syncs)
+    def timing(self, what: str, timing: Timing, theirs: float | None = None,
+               work: tuple[float | None, float | None] = (None, None)) -> None:
+        self.row(what, timing.seconds, theirs, timing.first_call, timing.syncs, work)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -343,18 +381,41 @@ def main(argv: list[str] | None = None) -> None:
     def label(compiled: bool) -> str:
         return "compiled" if compiled else "eager"
 
+    counted: dict[tuple, tuple[float | None, float | None]] = {}
+
+    def work(size, atoms, batch_size, case):
+        """(our step's FLOPs, the public code's), counted once per size; says them and their ratio once."""
+        key = (size, atoms, batch_size, case)
+        if key not in counted:
+            ours = training_work(size, atoms, batch_size)
+            theirs = reference_work(args.refbench, case, batch_size) if case else None
+            counted[key] = (ours, theirs)
+            if ours:
+                beside = f", public code {theirs / 1e9:.0f} GFLOP ({theirs / ours:.2f}x ours)" if theirs else ""
+                report.note(f"Work of a training step, {size}, {atoms}-atom crystals, batch {batch_size}: "
+                            f"{ours / 1e9:.0f} GFLOP of matmuls{beside}.")
+        return counted[key]
+
     def train_rows(size, atoms, batch_size, case, precisions=("fp32",), eager=True, reference_tf32=False):
         """reference_tf32: the public code runs with TF32 matmuls, and every precision's row is set beside it."""
         theirs = reference(args.refbench, device, case, batch_size, steps, tf32=reference_tf32) if case else None
         beside = " (public code: TF32)" if reference_tf32 else ""
+        flops = work(size, atoms, batch_size, case)
         for precision in precisions:
             for compiled in modes if eager else [m for m in modes if m]:
                 timing, shapes = training_step(size, atoms, batch_size, precision, compiled, backend, device, steps)
                 buckets = f", {shapes} buckets" if compiled and shapes > 1 else ""
+                besides = precision == "fp32" or reference_tf32
                 report.timing(f"training step, {size}, {atoms}-atom crystals, batch {batch_size}, {precision}, "
-                              f"{label(compiled)}{buckets}{beside}", timing,
-                              theirs if precision == "fp32" or reference_tf32 else None)
+                              f"{label(compiled)}{buckets}{beside}", timing, theirs if besides else None,
+                              (flops[0], flops[1] if besides else None))
         return theirs
+
+    def work_rows():
+        for size, atoms, batch_size, case in (("4x256", 5, small, "train_perov_4x256"),
+                                              ("4x256", 5, large, "train_perov_4x256"),
+                                              ("6x512", 20, small, "train_mp20_6x512")):
+            work(size, atoms, batch_size, case)
 
     def sample_rows(batch_size, case):
         theirs = reference(args.refbench, device, case, batch_size, steps) if case else None
@@ -381,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{profile(step, device, 5, table)} (kernels: {table.name})")
 
     sections = [
+        ("work", work_rows),
         ("keyed noise", lambda: report.note(noise_check(device, backend)) if compiled_rows else None),
         ("training 4x256", lambda: train_rows("4x256", 5, small, "train_perov_4x256")),
         ("sampling", lambda: sample_rows(small, "sample_perov_4x256")),

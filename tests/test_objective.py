@@ -1,8 +1,13 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.loader import DataLoader
 
+from equicsp.batches import DeviceCrystals
 from equicsp.config import OBJECTIVE_PRESETS, make_config
+from equicsp.data import random_crystals
 from equicsp.denoiser import CSPNet, build_denoiser
 from equicsp.diffusion import Diffusion
 from equicsp.objective import Objective
@@ -70,3 +75,21 @@ def test_arms_differing_only_in_the_pm_correction_train_identically(trained, sam
         losses.append((loss.as_floats(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     assert losses[0][0] == losses[1][0]
     assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))
+
+
+@settings(max_examples=6, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4), arm=st.sampled_from(["equicsp", "frame_average"]))
+def test_a_training_steps_matmul_work_grows_in_proportion_to_the_batch(sizes, arm):
+    """benchmarks/gpu.py counts a step's FLOPs on a few crystals and scales the count to the batch."""
+    config = make_config("smoke", arm, SMALL)
+    torch.manual_seed(0)
+    model = build_denoiser(config)
+    objective = Objective(Diffusion(config), model)
+
+    def work(counts):
+        batch = DeviceCrystals(random_crystals(counts), torch.device("cpu")).batch(list(range(len(counts))))
+        with FlopCounterMode(display=False) as counter:
+            objective(batch, seed=0, step=1).total.backward()
+        return counter.get_total_flops()
+
+    assert work(sizes + sizes) == 2 * work(sizes) > 0
