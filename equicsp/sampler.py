@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from equicsp.atom_types import NUM_TYPE_CLASSES, decode
-from equicsp.batches import GraphSizes, Layout, atom_counts, filled
+from equicsp.batches import GraphSizes, Layout, atom_counts, filled, upload
 from equicsp.compiled import (
     ShapeLog,
     begin_step,
@@ -182,7 +182,7 @@ class Sampler:
         lattice = keyed_normal(keys, self.lattice.dim, seed, 0, _INITIAL_LATTICE, dtype)
         sequence = timestep_sequence(self.diffusion.timesteps, self.config.sampler.num_steps)
         # Every step's t and s as device scalars: one step function (and one compiled graph) serves them all.
-        steps = torch.tensor(sequence + [0], dtype=torch.long, device=self.device)
+        steps = upload(sequence + [0], self.device)
         if self.compiled:
             self._shapes.see(layout.sizes)
         for index in range(len(sequence)):
