@@ -21,21 +21,22 @@ from equicsp.generation import generate, num_atoms_distribution, score_generated
 from equicsp.generation_metrics import thresholds_for
 from equicsp.leakage import LeakageSummary
 from equicsp.metrics import MatchSummary
-from equicsp.ray_evaluation import evaluate_checkpoint
+from equicsp.ray_evaluation import SamplingPool, evaluate_checkpoint
 from equicsp.sampler import with_sampler_options
 
 
 def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
                         tracking_uri: str | None = None, out: Path | None = None,
                         extra_tags: dict[str, str] | None = None, show_progress: bool = True,
-                        label: str = "") -> Evaluation:
+                        label: str = "", pool: SamplingPool | None = None) -> Evaluation:
     """Evaluate the model of MLflow training run `run_id` and log a child evaluation run under it.
 
     The same evaluation (run, data content, settings) asked for again is answered from its
     finished MLflow run instead of being computed and logged twice. The report goes to MLflow
     first and is copied to `out` afterwards, so a folder that fails late loses nothing logged;
     `out` is checked before any work. With settings.leakage, the test crystals are also checked
-    against the model's training split (see leakage.py).
+    against the model's training split (see leakage.py). A pool keeps its sampling workers for the
+    next evaluation (a sweep's final stage evaluates every cell with one).
     """
     began_ms = int(time.time() * 1000)
     settings.check()
@@ -67,7 +68,7 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     finished = tracking.find_finished_run(uri, run_id, run_key)
     if finished is not None:
         return _answer_from_run(finished, settings, model_config, dataset)
-    evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress, label=label)
+    evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress, pool, label)
     if settings.leakage:
         add_leakage(evaluation, model_split("train"), dataset, show_progress=show_progress)
     params.update(step_lr=evaluation.config.sampler.step_lr, num_steps=evaluation.config.sampler.num_steps,

@@ -38,14 +38,18 @@ WORKER_START_TIMEOUT_S = 120.0
 
 
 class SamplingWorker:
-    """A Ray actor holding one copy of the model; samples the batches it is handed, with any sampler settings."""
+    """A Ray actor holding one copy of a model; samples the batches it is handed, with any sampler settings."""
 
-    def __init__(self, checkpoint: dict[str, Any], precision: str, threads: int):
+    def __init__(self, checkpoint: dict[str, Any] | None, precision: str, threads: int):
         torch.set_num_threads(threads)
         self.device = resolve_device("auto")  # the GPU Ray assigned to this actor, if any
-        _, self.model = model_from_checkpoint(checkpoint, self.device)
+        self.model = None if checkpoint is None else model_from_checkpoint(checkpoint, self.device)[1]
         self.precision = precision
-        self.diffusions: dict[str, Any] = {}  # one per diffusion config (its von Mises tables)
+        self.diffusions: dict[str, Any] = {}  # one per diffusion config (its von Mises tables), kept across models
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        """Sample with this checkpoint's model from now on."""
+        _, self.model = model_from_checkpoint(checkpoint, self.device)
 
     def sample(self, config: dict[str, Any], jobs: list[SamplingJob], seed: int) -> list[SampledCrystal]:
         sampling_config = config_from_dict(config)
@@ -100,23 +104,26 @@ def sampling_resources(workers: int, threads: int = 1) -> tuple[int, bool, int]:
 
 
 class SamplingPool:
-    """Sampling actors holding the model, kept across evaluations (a step-size search reuses them).
+    """Sampling actors holding a model, kept across evaluations: a step-size search reuses them for one model,
+    a sweep's final stage for every cell's (`use` hands them the next).
 
     When none of them can start within start_timeout_s (default `WORKER_START_TIMEOUT_S`), the
     pool samples and matches in the calling process instead, and says so on stderr.
     """
 
-    def __init__(self, checkpoint: dict[str, Any], workers: int = 0, threads: int = 1, precision: str = "fp32",
-                 start_timeout_s: float | None = None):
+    def __init__(self, checkpoint: dict[str, Any] | None, workers: int = 0, threads: int = 1,
+                 precision: str = "fp32", start_timeout_s: float | None = None):
+        """checkpoint: the model to start with; None when `use` will name one before the first evaluation."""
         import ray
 
-        self.workers, use_gpu, self.threads = sampling_resources(workers, threads)
+        self.workers, self.use_gpu, self.threads = sampling_resources(workers, threads)
+        self.precision = precision
         self.start_timeout_s = WORKER_START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
         self.here: SamplingWorker | None = None  # the model in this process, once no actor could start
         self._checkpoint, self._precision = checkpoint, precision
         self._started = False
         # "DEFAULT": outside the caller's placement group (a Tune trial holds almost no resources of its own).
-        actor = ray.remote(SamplingWorker).options(num_cpus=self.threads, num_gpus=1 if use_gpu else 0,
+        actor = ray.remote(SamplingWorker).options(num_cpus=self.threads, num_gpus=1 if self.use_gpu else 0,
                                                    scheduling_strategy="DEFAULT")
         checkpoint_ref = ray.put(checkpoint)
         self.actors = [actor.remote(checkpoint_ref, precision, self.threads) for _ in range(self.workers)]
@@ -152,6 +159,21 @@ class SamplingPool:
             ray.kill(waiting[ref])
         self.actors = [waiting[ref] for ref in ready]
         self.workers = len(self.actors)
+
+    def use(self, checkpoint: dict[str, Any]) -> None:
+        """Sample with this checkpoint's model from now on: the started actors (or this process) load it."""
+        import ray
+
+        self.wait_ready()
+        if checkpoint is self._checkpoint:
+            return
+        self._checkpoint = checkpoint
+        if self.here is not None:
+            with torch_threads(self.threads):
+                self.here.load(checkpoint)
+        else:
+            checkpoint_ref = ray.put(checkpoint)
+            ray.get([worker.load.remote(checkpoint_ref) for worker in self.actors])
 
     def _load_here(self) -> None:
         import ray
@@ -248,28 +270,34 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
     """Sample and score dataset (the first settings.limit crystals) on Ray, with a checkpoint read into memory.
 
     Rows of the test file that could not be read count as not matched (when no limit is set).
-    A pool made for this checkpoint can be passed in to keep its actors between evaluations;
-    it then matches too (its actors hold their CPUs, so Ray tasks might wait on them forever).
-    Without one, a pool samples and goes, and matching spreads over the cluster in Ray tasks.
-    A pool that samples in this process (no actor could start) matches here too: Ray tasks
-    would wait for the same CPUs.
+    A pool can be passed in to keep its actors between evaluations (it is handed this checkpoint's
+    model); one of CPU workers then matches too, since its actors hold their CPUs and Ray tasks
+    might wait on them forever, while one of GPU workers leaves the matching to Ray tasks on the
+    CPUs its actors do not hold (one each). Without a pool, one samples and goes, and matching
+    spreads over the cluster in Ray tasks. A pool that samples in this process (no actor could
+    start) matches here too: Ray tasks would wait for the same CPUs.
     """
     settings.check()
     config = settings.sampling_config(config_from_dict(checkpoint["config"]))
     connect_ray()
     own_pool = pool is None
+    if pool is not None and pool.precision != settings.precision:
+        raise ValueError(f"the sampling pool samples in {pool.precision}, the evaluation asks for {settings.precision}")
     indices = settings.indices(dataset)
     begin = time.perf_counter()
     pool = pool or SamplingPool(checkpoint, settings.workers, settings.threads, settings.precision)
     try:
-        pool.wait_ready()
+        pool.use(checkpoint)
         start = time.perf_counter()
         predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
                                   settings.seed, show_progress, label)
         sampled = time.perf_counter()
         jobs = matching_jobs(dataset, indices, predictions)
-        if own_pool and not pool.in_process:
-            pool.close()  # its actors' CPUs go to the matching tasks
+        if pool.in_process:
+            per_crystal = pool.match(jobs, show_progress, label)
+        elif own_pool or pool.use_gpu:
+            if own_pool:
+                pool.close()  # its actors' CPUs go to the matching tasks
             per_crystal = match_on_ray(jobs, show_progress, label)
         else:
             per_crystal = pool.match(jobs, show_progress, label)

@@ -36,8 +36,8 @@ def log_as_training_run(uri, checkpoint_path, config, name="memorised"):
     return run_id
 
 
-def untrained_checkpoint(config, path):
-    torch.manual_seed(1)
+def untrained_checkpoint(config, path, seed=1):
+    torch.manual_seed(seed)
     save_checkpoint(path, config, build_denoiser(config))
     return path
 
@@ -59,6 +59,29 @@ def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus
     other_seed = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=6, workers=2),
                                      show_progress=False)
     assert not torch.equal(other_seed.predictions[0].frac_coords, one.predictions[0].frac_coords)
+
+
+def test_a_pool_handed_another_model_samples_with_it(ray_two_cpus, tiny_dataset, tmp_path):
+    """A sweep's final stage hands one pool each cell's model in turn: it samples what a pool of that model's own
+    does (a pool made for one model went on sampling that model whatever checkpoint came with it)."""
+    from equicsp.ray_evaluation import SamplingPool
+
+    config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
+    first = read_checkpoint(untrained_checkpoint(config, tmp_path / "first.pt", seed=1))
+    second = read_checkpoint(untrained_checkpoint(config, tmp_path / "second.pt", seed=2))
+    settings = EvaluationSettings(num_samples=1, seed=5, limit=4, workers=2)
+    own = evaluate_checkpoint(second, tiny_dataset, settings, show_progress=False)
+    with SamplingPool(first, workers=2) as pool:
+        of_first = evaluate_checkpoint(first, tiny_dataset, settings, show_progress=False, pool=pool)
+        shared = evaluate_checkpoint(second, tiny_dataset, settings, show_progress=False, pool=pool)
+        assert pool.workers == 2
+    key = lambda crystal: (crystal.composition_index, crystal.sample_index)  # noqa: E731
+    pairs = list(zip(sorted(shared.predictions, key=key), sorted(own.predictions, key=key)))
+    assert len(pairs) == 4
+    for a, b in pairs:
+        assert key(a) == key(b) and torch.equal(a.frac_coords, b.frac_coords) and torch.equal(a.lengths, b.lengths)
+    assert not torch.equal(min(of_first.predictions, key=key).frac_coords, pairs[0][0].frac_coords)
+    assert repr(shared.per_crystal) == repr(own.per_crystal)
 
 
 def test_a_pool_whose_second_worker_cannot_start_samples_with_the_first(ray_two_cpus, tiny_dataset, tmp_path):

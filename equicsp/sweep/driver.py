@@ -19,7 +19,7 @@ from equicsp.sweep.cluster import (
     with_absolute_data_path,
     with_gpu_decided,
 )
-from equicsp.sweep.final import CellResult, best_per_cell, evaluate_cell
+from equicsp.sweep.final import CellResult, best_per_cell, evaluate_cells
 from equicsp.sweep.progress import SweepProgress
 from equicsp.sweep.report import ablation_table, write_sweep_report
 from equicsp.sweep.search import FinalResultOptunaSearch, SearchSpace, initial_points
@@ -68,7 +68,7 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
     if not trials:
         errors = [str(result.error) for result in grid if result.error is not None]
         raise SweepError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
-    cells = [evaluate_cell(arm, best, spec, launch, uri, show_progress) for arm, best in best_per_cell(trials, spec)]
+    cells = evaluate_cells(best_per_cell(trials, spec), spec, launch, uri, show_progress)
     table = ablation_table(cells, spec)
     artifacts = write_sweep_report(cells, table, spec, uri, parent)
     return SweepResult(parent, uri, cells, table, artifacts)
