@@ -120,7 +120,7 @@ class SamplingPool:
         self.precision = precision
         self.start_timeout_s = WORKER_START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
         self.here: SamplingWorker | None = None  # the model in this process, once no actor could start
-        self._checkpoint, self._precision = checkpoint, precision
+        self._checkpoint = checkpoint
         self._started = False
         # "DEFAULT": outside the caller's placement group (a Tune trial holds almost no resources of its own).
         actor = ray.remote(SamplingWorker).options(num_cpus=self.threads, num_gpus=1 if self.use_gpu else 0,
@@ -181,7 +181,7 @@ class SamplingPool:
         free = {name: amount for name, amount in ray.available_resources().items() if name in ("CPU", "GPU")}
         self.close()
         with torch_threads(self.threads):
-            self.here = SamplingWorker(self._checkpoint, self._precision, self.threads)
+            self.here = SamplingWorker(self._checkpoint, self.precision, self.threads)
         self.workers = 1
         print(f"equicsp: no sampling worker could start on Ray within {self.start_timeout_s:g} s (free now: {free}); "
               f"sampling and matching in this process instead, on {self.here.device} with {self.threads} thread(s): "

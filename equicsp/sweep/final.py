@@ -58,8 +58,8 @@ def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[tuple[s
 
 def evaluate_cells(chosen: list[tuple[str, dict[str, Any]]], spec: SweepSpec, launch: SweepLaunch, uri: str,
                    show_progress: bool) -> list[CellResult]:
-    """Every chosen cell's final evaluation; CSP cells share one sampling pool, each cell handing it its model
-    (a pool per cell started its workers anew each time: about 11 s a cell on 2 CPU cores)."""
+    """Every chosen cell's final evaluation. CSP cells share one sampling pool, each handing it its model: a pool
+    per cell started new sampling actors, and new processes for its matching tasks, every time."""
     if spec.task == "generation":
         return [generation_cell(arm, trial, spec, uri, show_progress) for arm, trial in chosen]
     settings = final_settings(spec, launch)
