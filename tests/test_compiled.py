@@ -88,17 +88,28 @@ def test_samplers_at_other_step_sizes_share_the_compiled_step():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_bf16_without_compiled_steps_on_cuda_says_why_it_is_slow():
+def test_bf16_without_compiled_steps_on_cuda_says_why_it_is_slow(monkeypatch):
+    from equicsp import compiled
     from equicsp.compiled import configure_precision
 
     with pytest.warns(UserWarning, match="waits on kernel launches"):
         configure_precision("bf16", torch.device("cuda"), compiled=False)
     import warnings
 
+    monkeypatch.setattr(compiled, "cpu_has_fast_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         configure_precision("bf16", torch.device("cuda"), compiled=True)
-        configure_precision("bf16", torch.device("cpu"), compiled=False)  # on a CPU bf16 is the fast path (AMX)
+        configure_precision("bf16", torch.device("cpu"), compiled=False)  # with AMX, bf16 is the CPU's fast path
+
+
+def test_bf16_on_a_cpu_without_bf16_arithmetic_says_why_it_is_slow(monkeypatch):
+    """On 2 AVX2-only AMD cores a bf16 training step ran 24x slower than fp32, without a word."""
+    from equicsp import compiled
+
+    monkeypatch.setattr(compiled, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without bf16 arithmetic .* use fp32"):
+        compiled.configure_precision("bf16", torch.device("cpu"), compiled=False)
 
 
 def test_the_sampling_commands_override_the_models_compile_setting():
