@@ -135,7 +135,7 @@ def cpu_has_fast_bf16() -> bool | None:
 
 BF16_CPU_WARNING = (
     "run.precision bf16 on a CPU without bf16 arithmetic (torch sees {capability}; oneDNN needs AVX-512 or AMX): its "
-    "bf16 matmuls fall back to a slow path: training ran 24-37x slower than fp32 when measured (2 AMD EPYC cores "
+    "bf16 matmuls fall back to a slow path: training ran 24-38x slower than fp32 when measured (2 AMD EPYC cores "
     "with AVX2: 20 against 472 crystals/s at 4 x 256, 3 against 115 at 6 x 512); use fp32")
 BF16_EAGER_WARNING = (
     "run.precision bf16 with run.compile off on CUDA: at this model's sizes an eager step waits on kernel launches, "

@@ -11,6 +11,7 @@ the calling process instead, with the same model, batches and threads (so the sa
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +49,13 @@ class SamplingWorker:
         self.diffusions: dict[str, Any] = {}  # one per diffusion config (its von Mises tables), kept across models
 
     def load(self, checkpoint: dict[str, Any]) -> None:
-        """Sample with this checkpoint's model from now on."""
+        """Sample with this checkpoint's model from now on. On a GPU the previous model's compiled steps and
+        CUDA-graph memory are let go first, as a fresh process would hold none."""
+        self.model = None
+        if self.device.type == "cuda":
+            torch._dynamo.reset()
+            gc.collect()
+            torch.cuda.empty_cache()
         _, self.model = model_from_checkpoint(checkpoint, self.device)
 
     def sample(self, config: dict[str, Any], jobs: list[SamplingJob], seed: int) -> list[SampledCrystal]:
@@ -107,6 +114,8 @@ class SamplingPool:
     """Sampling actors holding a model, kept across evaluations: a step-size search reuses them for one model,
     a sweep's final stage for every cell's (`use` hands them the next).
 
+    The actors start at the first evaluation (`wait_ready`), sized by what the cluster has free
+    then: a sweep's final stage whose cells were all evaluated before it was resumed starts none.
     When none of them can start within start_timeout_s (default `WORKER_START_TIMEOUT_S`), the
     pool samples and matches in the calling process instead, and says so on stderr.
     """
@@ -114,19 +123,23 @@ class SamplingPool:
     def __init__(self, checkpoint: dict[str, Any] | None, workers: int = 0, threads: int = 1,
                  precision: str = "fp32", start_timeout_s: float | None = None):
         """checkpoint: the model to start with; None when `use` will name one before the first evaluation."""
-        import ray
-
-        self.workers, self.use_gpu, self.threads = sampling_resources(workers, threads)
+        self.workers, self.threads, self.use_gpu = workers, threads, False  # decided when the actors start
         self.precision = precision
         self.start_timeout_s = WORKER_START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
         self.here: SamplingWorker | None = None  # the model in this process, once no actor could start
+        self.actors: list[Any] = []
         self._checkpoint = checkpoint
         self._started = False
+
+    def _start_actors(self) -> None:
+        import ray
+
+        self.workers, self.use_gpu, self.threads = sampling_resources(self.workers, self.threads)
         # "DEFAULT": outside the caller's placement group (a Tune trial holds almost no resources of its own).
         actor = ray.remote(SamplingWorker).options(num_cpus=self.threads, num_gpus=1 if self.use_gpu else 0,
                                                    scheduling_strategy="DEFAULT")
-        checkpoint_ref = ray.put(checkpoint)
-        self.actors = [actor.remote(checkpoint_ref, precision, self.threads) for _ in range(self.workers)]
+        checkpoint_ref = ray.put(self._checkpoint)
+        self.actors = [actor.remote(checkpoint_ref, self.precision, self.threads) for _ in range(self.workers)]
 
     @property
     def in_process(self) -> bool:
@@ -147,6 +160,7 @@ class SamplingPool:
         if self._started:
             return
         self._started = True
+        self._start_actors()
         waiting = {worker.ready.remote(): worker for worker in self.actors}
         first, _ = ray.wait(list(waiting), num_returns=1, timeout=self.start_timeout_s)
         if not first:
@@ -242,6 +256,12 @@ def _bar(label: str, what: str) -> str:
     return f"{label}: {what}" if label else what
 
 
+def free_cpus() -> int:
+    import ray
+
+    return int(ray.available_resources().get("CPU", 0))
+
+
 def match_on_ray(jobs: list[MatchJob], show_progress: bool = True, label: str = "") -> list[CrystalResult]:
     """StructureMatcher over every job in one-CPU Ray tasks; results in the jobs' order."""
     import ray
@@ -271,10 +291,10 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
 
     Rows of the test file that could not be read count as not matched (when no limit is set).
     A pool can be passed in to keep its actors between evaluations (it is handed this checkpoint's
-    model); one of CPU workers then matches too, since its actors hold their CPUs and Ray tasks
-    might wait on them forever, while one of GPU workers leaves the matching to Ray tasks on the
-    CPUs its actors do not hold (one each). Without a pool, one samples and goes, and matching
-    spreads over the cluster in Ray tasks. A pool that samples in this process (no actor could
+    model); it then matches too, since its actors hold their CPUs and Ray tasks might wait on them
+    forever, unless its actors are GPU workers and more CPUs than actors are free: then Ray tasks
+    match there. Without a pool, one samples and goes, and matching spreads over the cluster in
+    Ray tasks. A pool that samples in this process (no actor could
     start) matches here too: Ray tasks would wait for the same CPUs.
     """
     settings.check()
@@ -295,9 +315,10 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
         jobs = matching_jobs(dataset, indices, predictions)
         if pool.in_process:
             per_crystal = pool.match(jobs, show_progress, label)
-        elif own_pool or pool.use_gpu:
-            if own_pool:
-                pool.close()  # its actors' CPUs go to the matching tasks
+        elif own_pool:
+            pool.close()  # its actors' CPUs go to the matching tasks
+            per_crystal = match_on_ray(jobs, show_progress, label)
+        elif pool.use_gpu and free_cpus() > pool.workers:
             per_crystal = match_on_ray(jobs, show_progress, label)
         else:
             per_crystal = pool.match(jobs, show_progress, label)

@@ -72,6 +72,7 @@ def test_a_pool_handed_another_model_samples_with_it(ray_two_cpus, tiny_dataset,
     settings = EvaluationSettings(num_samples=1, seed=5, limit=4, workers=2)
     own = evaluate_checkpoint(second, tiny_dataset, settings, show_progress=False)
     with SamplingPool(first, workers=2) as pool:
+        assert pool.actors == [], "actors start at the first evaluation"
         of_first = evaluate_checkpoint(first, tiny_dataset, settings, show_progress=False, pool=pool)
         shared = evaluate_checkpoint(second, tiny_dataset, settings, show_progress=False, pool=pool)
         assert pool.workers == 2
@@ -127,8 +128,10 @@ def test_a_pool_none_of_whose_workers_can_start_samples_here_with_the_same_predi
 
     config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
     checkpoint = read_checkpoint(untrained_checkpoint(config, tmp_path / "model.pt"))
+    second = read_checkpoint(untrained_checkpoint(config, tmp_path / "second.pt", seed=2))
     settings = EvaluationSettings(num_samples=2, seed=5, limit=5, workers=1)
     on_ray = evaluate_checkpoint(checkpoint, tiny_dataset, settings, show_progress=False)
+    second_on_ray = evaluate_checkpoint(second, tiny_dataset, settings, show_progress=False)
     threads = torch.get_num_threads()
     monkeypatch.setattr(ray_evaluation, "WORKER_START_TIMEOUT_S", 3.0)
     everything = placement_group([{"CPU": 1}, {"CPU": 1}])
@@ -139,6 +142,7 @@ def test_a_pool_none_of_whose_workers_can_start_samples_here_with_the_same_predi
         with SamplingPool(checkpoint, workers=1) as pool:
             shared = evaluate_checkpoint(checkpoint, tiny_dataset, settings, show_progress=False, pool=pool)
             assert pool.in_process and pool.actors == []
+            second_here = evaluate_checkpoint(second, tiny_dataset, settings, show_progress=False, pool=pool)
         elapsed = time.monotonic() - begin
     finally:
         remove_placement_group(everything)
@@ -146,12 +150,12 @@ def test_a_pool_none_of_whose_workers_can_start_samples_here_with_the_same_predi
     assert capsys.readouterr().err.count("sampling and matching in this process instead") == 2
     assert torch.get_num_threads() == threads, "the caller keeps its own thread count"
     key = lambda crystal: (crystal.composition_index, crystal.sample_index)  # noqa: E731
-    for here in (own, shared):
-        assert len(here.predictions) == len(on_ray.predictions) == 10
-        for a, b in zip(sorted(here.predictions, key=key), sorted(on_ray.predictions, key=key)):
+    for here, there in ((own, on_ray), (shared, on_ray), (second_here, second_on_ray)):
+        assert len(here.predictions) == len(there.predictions) == 10
+        for a, b in zip(sorted(here.predictions, key=key), sorted(there.predictions, key=key)):
             assert key(a) == key(b) and torch.equal(a.frac_coords, b.frac_coords)
             assert torch.equal(a.lengths, b.lengths) and torch.equal(a.angles, b.angles)
-        assert repr(here.summary) == repr(on_ray.summary) and repr(here.per_crystal) == repr(on_ray.per_crystal)
+        assert repr(here.summary) == repr(there.summary) and repr(here.per_crystal) == repr(there.per_crystal)
 
 
 def test_a_shared_model_sampled_as_another_arm_is_that_arms_sampler(ray_two_cpus, tiny_dataset, tmp_path):
