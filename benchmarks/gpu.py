@@ -34,7 +34,6 @@ on a CPU too, to check the path (not its speed).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import statistics
@@ -50,7 +49,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from equicsp.batches import DeviceCrystals
-from equicsp.compiled import LossStep, compile_step
+from equicsp.compiled import LossStep, compile_step, forget_compiled_steps
 from equicsp.config import make_config
 from equicsp.data import random_crystals
 from equicsp.denoiser import build_denoiser
@@ -70,17 +69,6 @@ class Timing:
     seconds: float  # median of the timed calls
     first_call: float  # the first call, compilation included
     syncs: str
-
-
-def fresh_compile_state(compiled: bool) -> None:
-    """Forget the compiled graphs of earlier models, as a new process would. torch keeps compiled code per
-    function, not per model, so a later model's every call would first check its parameters' addresses
-    against each earlier model's CUDA graphs; a training process holds one model."""
-    if compiled:
-        torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def synchronize(device: torch.device) -> None:
@@ -148,7 +136,7 @@ def make_training_step(size: str, atoms: int | str, batch_size: int, precision: 
                        device: torch.device):
     """A training step on device batches cycled from a pool of four, and the number of shapes (buckets) they have."""
     config = model_config(size, batch_size, precision, compiled)
-    fresh_compile_state(compiled)
+    forget_compiled_steps(device)  # a training process holds one model
     torch.manual_seed(0)
     model = build_denoiser(config).to(device)
     objective = Objective(Diffusion(config, device), model, config.run.precision)
@@ -237,7 +225,7 @@ def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: i
     """(the training pass's crystals/s, timed on the device; seconds of a whole step_epoch: training and
     validation; host syncs in a step_epoch) after a warm-up epoch."""
     config = model_config("4x256", batch_size, compiled=compiled)
-    fresh_compile_state(compiled)
+    forget_compiled_steps(device)  # a training process holds one model
     loop = TrainingLoop(config, random_crystals([5] * train), random_crystals([5] * val, seed=1), device,
                         show_progress=False, compile_backend=backend)
     loop.step_epoch()  # warm-up: compiles every bucket
@@ -254,7 +242,7 @@ def sampling_step(batch_size: int, compiled: bool, backend: str, device: torch.d
     config = make_config("perov_5", "equicsp", {"sampler.num_steps": steps, "data.max_atoms": 20,
                                                 "sampler.batch_size": batch_size,
                                                 "run.compile": "on" if compiled else "off"})
-    fresh_compile_state(compiled)
+    forget_compiled_steps(device)  # a training process holds one model
     torch.manual_seed(0)
     sampler = Sampler(build_denoiser(config).to(device), Diffusion(config, device), config, device,
                       compile_backend=backend)

@@ -14,6 +14,7 @@ check the losses, gradients and samples agree on CPU.
 
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
 from typing import Callable
@@ -48,6 +49,18 @@ def compile_step(function: Callable, device: torch.device, backend: str = "induc
         dynamo.cache_size_limit = max(dynamo.cache_size_limit, RECOMPILE_LIMIT)
     mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
     return torch.compile(function, backend=backend, mode=mode, dynamic=False, fullgraph=fullgraph)
+
+
+def forget_compiled_steps(device: torch.device) -> None:
+    """Drop every compiled step and, on a GPU, the memory its CUDA graphs held, as a new process would have none.
+
+    torch keeps compiled code per function, not per model: after a model is replaced, each call of
+    the next would first check its parameters' addresses against the earlier model's CUDA graphs.
+    """
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def begin_step(device: torch.device) -> None:

@@ -11,7 +11,6 @@ the calling process instead, with the same model, batches and threads (so the sa
 
 from __future__ import annotations
 
-import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from equicsp.checkpoint import model_from_checkpoint
+from equicsp.compiled import forget_compiled_steps
 from equicsp.config import Config, config_from_dict
 from equicsp.csp import Evaluation, EvaluationSettings, MatchJob, finish, matching_jobs
 from equicsp.data import CrystalDataset
@@ -53,9 +53,7 @@ class SamplingWorker:
         CUDA-graph memory are let go first, as a fresh process would hold none."""
         self.model = None
         if self.device.type == "cuda":
-            torch._dynamo.reset()
-            gc.collect()
-            torch.cuda.empty_cache()
+            forget_compiled_steps(self.device)
         _, self.model = model_from_checkpoint(checkpoint, self.device)
 
     def sample(self, config: dict[str, Any], jobs: list[SamplingJob], seed: int) -> list[SampledCrystal]:
