@@ -28,7 +28,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: Path, config: Config, model: nn.Module, **state: Any) -> None:
-    save_atomically({"config": config.to_dict(), "model": unwrap(model).state_dict(), **state}, Path(path))
+    save_weights(path, config, unwrap(model).state_dict(), **state)
+
+
+def save_weights(path: Path, config: Config, weights: dict[str, torch.Tensor], **state: Any) -> None:
+    """A checkpoint of these weights (a state dict of the unwrapped model)."""
+    save_atomically({"config": config.to_dict(), "model": weights, **state}, Path(path))
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

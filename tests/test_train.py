@@ -42,6 +42,70 @@ def test_same_seed_same_losses_other_seed_other_losses(tiny_data_dir, tmp_path):
     assert totals[0] == totals[1] and totals[0] != totals[2]
 
 
+def loop_on(config):
+    import torch
+
+    from equicsp.data import load_splits
+    from equicsp.training import TrainingLoop
+
+    datasets = load_splits(config, ("train", "val"), show_progress=False)
+    return TrainingLoop(config, datasets["train"], datasets["val"], torch.device("cpu"), show_progress=False)
+
+
+def test_best_pt_is_written_with_the_checkpoints_and_holds_the_best_epochs_weights(tiny_data_dir, tmp_path):
+    import torch
+
+    from equicsp.training import run_epoch
+
+    loop = loop_on(fast_config(tiny_data_dir, **{"optim.epochs": 6, "run.checkpoint_every": 3}))
+    validation_metrics = loop._validation_metrics
+
+    def worse_from_epoch_3(means):  # epochs 1 and 2 can improve, later ones cannot
+        metrics = validation_metrics(means)
+        return {**metrics, "val_total": metrics["val_total"] + (100.0 if loop.state.epoch >= 2 else 0.0)}
+
+    loop._validation_metrics = worse_from_epoch_3
+    out = tmp_path / "run"
+    out.mkdir()
+    weights = {}
+    for epoch in range(1, 7):
+        run_epoch(loop, out)
+        weights[epoch] = {name: value.clone() for name, value in loop.model.state_dict().items()}
+        assert (out / "best.pt").exists() == (epoch >= 3), f"best.pt waits for the checkpoint (epoch {epoch})"
+    best = min(loop.state.history, key=lambda row: row["val_total"])
+    stored = read_checkpoint(out / "best.pt")
+    assert stored["epoch"] == best["epoch"] <= 2 and stored["best_val"] == best["val_total"]
+    assert all(torch.equal(stored["model"][name], value) for name, value in weights[best["epoch"]].items())
+    assert not any(torch.equal(stored["model"][name], value) for name, value in weights[6].items()
+                   if value.dtype.is_floating_point and value.numel() > 1), "a copy, not the live weights"
+    assert not {"optimizer", "scheduler", "history"} & set(stored), "best.pt is for sampling, last.pt for resuming"
+    assert stored["tables_key"] == read_checkpoint(out / "last.pt")["tables_key"]
+    config, _ = load_model(out / "best.pt")
+    assert config.optim.epochs == 6
+
+
+def test_a_run_diverging_before_its_first_checkpoint_still_writes_the_best_weights(tiny_data_dir, tmp_path,
+                                                                                  monkeypatch):
+    import dataclasses
+    import math
+
+    from equicsp.objective import Objective
+    from equicsp.training import TrainingDiverged
+
+    plain = Objective.__call__
+
+    def poisoned(self, batch, seed=0, step=0):
+        loss = plain(self, batch, seed, step)
+        poison = self.denoiser.training and step == 2  # epoch 2's training steps
+        return dataclasses.replace(loss, total=loss.total * math.nan) if poison else loss
+
+    monkeypatch.setattr(Objective, "__call__", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="epoch 2"):
+        train(fast_config(tiny_data_dir, **{"optim.epochs": 4, "run.checkpoint_every": 3}), out, show_progress=False)
+    assert read_checkpoint(out / "best.pt")["epoch"] == 1 and not (out / "last.pt").exists()
+
+
 def test_bad_inputs_fail_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_main(["--local", "--preset", "smoke", "--objective.nope", "1", "--out", str(tmp_path)])
