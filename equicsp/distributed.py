@@ -116,6 +116,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         logged = {step for step, _ in tracking.metric_history(uri, run_id, "train_total")}
         if checkpoint is not None:
             tracking.client(uri).log_metric(run_id, "resumed_from_epoch", loop.state.epoch, step=loop.state.epoch)
+    epochs_to_log = tracking.EpochLog(uri, run_id)
     diverged = ""
     while loop.state.epoch < config.optim.epochs:
         try:
@@ -125,21 +126,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             break
         epoch = loop.state.epoch
         _injected_failure(epoch, rank)
+        due = loop.checkpoint_due()
         if rank == 0:
             if epoch not in logged:  # a retried epoch was logged before the crash: keep one history
-                tracking.log_epochs(uri, run_id, [metrics])
-            if metrics["improved"]:
-                loop.save(local / "best.pt")
+                epochs_to_log.add(metrics)
+            epochs_to_log.flush(force=due)
         # Ray Train takes one report per worker every few seconds (its controller polls; a second
         # report waits for that), so report at checkpoints only: MLflow has every epoch already.
-        if epoch % config.run.checkpoint_every == 0 or epoch == config.optim.epochs:
+        if due:
             if rank == 0:
-                loop.save(local / "last.pt")
+                loop.save_checkpoints(local)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
             else:
                 ray.train.report(metrics)
     shutil.rmtree(local, ignore_errors=True)
     if rank == 0:
+        epochs_to_log.flush(force=True)
         if diverged:
             tracking.client(uri).set_tag(run_id, tracking.DIVERGED_TAG, diverged)
         mlflow.end_run(status="FAILED" if diverged else "FINISHED")

@@ -82,3 +82,22 @@ def test_runs_of_a_sweep_are_named_by_arm_and_seed_first():
     assert trial_run_name(SweepSpec(name="ablation-smoke"), "no_pm_vm", 2, "ab12") == "no_pm_vm-s2-ablation-smoke-ab12"
     assert tracking.evaluation_run_name("equicsp-s0-x", {"arm": "no_pm", "seed": "0"}, 1).startswith("no_pm-s0-eval-k1")
     assert tracking.evaluation_run_name("my-run", {}, 5) == "eval-my-run-k5"
+
+
+def test_epochs_reach_mlflow_together_when_forced_or_when_the_interval_has_passed(store):
+    uri, experiment = store
+    run_id = tracking.client(uri).create_run(experiment).info.run_id
+    logged = lambda: [step for step, _ in tracking.metric_history(uri, run_id, "train_total")]  # noqa: E731
+    epochs = tracking.EpochLog(uri, run_id, interval_s=3600)
+    for epoch in (1, 2, 3):
+        epochs.add({"epoch": epoch, "train_total": 1.0 / epoch})
+        epochs.flush()
+    assert logged() == []
+    epochs.flush(force=True)
+    assert sorted(logged()) == [1, 2, 3]
+    epochs.flush(force=True)  # nothing pending: nothing sent twice
+    assert sorted(logged()) == [1, 2, 3]
+    every_time = tracking.EpochLog(uri, run_id, interval_s=0)
+    every_time.add({"epoch": 4, "train_total": 0.25})
+    every_time.flush()
+    assert sorted(logged()) == [1, 2, 3, 4]
