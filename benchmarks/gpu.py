@@ -39,6 +39,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -57,7 +58,7 @@ from equicsp.diffusion import Diffusion
 from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
 from equicsp.objective import Objective
 from equicsp.sampler import Sampler
-from equicsp.training import TrainingLoop
+from equicsp.training import TrainingLoop, run_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 PEROV_TRAIN, PEROV_VAL = 3406, 379  # a 90/10 split of ../shared/data/perov_5/val.csv (3,785 crystals)
@@ -221,20 +222,46 @@ def syncs_in(function, device: torch.device) -> str:
     return str(sum("synchroniz" in str(warning.message) for warning in caught))
 
 
-def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: int, train: int, val: int):
-    """(the training pass's crystals/s, timed on the device; seconds of a whole step_epoch: training and
-    validation; host syncs in a step_epoch) after a warm-up epoch."""
+@dataclass
+class LoopTiming:
+    crystals_per_s: float  # the training pass's rate (median over the timed epochs), timed on the device
+    epoch_s: float  # a whole step_epoch, training and validation (median)
+    run_epoch_s: float  # an epoch of `train` (training.run_epoch): checkpoints and the best weights included (mean)
+    run_epochs: int  # how many epochs run_epoch_s is the mean of: one checkpoint interval
+    improved: int  # epochs among those that kept new best weights
+    first_epochs_s: list[float]  # the warm-up epochs (compilation, then CUDA-graph recording)
+    syncs: str  # host syncs in a step_epoch
+
+
+# torch's CUDA-graph trees run a compiled function outside a graph on its first call and record it on its
+# second, so a shape met once an epoch (the epoch's last batch, each validation batch) is recorded in the
+# second epoch: timing that one would time recordings.
+WARM_UP_EPOCHS = 2
+
+
+def loop_epoch(device: torch.device, backend: str, compiled: bool, batch_size: int, train: int, val: int,
+               timed_epochs: int) -> LoopTiming:
+    """TrainingLoop after its warm-up epochs: step_epoch alone, then as `train` runs it (run_epoch, writing
+    checkpoints into a temporary folder) over one checkpoint interval."""
     config = model_config("4x256", batch_size, compiled=compiled)
     forget_compiled_steps(device)  # a training process holds one model
     loop = TrainingLoop(config, random_crystals([5] * train), random_crystals([5] * val, seed=1), device,
                         show_progress=False, compile_backend=backend)
-    loop.step_epoch()  # warm-up: compiles every bucket
-    synchronize(device)
-    start = time.perf_counter()
-    metrics = loop.step_epoch()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return metrics["crystals_per_s"], seconds, syncs_in(loop.step_epoch, device)
+
+    def seconds(function):
+        synchronize(device)
+        start = time.perf_counter()
+        result = function()
+        synchronize(device)
+        return time.perf_counter() - start, result
+
+    first = [seconds(loop.step_epoch)[0] for _ in range(WARM_UP_EPOCHS)]
+    epochs = [seconds(loop.step_epoch) for _ in range(timed_epochs)]
+    with tempfile.TemporaryDirectory(prefix="equicsp-gpu-bench-") as folder:
+        runs = [seconds(lambda: run_epoch(loop, Path(folder))) for _ in range(config.run.checkpoint_every)]
+    return LoopTiming(statistics.median(metrics["crystals_per_s"] for _, metrics in epochs),
+                      statistics.median(time_s for time_s, _ in epochs), statistics.mean(time_s for time_s, _ in runs),
+                      len(runs), sum(int(metrics["improved"]) for _, metrics in runs), first, syncs_in(loop.step_epoch, device))
 
 
 def sampling_step(batch_size: int, compiled: bool, backend: str, device: torch.device, steps: int) -> Timing:
@@ -426,11 +453,15 @@ def main(argv: list[str] | None = None) -> None:
         compiled = compiled_rows
         bare, _ = training_step("4x256", 5, small, "fp32", compiled, backend, device, steps)
         train, val = (8 * small, small) if args.quick else (PEROV_TRAIN, PEROV_VAL)
-        rate, epoch, syncs = loop_epoch(device, backend, compiled, small, train, val)
+        loop = loop_epoch(device, backend, compiled, small, train, val, timed_epochs=1 if args.quick else 5)
+        rate = loop.crystals_per_s
+        first = " s, ".join(f"{time_s:.2f}" for time_s in loop.first_epochs_s)
         report.row(f"TrainingLoop, 4x256, batch {small}, {train} + {val} crystals, {label(compiled)}, per training "
                    f"step: {rate:.0f} crystals/s = {100 * rate * bare.seconds / small:.0f} % of the bare step's rate; "
-                   f"an epoch with validation {epoch:.2f} s, 3,500 epochs {3500 * epoch / 60:.1f} min", small / rate,
-                   syncs=f"{syncs} in an epoch (1 expected: the losses' read-back)")
+                   f"an epoch with validation {loop.epoch_s:.3f} s, with checkpoints as `train` writes them "
+                   f"{loop.run_epoch_s:.3f} s ({loop.improved} of {loop.run_epochs} epochs improved); "
+                   f"3,500 epochs {3500 * loop.run_epoch_s / 60:.1f} min after the first {WARM_UP_EPOCHS} "
+                   f"({first} s)", small / rate, syncs=f"{loop.syncs} in an epoch (1 expected: the losses' read-back)")
 
     def profile_rows():
         for compiled in modes:
