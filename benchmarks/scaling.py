@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ray_start = time.perf_counter() - start
     rows = []
     for workers in args.workers:
-        config = make_config("perov_5", "equicsp", {"optim.epochs": args.epochs, "run.checkpoint_every": args.epochs})
+        config = make_config("perov_5", "equicsp", {"optim.epochs": args.epochs, "run.checkpoint_every": args.epochs,
+                                                   "optim.batch_size": 256})
         start = time.perf_counter()
         result = run_training(config, LaunchOptions(num_workers=workers, use_gpu=args.gpu,
                                                     tracking_uri=f"sqlite:///{scratch / 'mlflow.db'}",

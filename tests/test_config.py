@@ -27,6 +27,19 @@ def test_presets_follow_the_paper():
     assert make_config("mpts_52").model.context_mean and not make_config("mp_20").model.context_mean
 
 
+def test_the_mpts_52_network_is_equicsps_own_and_diffcsp_keeps_its_plain_heads():
+    """The per-crystal mean in the coordinate heads is the EquiCSP code's MPTS-52 network; DiffCSP's has none."""
+    for arm in ("equicsp", "no_perm_loss", "none"):
+        assert make_config("mpts_52", arm).model.context_mean
+    assert not make_config("mpts_52", "diffcsp").model.context_mean
+    assert make_config("mpts_52", "diffcsp", {"model.context_mean": True}).model.context_mean
+
+
+def test_training_batch_sizes_are_the_public_equicsp_codes_per_dataset():
+    sizes = {preset: make_config(preset).optim.batch_size for preset in ("perov_5", "carbon_24", "mp_20", "mpts_52")}
+    assert sizes == {"perov_5": 1024, "carbon_24": 512, "mp_20": 256, "mpts_52": 128}
+
+
 def test_permutations_need_the_projected_lattice():
     for switch in ("objective.perm_loss", "objective.frame_average"):
         with pytest.raises(ConfigError, match="projected"):
