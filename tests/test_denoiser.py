@@ -184,3 +184,23 @@ def test_context_mean_adds_each_crystals_mean_to_the_coordinate_heads():
         expected = value + scatter(value, batch.batch, dim=0, reduce="mean")[batch.batch]
         torch.testing.assert_close(getattr(mean_out, name), expected)
     torch.testing.assert_close(mean_out.lattice_noise, out.lattice_noise)
+
+
+@pytest.mark.parametrize("lattice", ["projected", "matrix"])
+def test_split_linears_start_as_the_reference_codes_one_linear_on_the_concatenation(lattice):
+    """phi_m's first Linear (h_i, h_j, f(l), FT) and phi_h's (h_i, mean m) are split here, but initialised as one
+    Linear on the concatenated input is: uniform in +-1/sqrt(whole fan-in), weights and biases alike."""
+    representation = LATTICE_REPRESENTATIONS[lattice]
+    config = ModelConfig(num_layers=1, hidden_dim=256, num_freqs=128, time_dim=16)
+    torch.manual_seed(0)
+    layer = CSPNet(config, representation).layers[0]
+    edge_fan_in = 2 * 256 + representation.feature_dim + 6 * 128
+    groups = {edge_fan_in: (layer.edge_source, layer.edge_target, layer.edge_lattice, layer.edge_fourier),
+              2 * 256: (layer.node_self, layer.node_messages)}
+    for fan_in, parts in groups.items():
+        bound = 1 / math.sqrt(fan_in)
+        for part in parts:
+            for values in (part.weight, part.bias) if part.bias is not None else (part.weight,):
+                assert values.abs().max() <= bound
+                # uniform on +-bound: standard deviation bound / sqrt(3), within sampling error
+                assert abs(values.std().item() * math.sqrt(3) / bound - 1) < 0.15
