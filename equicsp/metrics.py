@@ -1,13 +1,15 @@
 """The CSP evaluation protocol (docs/method.md#evaluation): validity, match rate, RMSE, best of k.
 
-A prediction counts only when both it and the ground truth are valid (SMACT charge
-neutral composition, every interatomic distance > 0.5 A, volume > 0.1 A^3) and pymatgen's
-StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3) finds an rms distance.
+As the published evaluation (CDVAE's and DiffCSP's compute_metrics) does it: a prediction counts
+only when it is valid (SMACT charge-neutral composition, no two atoms closer than 0.5 A, volume at
+least 0.1 A^3) and pymatgen's StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3) finds an rms
+distance; with one sample the ground truth must be valid too, with k samples (best of k) it need not.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import signal
@@ -22,12 +24,16 @@ from pathlib import Path
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Element, Lattice, Structure
-from smact.screening import smact_validity
+from smact import Element as SmactElement
+from smact import metals, neutral_ratios
 from tqdm.auto import tqdm
 
 MIN_DISTANCE = 0.5  # Angstrom
 MIN_VOLUME = 0.1  # Angstrom^3
 MATCHER_TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)
+# Raised whenever a change to the scoring rules can change a score: evaluations logged under an earlier version
+# are not reused (2: the published evaluation's SMACT test and cut-offs, best of k without the ground truth's validity).
+SCORE_VERSION = 2
 # pymatgen's Niggli reduction can loop for minutes on an extreme sampled lattice.
 MATCH_TIMEOUT_S = 20.0
 MAX_CELL_LENGTH = 1000.0  # Angstrom
@@ -41,21 +47,25 @@ class MatchTimeout(Exception):
 
 @contextmanager
 def time_limit(seconds: float):
-    """Raise MatchTimeout after `seconds` of wall time (SIGALRM; a no-op off the main thread)."""
+    """Raise MatchTimeout after `seconds` of this process's CPU time (SIGPROF; a no-op off the main thread).
+
+    CPU time rather than wall time: on a loaded machine a slow but legitimate match would otherwise
+    time out, and the scores would depend on what else ran.
+    """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
 
     def expire(signum, frame):
-        raise MatchTimeout(f"no answer within {seconds:g} s")
+        raise MatchTimeout(f"no answer within {seconds:g} s of CPU time")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGPROF, expire)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 @dataclass(frozen=True)
@@ -98,22 +108,60 @@ class CrystalResult:
     leaked: bool | None = None  # a training crystal matches this test crystal (None: not checked)
 
 
+# The published evaluation skips the search when the oxidation states make more combinations than this.
+MAX_OXIDATION_COMBINATIONS = 10**7
+
+
 @lru_cache(maxsize=65536)
 def composition_valid(atom_types: tuple[int, ...]) -> bool:
-    """SMACT charge neutrality + Pauling test, with SMACT's original (2014) oxidation states as CDVAE."""
-    composition = Composition({Element.from_Z(z): atom_types.count(z) for z in set(atom_types)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return bool(smact_validity(composition, oxidation_states_set="smact14"))
+    """The published evaluation's SMACT test (CDVAE's smact_validity, which DiffCSP and EquiCSP run, on SMACT 2.2):
+    one element, or metals only, is valid; otherwise some combination of SMACT's 2014 oxidation states must be
+    charge neutral at the reduced stoichiometry and pass the Pauling electronegativity test.
+
+    Written on SMACT's pieces rather than calling today's smact_validity, which differs from that protocol where
+    an element has no Pauling electronegativity (Pm, noble gases): SMACT 2.2 raised a TypeError comparing a cation
+    with an anion and the protocol counted the test passed, where today's SMACT fails it. (Today's data also
+    corrects Zr's electronegativity, 0.33 in SMACT 2.2, to 1.33; that correction is kept.)
+    """
+    counts = {z: atom_types.count(z) for z in sorted(set(atom_types))}  # by atomic number, as the protocol orders them
+    symbols = [Element.from_Z(z).symbol for z in counts]
+    if len(symbols) == 1 or all(symbol in metals for symbol in symbols):
+        return True
+    divisor = math.gcd(*counts.values())
+    stoichs = [(count // divisor,) for count in counts.values()]
+    elements = [SmactElement(symbol) for symbol in symbols]
+    states = [element.oxidation_states_smact14 or [] for element in elements]
+    if math.prod(len(options) for options in states) > MAX_OXIDATION_COMBINATIONS:
+        return False
+    electronegativities = [element.pauling_eneg for element in elements]
+    threshold = max(stoich for (stoich,) in stoichs)
+    return any(neutral_ratios(oxidations, stoichs=stoichs, threshold=threshold)
+               and pauling_test_as_published(oxidations, electronegativities)
+               for oxidations in itertools.product(*states))
+
+
+def pauling_test_as_published(oxidations: tuple[int, ...], electronegativities: list[float | None]) -> bool:
+    """SMACT 2.2's Pauling test, pair by pair in order: a cation must be less electronegative than an anion. A pair
+    of a cation and an anion with an electronegativity missing passes the whole test (the TypeError the protocol
+    caught); any other pair with one missing fails it."""
+    for (ox1, en1), (ox2, en2) in itertools.combinations(zip(oxidations, electronegativities), 2):
+        if (ox1 > 0 and ox2 < 0) or (ox1 < 0 and ox2 > 0):
+            if en1 is None or en2 is None:
+                return True
+            if (ox1 > 0 and en1 >= en2) or (ox1 < 0 and en1 <= en2):
+                return False
+        elif en1 is None or en2 is None:
+            return False
+    return True
 
 
 def structure_problem(structure) -> str:
     """"" for a structurally valid crystal, else why not."""
-    if not math.isfinite(structure.volume) or structure.volume <= MIN_VOLUME:
-        return f"volume {structure.volume:.3g} A^3 <= {MIN_VOLUME}"
+    if not math.isfinite(structure.volume) or structure.volume < MIN_VOLUME:
+        return f"volume {structure.volume:.3g} A^3 < {MIN_VOLUME}"
     closest = closest_distance(structure)
-    if closest <= MIN_DISTANCE:
-        return f"atoms {closest:.2f} A apart (<= {MIN_DISTANCE})"
+    if closest < MIN_DISTANCE:
+        return f"atoms {closest:.2f} A apart (< {MIN_DISTANCE})"
     return ""
 
 
@@ -160,12 +208,37 @@ def extreme_lattice_problem(crystal: CrystalArrays) -> str:
     return ""
 
 
+def matchable_structure(crystal: CrystalArrays) -> tuple[Structure | None, str]:
+    """The crystal as a Structure safe to hand to StructureMatcher, or None and why not (extreme_lattice_problem).
+
+    A cell that looks extreme may be a skewed basis of an ordinary lattice, which the matcher would reduce and
+    match: such a cell is judged, and matched, by its LLL-reduced basis (the same lattice and structure).
+    """
+    problem = extreme_lattice_problem(crystal)
+    if not problem:
+        return crystal.to_structure(), ""
+    try:
+        with time_limit(MATCH_TIMEOUT_S):
+            reduced = crystal.to_structure().get_reduced_structure("LLL")
+    except Exception:
+        return None, problem
+    lattice = reduced.lattice
+    reduced_crystal = CrystalArrays.of(crystal.atom_types, reduced.frac_coords, lattice.abc, lattice.angles)
+    if extreme_lattice_problem(reduced_crystal):
+        return None, problem
+    return reduced, ""
+
+
 def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalResult:
-    """Best-of-k match of the predictions for one ground truth."""
+    """Best-of-k match of the predictions for one ground truth.
+
+    As the published evaluation: with one sample the ground truth must be valid (its RecEval), with several it
+    need not be (its RecEvalBatch checks only the predictions).
+    """
     index, truth, predictions = job
     formula = _formula(truth.atom_types) if truth.atom_types else ""
     result = CrystalResult(index, formula, len(truth.atom_types), False, math.nan, -1, 0, len(predictions), "")
-    problem = validity_problem(truth)
+    problem = validity_problem(truth) if len(predictions) <= 1 else ""
     if problem:
         result.reason = f"ground truth invalid: {problem}"
         return result
@@ -173,7 +246,11 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
         result.reason = "no sample"
         return result
     matcher = StructureMatcher(**MATCHER_TOLERANCES)
-    truth_structure = truth.to_structure()
+    try:
+        truth_structure = truth.to_structure()
+    except Exception as error:
+        result.reason = f"ground truth invalid: invalid lattice: {error}"
+        return result
     reasons = []
     for sample, prediction in enumerate(predictions):
         problem = validity_problem(prediction)
@@ -181,14 +258,14 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
             reasons.append(problem)
             continue
         result.valid_samples += 1
-        extreme = extreme_lattice_problem(prediction)
-        if extreme:
+        structure, extreme = matchable_structure(prediction)
+        if structure is None:
             reasons.append(f"not matched: {extreme}")
             continue
         try:
             with warnings.catch_warnings(), time_limit(MATCH_TIMEOUT_S):
                 warnings.simplefilter("ignore")
-                rms = matcher.get_rms_dist(prediction.to_structure(), truth_structure)
+                rms = matcher.get_rms_dist(structure, truth_structure)
         except Exception as error:  # e.g. Niggli reduction of an extreme sampled lattice
             reasons.append(f"matcher failed: {type(error).__name__}: {error}")
             continue

@@ -99,3 +99,72 @@ def test_a_non_finite_sample_is_invalid_and_not_written_as_a_cif(tiny_dataset, t
                               torch.tensor(truth.angles))]
     with zipfile.ZipFile(write_predictions(sampled, {0: "SrTiO3"}, tmp_path / "p.zip")) as archive:
         assert archive.read(archive.namelist()[0]).decode().startswith("# not writable")
+
+
+def test_smact_validity_follows_the_published_evaluation():
+    """CDVAE's smact_validity on SMACT 2.2: a cation-anion pair with no Pauling electronegativity (Pm) passes the
+    test, another pair without one fails it, and more than 10^7 oxidation-state combinations are not searched."""
+    assert composition_valid((7, 61))  # PmN: Pm(+3) N(-3), Pm has no electronegativity
+    assert composition_valid((8, 8, 8, 61, 61))  # Pm2O3
+    assert not composition_valid((11, 53, 53, 53, 53, 61))  # NaPmI4: Na(+1) and Pm(+3) compared, Pm has none
+    # Mn Os Ir Tc Ru Re C N Si O: 3.7e8 combinations (today's SMACT would search them all)
+    assert not composition_valid(tuple(sorted((25, 76, 77, 43, 44, 75, 6, 7, 14, 8))))
+    assert composition_valid((26, 26))  # one element
+    assert composition_valid((11, 17))  # NaCl
+
+
+def test_atoms_exactly_half_an_angstrom_apart_are_valid():
+    """The published cut-offs are strict: distances below 0.5 A and volumes below 0.1 A^3 are invalid."""
+    from equicsp.metrics import structure_problem
+
+    edge = CrystalArrays.of([6, 6], [[0, 0, 0], [0.0625, 0, 0]], (8.0, 8.0, 8.0), (90.0, 90.0, 90.0))
+    assert edge.to_structure().distance_matrix[0, 1] == 0.5 and structure_problem(edge.to_structure()) == ""
+    closer = CrystalArrays.of([6, 6], [[0, 0, 0], [0.06, 0, 0]], (8.0, 8.0, 8.0), (90.0, 90.0, 90.0))
+    assert "apart" in structure_problem(closer.to_structure())
+
+
+def test_best_of_k_does_not_ask_the_ground_truth_to_be_valid_but_one_sample_does(tiny_dataset):
+    """The published evaluation's RecEval (k = 1) skips an invalid ground truth; RecEvalBatch (k > 1) does not."""
+    truth = crystals_of(tiny_dataset, 1)[0]  # a cubic cell
+
+    def with_atoms_apart(distance):  # the second atom moved to `distance` A along x from the first
+        coords = np.array(truth.frac_coords)
+        coords[1] = coords[0] + np.array([distance, 0, 0]) / np.array(truth.lengths)
+        return CrystalArrays.of(truth.atom_types, coords % 1, truth.lengths, truth.angles)
+
+    crowded, valid = with_atoms_apart(0.45), with_atoms_apart(0.55)
+    [one] = evaluate_matches([crowded], [[crowded]], processes=1, show_progress=False)
+    assert not one.matched and one.reason.startswith("ground truth invalid")
+    [several] = evaluate_matches([crowded], [[crowded, valid]], processes=1, show_progress=False)
+    assert several.matched and several.best_sample == 1 and several.valid_samples == 1
+
+
+def test_a_skewed_basis_of_the_right_lattice_is_matched_by_its_reduced_cell(tiny_dataset):
+    """A cell that only looks extreme (c' = c + 60 a, 300 A long) is the same lattice: its LLL basis is matched."""
+    truth = crystals_of(tiny_dataset, 1)[0]
+    structure = truth.to_structure()
+    skew = np.array([[1, 0, 0], [0, 1, 0], [60, 0, 1]])
+    skewed_lattice = type(structure.lattice)(skew @ structure.lattice.matrix)
+    coords = structure.frac_coords @ np.linalg.inv(skew)
+    skewed = CrystalArrays.of(truth.atom_types, coords % 1, skewed_lattice.abc, skewed_lattice.angles)
+    assert extreme_lattice_problem(skewed)
+    [result] = evaluate_matches([truth], [[skewed]], processes=1, show_progress=False)
+    assert result.matched and result.rms < 1e-4
+    needle = CrystalArrays.of(truth.atom_types, truth.frac_coords, (3.9, 3.9, 5e6), (90.0, 90.0, 90.0))
+    [result] = evaluate_matches([truth], [[needle]], processes=1, show_progress=False)
+    assert not result.matched and "cell length" in result.reason
+
+
+def test_the_match_time_limit_counts_cpu_time_not_waiting():
+    import time
+
+    import pytest
+
+    from equicsp.metrics import MatchTimeout, time_limit
+
+    with time_limit(0.2):
+        time.sleep(0.5)  # waiting (a loaded machine) is not the matcher's time
+    with pytest.raises(MatchTimeout):
+        with time_limit(0.2):
+            while True:
+                sum(range(1000))
