@@ -238,6 +238,10 @@ class CrystalDataset(torch.utils.data.Dataset):
     def max_atoms(self) -> int:
         return int(self.num_atoms.max())
 
+    def content_key(self) -> str:
+        """A digest of the crystals themselves (not of the file they came from)."""
+        return cache_key(self.atom_types, self.frac_coords, self.lengths, self.angles, self.num_atoms)
+
     def subset(self, indices: list[int]) -> "CrystalDataset":
         items = [self[i] for i in indices]
         return CrystalDataset(stack_crystals(items), [self.metadata[i] for i in indices], self.report)

@@ -23,7 +23,7 @@ from equicsp.cache import cache_dir, cache_key, write_text_atomically
 from equicsp.data import CrystalDataset
 from equicsp.metrics import MATCH_TIMEOUT_S, MATCHER_TOLERANCES, CrystalArrays, CrystalResult, parallel_map, time_limit
 
-LEAKAGE_VERSION = 1
+LEAKAGE_VERSION = 2  # 2: a match is get_rms_dist's answer, as in the CSP score (1 asked fit, which is stricter)
 
 LeakJob = tuple[CrystalArrays, list[CrystalArrays]]  # (test crystal, training crystals of its reduced composition)
 
@@ -44,10 +44,6 @@ def crystal_arrays(dataset: CrystalDataset, index: int) -> CrystalArrays:
     return CrystalArrays.of(item.atom_types, item.frac_coords, item.lengths[0], item.angles[0])
 
 
-def dataset_key(dataset: CrystalDataset) -> str:
-    return cache_key(dataset.atom_types, dataset.frac_coords, dataset.lengths, dataset.angles, dataset.num_atoms)
-
-
 def is_leaked(job: LeakJob) -> bool:
     """Whether any of the candidate training crystals matches the test crystal."""
     test, candidates = job
@@ -59,7 +55,7 @@ def is_leaked(job: LeakJob) -> bool:
         try:
             with warnings.catch_warnings(), time_limit(MATCH_TIMEOUT_S):
                 warnings.simplefilter("ignore")
-                if matcher.fit(structure, candidate.to_structure()):
+                if matcher.get_rms_dist(structure, candidate.to_structure()) is not None:
                     return True
         except Exception:  # a pair the matcher cannot handle in time is not counted as leaked
             continue
@@ -69,7 +65,7 @@ def is_leaked(job: LeakJob) -> bool:
 def leaked_test_crystals(train: CrystalDataset, test: CrystalDataset, processes: int | None = None,
                          show_progress: bool = True) -> list[bool]:
     """One flag per test crystal (dataset order): a training crystal of its reduced composition matches it."""
-    key = cache_key(LEAKAGE_VERSION, dataset_key(train), dataset_key(test), MATCHER_TOLERANCES)
+    key = cache_key(LEAKAGE_VERSION, train.content_key(), test.content_key(), MATCHER_TOLERANCES)
     path = cache_dir() / "leakage" / f"{key}.json"
     if path.exists():
         try:
@@ -93,7 +89,7 @@ def leaked_test_crystals(train: CrystalDataset, test: CrystalDataset, processes:
 
 @dataclass
 class LeakageSummary:
-    leaked_fraction: float  # of the test crystals that could be read
+    leaked_fraction: float  # of the evaluated test crystals that could be read
     unleaked_match_rate: float
     unleaked_rmse: float  # nan when no unleaked crystal matched
     num_unleaked: int
@@ -108,7 +104,8 @@ def summarise_leakage(results: list[CrystalResult], leaked: list[bool]) -> Leaka
     """
     unleaked = [r for r in results if r.index < 0 or not leaked[r.index]]
     rms = [r.rms for r in unleaked if r.matched]
-    return LeakageSummary(leaked_fraction=sum(leaked) / max(len(leaked), 1),
+    checked = [leaked[r.index] for r in results if r.index >= 0]  # the evaluated crystals only (--limit)
+    return LeakageSummary(leaked_fraction=sum(checked) / max(len(checked), 1),
                           unleaked_match_rate=len(rms) / len(unleaked) if unleaked else math.nan,
                           unleaked_rmse=float(np.mean(rms)) if rms else math.nan,
                           num_unleaked=len(unleaked))

@@ -31,10 +31,10 @@ def test_copies_and_supercells_of_training_crystals_are_leaked_and_others_not(ti
     assert leaked_test_crystals(train, test, processes=1, show_progress=False) == [True, True, False, False]
     supercell = shifted_supercell(tiny_dataset, 1)
     assert leaked_test_crystals(train, supercell, processes=1, show_progress=False) == [True]
-    # A different structure of the same composition (crystal 1's atoms in crystal 0's cell shape) is not leaked.
+    # A different structure of the same composition (crystal 1's atoms, its cell stretched to c / a = 2) is not leaked.
     twin = tiny_dataset.subset([1])
     twin.frac_coords = torch.rand(twin.frac_coords.shape, generator=torch.Generator().manual_seed(0))
-    twin.lengths = twin.lengths * 1.7
+    twin.lengths = twin.lengths * torch.tensor([1.0, 1.0, 2.0])
     assert leaked_test_crystals(train, twin, processes=1, show_progress=False) == [False]
 
 
@@ -54,3 +54,25 @@ def test_unleaked_scores_leave_out_the_leaked_crystals():
     assert summary.leaked_fraction == 0.5
     assert summary.num_unleaked == 3  # crystals 1 and 2 and the unreadable row
     assert summary.unleaked_match_rate == 1 / 3 and summary.unleaked_rmse == 0.3
+
+
+def test_a_leak_is_what_the_csp_score_calls_a_match(tiny_dataset):
+    """The same question as the match rate's, get_rms_dist: one atom moved 1.5 A is within its rms tolerance, though
+    beyond fit's per-site one, and is leaked."""
+    from equicsp.metrics import CrystalArrays, evaluate_matches
+
+    train = tiny_dataset.subset([0])
+    moved = tiny_dataset.subset([0])
+    moved.frac_coords[1] += torch.tensor([1.5, 0.0, 0.0]) / moved.lengths[0]
+    truth, prediction = (CrystalArrays.of(d[0].atom_types, d[0].frac_coords % 1, d[0].lengths[0], d[0].angles[0])
+                         for d in (moved, train))
+    [scored] = evaluate_matches([truth], [[prediction]], processes=1, show_progress=False)
+    assert scored.matched
+    assert leaked_test_crystals(train, moved, processes=1, show_progress=False) == [True]
+
+
+def test_the_leaked_fraction_is_of_the_evaluated_crystals():
+    """With --limit only the first crystals are scored: the leaked fraction is theirs, not the whole test set's."""
+    results = [CrystalResult(0, "X", 5, True, 0.1, 0, 1, 1, ""), CrystalResult(1, "X", 5, False, math.nan, -1, 1, 1, "")]
+    summary = summarise_leakage(results, [True, False, False, False, False, False])
+    assert summary.leaked_fraction == 0.5
