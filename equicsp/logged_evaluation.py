@@ -20,7 +20,7 @@ from equicsp.evaluation_report import copy_report, summary_record, write_report
 from equicsp.generation import generate, num_atoms_distribution, score_generated, write_generated
 from equicsp.generation_metrics import thresholds_for
 from equicsp.leakage import LeakageSummary
-from equicsp.metrics import MatchSummary
+from equicsp.metrics import SCORE_VERSION, MatchSummary
 from equicsp.ray_evaluation import SamplingPool, evaluate_checkpoint
 from equicsp.sampler import with_sampler_options
 
@@ -61,8 +61,8 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
         dataset = model_split("test")
     if dataset.report.skipped and show_progress:
         print(dataset.report.summary())
-    run_key = "evaluate:" + cache_key(run_id, data or model_config.data.path, dataset.num_atoms.tolist(),
-                                      dataset.frac_coords.sum().item(), asdict(settings))[:16]
+    run_key = "evaluate:" + cache_key(SCORE_VERSION, run_id, data or model_config.data.path, dataset.content_key(),
+                                      asdict(settings))[:16]
     params = {**asdict(settings), "data": data or f"{model_config.data.path} (test)",
               "training_run_id": run_id}
     finished = tracking.find_finished_run(uri, run_id, run_key)
@@ -126,7 +126,7 @@ def log_generation_run(uri: str, run_id: str, settings: dict, metrics: dict[str,
 
 
 def generation_run_key(settings: dict) -> str:
-    return "generation-" + cache_key(settings)[:16]
+    return "generation-" + cache_key(SCORE_VERSION, settings)[:16]
 
 
 def generate_for_logged_run(run_id: str, num: int, seed: int = 0, step_lr: float | None = None,

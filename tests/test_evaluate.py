@@ -15,6 +15,7 @@ from equicsp.config import make_config
 from equicsp.csp import EvaluationSettings
 from equicsp.denoiser import build_denoiser
 from equicsp.evaluate import main as evaluate_main
+from equicsp.metrics import SCORE_VERSION
 from equicsp.ray_evaluation import evaluate_checkpoint
 
 
@@ -175,7 +176,7 @@ def test_a_shared_model_sampled_as_another_arm_is_that_arms_sampler(ray_two_cpus
 
 @pytest.mark.slow
 def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ray_two_cpus, memorised_model,
-                                                                               tmp_path, capsys):
+                                                                               tmp_path, capsys, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config, checkpoint_path = memorised_model
     trained_run = log_as_training_run(uri, checkpoint_path, config, "trained")
@@ -206,6 +207,12 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
     runs = tracking.client(uri).search_runs([tracking.get_run(uri, trained_run).info.experiment_id],
                                             filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
     assert len(runs) == 1
+    # Once the scoring rules change, an earlier evaluation is not the answer any more.
+    monkeypatch.setattr("equicsp.logged_evaluation.SCORE_VERSION", SCORE_VERSION + 1)
+    evaluate_main(["--run-id", trained_run, "--tracking-uri", uri, "--num-samples", "4", "--workers", "2"])
+    runs = tracking.client(uri).search_runs([tracking.get_run(uri, trained_run).info.experiment_id],
+                                            filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
+    assert len(runs) == 2
 
 
 def test_bad_rows_in_the_test_file_are_reported_and_count_as_not_matched(ray_two_cpus, tiny_csv, tmp_path):
