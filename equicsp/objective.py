@@ -80,8 +80,13 @@ class PermutationLoss:
 
     One random non-identity permutation per crystal, keyed like the noise; the plain and the
     permuted input go through the denoiser as one batch, and gradients flow through both.
-    The atom-type head (generation) should be invariant, P acting as the identity on types.
+    The atom-type head (generation) should be invariant, P acting as the identity on types; its
+    term is weighted like the type loss (type_weight), as the public EquiCSP code weights it
+    (its cost_replace_type, 20 like cost_type).
     """
+
+    def __init__(self, type_weight: float = 1.0):
+        self.type_weight = type_weight
 
     def forward_with_loss(self, denoiser: nn.Module, batch, noised: NoisedBatch, seed: int, step: Step):
         """(the plain pass's DenoiserOutput fields, L_perm)."""
@@ -100,7 +105,7 @@ class PermutationLoss:
         plain_types = None
         if both.type_noise is not None:
             plain_types, perm_types = both.type_noise.split(total_atoms)
-            loss = loss + mse(perm_types, plain_types, atoms)
+            loss = loss + self.type_weight * mse(perm_types, plain_types, atoms)
         return (plain_lattice, plain_coord, plain_score, plain_types), loss
 
 
@@ -112,8 +117,9 @@ class Objective:
         weights: ObjectiveConfig = diffusion.config.objective
         self.coord_noise_weight = weights.coord_noise_weight
         self.perm_weight = weights.perm_loss_weight
-        self.permutation_loss = PermutationLoss() if weights.perm_loss and weights.perm_loss_weight > 0 else None
         self.type_noise_weight = weights.type_noise_weight
+        self.permutation_loss = (PermutationLoss(self.type_noise_weight)
+                                 if weights.perm_loss and weights.perm_loss_weight > 0 else None)
         self.loss_names = GENERATION_LOSS_NAMES if diffusion.types is not None else CSP_LOSS_NAMES
 
     def __call__(self, batch, seed: int = 0, step: Step = 0) -> LossTerms:

@@ -102,6 +102,24 @@ def test_objective_has_a_type_term(arm):
     loss.total.backward()
 
 
+def test_the_permutation_losss_type_term_is_weighted_like_the_type_loss():
+    """The public EquiCSP code weights L_perm's type term by cost_replace_type, 20 like the type loss's cost_type."""
+    config = generation_config("equicsp")
+    torch.manual_seed(0)
+    objective = Objective(Diffusion(config), build_denoiser(config))
+    batch = random_batch([3, 5], dtype=torch.float32)
+    as_built = objective(batch, seed=0, step=1).perm
+
+    def perm_with_type_weight(weight):
+        objective.permutation_loss.type_weight = weight
+        return objective(batch, seed=0, step=1).perm
+
+    without_types = perm_with_type_weight(0.0)
+    type_term = perm_with_type_weight(1.0) - without_types
+    assert type_term > 0
+    assert torch.allclose(as_built, without_types + config.objective.type_noise_weight * type_term)
+
+
 def test_csp_objective_is_unchanged():
     config = make_config("smoke", "equicsp", FAST)
     loss = Objective(Diffusion(config), build_denoiser(config))(random_batch([3, 5], dtype=torch.float32))
