@@ -193,6 +193,10 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Generation samples at its own step sizes (DiffCSP's and EquiCSP's recommended ab initio values; none for MPTS-52).
+GENERATION_STEP_LR = {"perov_5": 1e-6, "carbon_24": 1e-5, "mp_20": 5e-6}
+
+
 def make_config(preset: str = "perov_5", objective_preset: str = "equicsp",
                 overrides: dict[str, Any] | None = None) -> Config:
     """A dataset preset, an objective preset (a Table 2 row), then `section.field` overrides."""
@@ -204,8 +208,12 @@ def make_config(preset: str = "perov_5", objective_preset: str = "equicsp",
     sections = dict(DATASET_PRESETS[preset])
     if objective.lattice == "matrix":  # DiffCSP's own network: no per-crystal mean in the coordinate heads
         sections["model"] = replace(sections.get("model", ModelConfig()), context_mean=False)
-    config = Config(preset=preset, objective_preset=objective_preset, objective=objective, **sections)
-    return apply_overrides(config, overrides or {}).validate()
+    config = apply_overrides(Config(preset=preset, objective_preset=objective_preset, objective=objective, **sections),
+                             overrides or {})
+    chosen = {RENAMED_FIELDS.get(name, name) for name in overrides or {}}
+    if config.diffusion.task == "generation" and preset in GENERATION_STEP_LR and "sampler.step_lr" not in chosen:
+        config = replace(config, sampler=replace(config.sampler, step_lr=GENERATION_STEP_LR[preset]))
+    return config.validate()
 
 
 def _field_types(section_cls: type) -> dict[str, Any]:

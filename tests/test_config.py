@@ -133,3 +133,15 @@ def test_configs_saved_under_the_old_weight_names_still_read():
     assert config.objective.coord_noise_weight == 1.0 and config.objective.type_noise_weight == 5.0
     assert resume_differences(flatten(saved), replace(config, objective=replace(config.objective,
                                                                               type_noise_weight=5.0))) == []
+
+
+def test_generation_samples_at_the_generation_step_sizes_unless_one_is_given():
+    """DiffCSP's and EquiCSP's ab initio step sizes differ from their CSP ones (Perov-5 1e-6 against 5e-7)."""
+    generation = {"diffusion.task": "generation"}
+    steps = {preset: make_config(preset, "equicsp", generation).sampler.step_lr for preset in ("perov_5", "carbon_24",
+                                                                                               "mp_20", "mpts_52")}
+    assert steps == {"perov_5": 1e-6, "carbon_24": 1e-5, "mp_20": 5e-6, "mpts_52": 1e-5}
+    assert make_config("perov_5").sampler.step_lr == 5e-7
+    assert make_config("perov_5", "equicsp", {**generation, "sampler.step_lr": 3e-6}).sampler.step_lr == 3e-6
+    stored = make_config("perov_5", "equicsp", {**generation, "sampler.step_lr": 3e-6})
+    assert config_from_dict(stored.to_dict()) == stored
