@@ -28,9 +28,11 @@ PROFILES = {
         overrides={"optim.epochs": 40, "run.checkpoint_every": 20, "sampler.batch_size": 25},
         step_lr=FloatRange(3e-5, 3e-3, log=True), step_lr_trials=3, step_lr_crystals=25, test_samples=1,
         num_generated=100),
-    # The paper's training settings (the dataset preset's model size and epochs), three seeds.
+    # The paper's training settings (the dataset preset's model size and epochs), three seeds, and the reference
+    # codes' sampler: no clamp of the implied clean lattice or types (README, How it follows the paper).
     "paper": SweepSpec(
         name="ablation-paper", preset="mp_20", seeds=(0, 1, 2), trials_per_cell=4,
+        overrides={"sampler.clip_lattice": False, "sampler.clip_types": False},
         step_lr=FloatRange(1e-7, 1e-4, log=True), step_lr_trials=12, step_lr_crystals=256, test_samples=1,
         num_generated=10000),
 }

@@ -282,6 +282,16 @@ def test_the_sweep_scripts_refuse_bad_input_before_ray_starts(tmp_path, capsys):
             validate_spec(profile)
 
 
+def test_the_paper_profile_samples_as_the_reference_codes_do():
+    """No clamp of the implied clean lattice or types: the reference codes' reverse step, CSP and generation."""
+    paper = load_script("ablation").PROFILES["paper"]
+    for task in ("csp", "generation"):
+        for arm in ("equicsp", "diffcsp"):
+            sampler = replace(paper, task=task).config_for(arm, {}).sampler
+            assert not sampler.clip_lattice and not sampler.clip_types
+    assert load_script("ablation").PROFILES["smoke"].config_for("equicsp", {}).sampler.clip_lattice
+
+
 @pytest.mark.slow
 def test_the_hyperparameter_sweep_with_early_stopping_finishes_and_closes_stopped_runs(tmp_path):
     tiny = [pair for pair in TINY if not pair.startswith(("optim.epochs", "model.hidden_dim"))] + ["optim.epochs=8"]
