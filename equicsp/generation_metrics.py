@@ -1,10 +1,11 @@
 """Scoring generated crystals against a reference set (docs/method.md#generation-metrics).
 
 The protocol of CDVAE, which DiffCSP and the paper report:
-- validity over every generated crystal: structural (all pair distances > 0.5 A, volume > 0.1 A^3),
-  compositional (SMACT), both;
+- validity over every generated crystal: structural (no two atoms closer than 0.5 A, volume at least
+  0.1 A^3), compositional (SMACT), and valid: both, with a structure fingerprint CrystalNN could compute;
 - coverage from fingerprints: the mean over sites of CrystalNN's "ops" site fingerprint (structure),
-  and the Magpie element-property fingerprint of the composition, standardised. COV-R is the
+  and the Magpie element-property fingerprint of the composition, standardised with CDVAE's fixed
+  statistics (protocol/cdvae_magpie_scaler.json), to which the cut-offs belong. COV-R is the
   fraction of reference crystals whose nearest generated structure fingerprint is within
   delta_s and nearest generated composition fingerprint within delta_c (the two nearest are
   taken separately, as CDVAE's code does); COV-P the same for generated crystals against the
@@ -16,10 +17,12 @@ The formation-energy distance needs a trained property model and is not computed
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from scipy.spatial.distance import cdist
@@ -69,10 +72,12 @@ class CrystalProperties:
     fingerprint_problem: str  # "" when both fingerprints exist
     structure_fp: np.ndarray | None = field(default=None, repr=False)  # (61,)
     composition_fp: np.ndarray | None = field(default=None, repr=False)  # (132,)
+    crystalnn_failed: bool = False  # CrystalNN raised or ran out of time on this structure
 
     @property
     def valid(self) -> bool:
-        return self.struct_valid and self.comp_valid
+        """As the published evaluation: structurally and compositionally valid, and CrystalNN did not fail on it."""
+        return self.struct_valid and self.comp_valid and not self.crystalnn_failed
 
     def row(self) -> dict[str, object]:
         """A CSV row: everything but the fingerprints."""
@@ -118,6 +123,7 @@ def describe(job: tuple[int, CrystalArrays]) -> CrystalProperties:
         fingerprint_problem = extreme_lattice_problem(crystal)
         if not fingerprint_problem:
             structure_fp, fingerprint_problem = _structure_fingerprint(structure)
+            result.crystalnn_failed = structure_fp is None
     result.fingerprint_problem = fingerprint_problem
     if structure_fp is not None:
         with warnings.catch_warnings():
@@ -172,26 +178,22 @@ def describe_all(crystals: list[CrystalArrays], processes: int | None = None, sh
 
 @dataclass(frozen=True)
 class CompositionScaler:
-    """Standardisation of the Magpie fingerprints; NaN entries (elements Magpie lacks data for) become 0.
-
-    CDVAE standardises with fixed statistics of its own; here they are fitted on the reference
-    set, so a dataset's coverage does not depend on statistics of another one.
-    """
+    """Standardisation of the Magpie fingerprints; NaN entries (elements Magpie lacks data for) become 0."""
 
     means: np.ndarray
     stds: np.ndarray
 
     @classmethod
-    def fit(cls, fingerprints: np.ndarray) -> "CompositionScaler":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an all-NaN column
-            means, stds = np.nanmean(fingerprints, axis=0), np.nanstd(fingerprints, axis=0)
-        means = np.nan_to_num(means)
-        stds = np.where(np.isfinite(stds) & (stds > 0), stds, 1.0)
-        return cls(means, stds)
+    @lru_cache(maxsize=1)
+    def published(cls) -> "CompositionScaler":
+        """CDVAE's fixed statistics, with which DiffCSP and EquiCSP score every dataset: the composition cut-offs
+        (4, 10) are distances on this scale. Statistics of the reference set would give another scale (on Perov-5,
+        test crystals against the others, composition recall at 4 fell from 0.62 to 0.28)."""
+        stored = json.loads((Path(__file__).parent / "protocol" / "cdvae_magpie_scaler.json").read_text())
+        return cls(np.asarray(stored["means"], dtype=float), np.asarray(stored["stds"], dtype=float))
 
     def transform(self, fingerprints: np.ndarray) -> np.ndarray:
-        return np.nan_to_num((fingerprints - self.means) / self.stds, nan=0.0)
+        return np.where(np.isnan(fingerprints), 0.0, (fingerprints - self.means) / self.stds)
 
 
 def coverage(structure_fps: np.ndarray, composition_fps: np.ndarray, ref_structure_fps: np.ndarray,
@@ -251,9 +253,8 @@ def generation_metrics(generated: list[CrystalProperties], reference: list[Cryst
         return metrics
     structure_fps, composition_fps = _fingerprint_arrays(generated)
     ref_structure_fps, ref_composition_fps = _fingerprint_arrays(reference)
-    scaler = CompositionScaler.fit(ref_composition_fps) if len(ref_composition_fps) else None
-    if scaler is not None:
-        composition_fps, ref_composition_fps = scaler.transform(composition_fps), scaler.transform(ref_composition_fps)
+    scaler = CompositionScaler.published()
+    composition_fps, ref_composition_fps = scaler.transform(composition_fps), scaler.transform(ref_composition_fps)
     metrics.update(coverage(structure_fps, composition_fps, ref_structure_fps, ref_composition_fps, thresholds,
                             num_generated=len(generated)))
     metrics.update(property_distances(generated, reference))

@@ -32,7 +32,8 @@ MIN_DISTANCE = 0.5  # Angstrom
 MIN_VOLUME = 0.1  # Angstrom^3
 MATCHER_TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)
 # Raised whenever a change to the scoring rules can change a score: evaluations logged under an earlier version
-# are not reused (2: the published evaluation's SMACT test and cut-offs, best of k without the ground truth's validity).
+# are not reused (2: the published evaluation's SMACT test and cut-offs, best of k without the ground truth's validity;
+# generation: CDVAE's Magpie statistics, CrystalNN failures invalid).
 SCORE_VERSION = 2
 # pymatgen's Niggli reduction can loop for minutes on an extreme sampled lattice.
 MATCH_TIMEOUT_S = 20.0

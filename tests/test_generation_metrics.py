@@ -14,6 +14,7 @@ from equicsp.generation_metrics import (
     generation_metrics,
     property_distances,
     thresholds_for,
+    validity_rates,
 )
 from equicsp.metrics import CrystalArrays
 
@@ -80,9 +81,41 @@ def test_wasserstein_uses_valid_generated_crystals_only():
 
 
 def test_composition_scaler_standardises_and_zeroes_nan():
-    fingerprints = points([1.0, 5.0, np.nan], [3.0, 5.0, np.nan])
-    scaled = CompositionScaler.fit(fingerprints).transform(fingerprints)
-    assert np.allclose(scaled[:, 0], [-1.0, 1.0]) and np.allclose(scaled[:, 1:], 0.0)
+    scaler = CompositionScaler(np.array([2.0, 5.0, 0.0]), np.array([1.0, 2.0, 1.0]))
+    scaled = scaler.transform(points([1.0, 5.0, np.nan], [3.0, 9.0, np.nan]))
+    assert np.allclose(scaled, [[-1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+
+
+def test_compositions_are_standardised_with_cdvaes_fixed_statistics():
+    """The published cut-offs (4, 10) are distances on CDVAE's scale, the same for every dataset."""
+    from matminer.featurizers.composition.composite import ElementProperty
+    from pymatgen.core import Composition
+
+    scaler = CompositionScaler.published()
+    assert scaler.means.shape == scaler.stds.shape == (132,) and (scaler.stds > 0).all()
+    assert scaler.means[0] == pytest.approx(21.194441759304013) and scaler.stds[0] == pytest.approx(16.35781741152948)
+    magpie = ElementProperty.from_preset("magpie")
+    assert len(magpie.feature_labels()) == 132
+    srtio3 = scaler.transform(np.array([magpie.featurize(Composition("SrTiO3"))], dtype=float))
+    assert np.isfinite(srtio3).all() and np.abs(srtio3).max() < 10
+
+
+def test_a_crystal_crystalnn_fails_on_is_not_valid(monkeypatch):
+    """As the published evaluation: a structure whose fingerprint cannot be computed counts as invalid."""
+    import equicsp.generation_metrics as metrics
+
+    class Failing:
+        def featurize(self, structure, index):
+            raise ValueError("no neighbours")
+
+    srtio3 = CrystalArrays.of([38, 22, 8, 8, 8], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5],
+                                                   [0, 0.5, 0.5]], [3.9, 3.9, 3.9], [90, 90, 90])
+    assert describe((0, srtio3)).valid
+    monkeypatch.setattr(metrics, "_featurizers", lambda: (Failing(), None))
+    failed = describe((0, srtio3))
+    assert failed.struct_valid and failed.comp_valid and not failed.valid
+    assert "CrystalNN failed" in failed.fingerprint_problem
+    assert validity_rates([failed])["valid"] == 0.0 and validity_rates([failed])["struct_valid"] == 1.0
 
 
 def test_thresholds_are_cdvaes():
