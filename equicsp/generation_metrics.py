@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from equicsp.metrics import (
     CrystalArrays,
     composition_valid,
-    extreme_lattice_problem,
     parallel_map,
     structure_problem,
     time_limit,
+    tractable_structure,
 )
 
 FINGERPRINT_TIMEOUT_S = 60.0  # CrystalNN on a strange sampled cell can take very long
@@ -120,9 +120,9 @@ def describe(job: tuple[int, CrystalArrays]) -> CrystalProperties:
     if structure is None or structure.volume <= 0.1:
         fingerprint_problem = f"no structure fingerprint: {structure_problem_}"
     else:
-        fingerprint_problem = extreme_lattice_problem(crystal)
-        if not fingerprint_problem:
-            structure_fp, fingerprint_problem = _structure_fingerprint(structure)
+        tractable, fingerprint_problem = tractable_structure(crystal)
+        if tractable is not None:
+            structure_fp, fingerprint_problem = _structure_fingerprint(tractable)
             result.crystalnn_failed = structure_fp is None
     result.fingerprint_problem = fingerprint_problem
     if structure_fp is not None:

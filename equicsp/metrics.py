@@ -209,11 +209,12 @@ def extreme_lattice_problem(crystal: CrystalArrays) -> str:
     return ""
 
 
-def matchable_structure(crystal: CrystalArrays) -> tuple[Structure | None, str]:
-    """The crystal as a Structure safe to hand to StructureMatcher, or None and why not (extreme_lattice_problem).
+def tractable_structure(crystal: CrystalArrays) -> tuple[Structure | None, str]:
+    """The crystal as a Structure safe to hand to StructureMatcher or CrystalNN, or None and why not
+    (extreme_lattice_problem).
 
     A cell that looks extreme may be a skewed basis of an ordinary lattice, which the matcher would reduce and
-    match: such a cell is judged, and matched, by its LLL-reduced basis (the same lattice and structure).
+    match: such a cell is judged, and used, by its LLL-reduced basis (the same lattice and structure).
     """
     problem = extreme_lattice_problem(crystal)
     if not problem:
@@ -259,7 +260,7 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
             reasons.append(problem)
             continue
         result.valid_samples += 1
-        structure, extreme = matchable_structure(prediction)
+        structure, extreme = tractable_structure(prediction)
         if structure is None:
             reasons.append(f"not matched: {extreme}")
             continue

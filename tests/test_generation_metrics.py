@@ -148,3 +148,17 @@ def test_broken_crystals_are_reported_not_raised():
     assert all(r.problem for r in results)
     assert results[1].structure_fp is None and results[1].fingerprint_problem
     assert results[2].structure_fp is None and "non-finite" in results[2].problem
+
+
+def test_a_skewed_basis_is_fingerprinted_as_its_reduced_cell():
+    """c' = c + 60 a (234 A) looks extreme but is SrTiO3's lattice: it gets SrTiO3's fingerprint, not none."""
+    coords = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    plain = CrystalArrays.of([38, 22, 8, 8, 8], coords, [3.9, 3.9, 3.9], [90, 90, 90])
+    skew = np.array([[1, 0, 0], [0, 1, 0], [60, 0, 1]])
+    lattice = plain.to_structure().lattice
+    skewed_lattice = type(lattice)(skew @ lattice.matrix)
+    skewed = CrystalArrays.of(plain.atom_types, (coords @ np.linalg.inv(skew)) % 1, skewed_lattice.abc,
+                              skewed_lattice.angles)
+    expected, described = describe((0, plain)), describe((0, skewed))
+    assert described.fingerprint_problem == "" and described.valid
+    np.testing.assert_allclose(described.structure_fp, expected.structure_fp, atol=1e-6)
