@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
     print("\n" + summary_table(evaluation))
+    if evaluation.summary.matcher_failures:
+        print(f"warning: StructureMatcher failed or ran out of time on {evaluation.summary.matcher_failures} valid "
+              "sample(s), counted as not matched; the reason column of the per-crystal table says which",
+              file=sys.stderr)
     if evaluation.run_id:
         where = describe_run(resolve_tracking_uri(args.tracking_uri), evaluation.run_id)
         print(f"{'the same evaluation is logged already' if evaluation.reused else 'evaluation logged'} as {where} "

@@ -104,7 +104,8 @@ def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, da
     metrics = run.data.metrics
     summary = MatchSummary(match_rate=metrics["match_rate"], rmse=metrics.get("rmse", math.nan),
                            num_crystals=int(metrics["num_crystals"]), num_matched=int(metrics["num_matched"]),
-                           num_samples=int(metrics["num_samples"]), valid_rate=metrics["valid_rate"])
+                           num_samples=int(metrics["num_samples"]), valid_rate=metrics["valid_rate"],
+                           matcher_failures=int(metrics.get("matcher_failures", 0)))
     config = replace(model_config, sampler=replace(model_config.sampler, step_lr=float(run.data.params["step_lr"])))
     leakage = None
     if "leaked_fraction" in metrics:

@@ -106,6 +106,7 @@ class CrystalResult:
     valid_samples: int
     num_samples: int
     reason: str  # "" when matched
+    matcher_failures: int = 0  # valid samples StructureMatcher raised on or ran out of time with (counted not matched)
     leaked: bool | None = None  # a training crystal matches this test crystal (None: not checked)
 
 
@@ -270,6 +271,7 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
                 rms = matcher.get_rms_dist(structure, truth_structure)
         except Exception as error:  # e.g. Niggli reduction of an extreme sampled lattice
             reasons.append(f"matcher failed: {type(error).__name__}: {error}")
+            result.matcher_failures += 1
             continue
         if rms is not None and (not result.matched or rms[0] < result.rms):
             result.matched, result.rms, result.best_sample = True, float(rms[0]), sample
@@ -277,7 +279,8 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
         if not result.valid_samples:
             result.reason = f"no valid sample: {reasons[0]}"
         else:
-            result.reason = "no match within tolerance" + (f" ({reasons[-1]})" if reasons else "")
+            failed = f"; the matcher failed on {result.matcher_failures} of them" if result.matcher_failures else ""
+            result.reason = "no match within tolerance" + (f" ({reasons[-1]}{failed})" if reasons else "")
     return result
 
 
@@ -293,6 +296,7 @@ class MatchSummary:
     num_matched: int
     num_samples: int
     valid_rate: float  # fraction of predictions that are valid
+    matcher_failures: int = 0  # valid predictions the matcher raised on or ran out of time with
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -306,7 +310,8 @@ def summarise(results: list[CrystalResult]) -> MatchSummary:
                         rmse=float(np.mean(matched)) if matched else math.nan,
                         num_crystals=len(results), num_matched=len(matched),
                         num_samples=max((r.num_samples for r in results), default=0),
-                        valid_rate=valid / total_samples if total_samples else 0.0)
+                        valid_rate=valid / total_samples if total_samples else 0.0,
+                        matcher_failures=sum(r.matcher_failures for r in results))
 
 
 def evaluate_matches(truths: list[CrystalArrays], predictions: list[list[CrystalArrays]],
