@@ -64,13 +64,12 @@ def load_checkpoint(args: argparse.Namespace) -> tuple[dict, str | None]:
 
 
 def reference_set(args: argparse.Namespace, config):
+    """The crystals the generated ones are scored against (--data, else the model's test split), or None."""
     if args.no_reference:
         return None
     if args.data:
-        dataset = load_crystals(args.data, preprocess_options(config), show_progress=False)
-    else:
-        dataset = load_splits(config, ("test",), show_progress=False)["test"]
-    return ground_truth(dataset, list(range(len(dataset))))
+        return load_crystals(args.data, preprocess_options(config), show_progress=False)
+    return load_splits(config, ("test",), show_progress=False)["test"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,10 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         crystals = generate(model, config, histogram, args.num, args.seed, device, args.precision)
     except (ValueError, ConfigError, CheckpointError, DatasetError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
-    report = score_generated(crystals, reference, config.preset, thresholds, args.processes)
+    truths = None if reference is None else ground_truth(reference, list(range(len(reference))))
+    report = score_generated(crystals, truths, config.preset, thresholds, args.processes)
     settings = {"num": args.num, "seed": args.seed, "step_lr": config.sampler.step_lr,
                 "num_steps": config.sampler.num_steps, "precision": args.precision,
                 "reference": args.data or ("none" if args.no_reference else "test split"),
+                "reference_content": "" if reference is None else reference.content_key()[:16],
                 "struct_cutoff": thresholds.structure, "comp_cutoff": thresholds.composition}
     files = write_generated(crystals, report, args.out, settings)
     print(summary_table(report.metrics))

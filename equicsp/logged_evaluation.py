@@ -149,14 +149,15 @@ def generate_for_logged_run(run_id: str, num: int, seed: int = 0, step_lr: float
     if sampling_arm is not None:
         config = with_sampling_switches(config, ARMS[sampling_arm].objective)
     thresholds = thresholds_for(config.preset)
+    root = find_data_folder(config.data.path, logged_data_folders(uri, training_run, config.data.path))
+    test = load_split(config, "test", root, show_progress)
     settings = {"num": num, "seed": seed, "step_lr": config.sampler.step_lr, "num_steps": config.sampler.num_steps,
-                "precision": "fp32", "reference": "test split", "struct_cutoff": thresholds.structure,
-                "comp_cutoff": thresholds.composition, "sampling_arm": sampling_arm or ""}
+                "precision": "fp32", "reference": "test split", "reference_content": test.content_key()[:16],
+                "struct_cutoff": thresholds.structure, "comp_cutoff": thresholds.composition,
+                "sampling_arm": sampling_arm or ""}
     finished = tracking.find_finished_run(uri, run_id, generation_run_key(settings))
     if finished is not None:
         return finished.info.run_id, dict(finished.data.metrics)
-    root = find_data_folder(config.data.path, logged_data_folders(uri, training_run, config.data.path))
-    test = load_split(config, "test", root, show_progress)
     crystals = generate(model, config, num_atoms_distribution(checkpoint), num, seed, device,
                         show_progress=show_progress)
     report = score_generated(crystals, ground_truth(test, list(range(len(test)))), config.preset, thresholds,

@@ -75,6 +75,11 @@ def test_generate_command_end_to_end(tiny_data_dir, tmp_path):
         assert key in summary["metrics"]
     assert summary["thresholds"] == {"structure": 0.2, "composition": 4.0}
     assert (out / "generation.png").stat().st_size > 0
+    # The scores name the crystals they were computed against (what a logged generation is reused by).
+    from equicsp.data import load_splits
+
+    test = load_splits(config, ("test",), show_progress=False)["test"]
+    assert summary["settings"]["reference_content"] == test.content_key()[:16]
 
 
 def structurally_valid(crystal) -> bool:
