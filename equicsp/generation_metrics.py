@@ -2,7 +2,8 @@
 
 The protocol of CDVAE, which DiffCSP and the paper report:
 - validity over every generated crystal: structural (no two atoms closer than 0.5 A, volume at least
-  0.1 A^3), compositional (SMACT), and valid: both, with a structure fingerprint CrystalNN could compute;
+  0.1 A^3), compositional (SMACT), and valid: both, and CrystalNN did not fail on the structure (a cell
+  too extreme to hand to CrystalNN stays valid, without a fingerprint);
 - coverage from fingerprints: the mean over sites of CrystalNN's "ops" site fingerprint (structure),
   and the Magpie element-property fingerprint of the composition, standardised with CDVAE's fixed
   statistics (protocol/cdvae_magpie_scaler.json), to which the cut-offs belong. COV-R is the
@@ -30,6 +31,7 @@ from scipy.stats import wasserstein_distance
 from tqdm.auto import tqdm
 
 from equicsp.metrics import (
+    MIN_VOLUME,
     CrystalArrays,
     composition_valid,
     parallel_map,
@@ -117,7 +119,7 @@ def describe(job: tuple[int, CrystalArrays]) -> CrystalProperties:
     result.problem = result.problem or structure_problem_
     if structure is not None and math.isfinite(structure.volume) and structure.volume > 0:
         result.density = float(structure.density)
-    if structure is None or structure.volume <= 0.1:
+    if structure is None or structure.volume < MIN_VOLUME:
         fingerprint_problem = f"no structure fingerprint: {structure_problem_}"
     else:
         tractable, fingerprint_problem = tractable_structure(crystal)

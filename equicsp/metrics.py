@@ -51,7 +51,8 @@ def time_limit(seconds: float):
     """Raise MatchTimeout after `seconds` of this process's CPU time (SIGPROF; a no-op off the main thread).
 
     CPU time rather than wall time: on a loaded machine a slow but legitimate match would otherwise
-    time out, and the scores would depend on what else ran.
+    time out, and the scores would depend on what else ran. The CPU time is the whole process's (all
+    its threads), and the timer is one per process: these blocks do not nest.
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
@@ -123,7 +124,8 @@ def composition_valid(atom_types: tuple[int, ...]) -> bool:
     Written on SMACT's pieces rather than calling today's smact_validity, which differs from that protocol where
     an element has no Pauling electronegativity (Pm, noble gases): SMACT 2.2 raised a TypeError comparing a cation
     with an anion and the protocol counted the test passed, where today's SMACT fails it. (Today's data also
-    corrects Zr's electronegativity, 0.33 in SMACT 2.2, to 1.33; that correction is kept.)
+    corrects Zr's electronegativity, 0.33 in SMACT 2.2, to 1.33, and Ir's lowest oxidation state, -2, to -3;
+    the corrections are kept.)
     """
     counts = {z: atom_types.count(z) for z in sorted(set(atom_types))}  # by atomic number, as the protocol orders them
     symbols = [Element.from_Z(z).symbol for z in counts]

@@ -111,6 +111,7 @@ def test_smact_validity_follows_the_published_evaluation():
     assert not composition_valid(tuple(sorted((25, 76, 77, 43, 44, 75, 6, 7, 14, 8))))
     assert composition_valid((26, 26))  # one element
     assert composition_valid((11, 17))  # NaCl
+    assert not composition_valid((11, 17, 17)) and not composition_valid((8, 11, 11, 11))  # NaCl2, Na3O
 
 
 def test_atoms_exactly_half_an_angstrom_apart_are_valid():
