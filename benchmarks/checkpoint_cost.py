@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from equicsp.config import make_config
-from equicsp.data import random_crystals
-from equicsp.training import TrainingLoop, run_epoch
+from equicsp.data.crystals import random_crystals
+from equicsp.engine.training import TrainingLoop, run_epoch
 
 HISTORY_EPOCHS = 1750
 

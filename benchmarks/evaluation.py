@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from equicsp.checkpoint import read_checkpoint
 from equicsp.config import make_config
-from equicsp.csp import EvaluationSettings
-from equicsp.data import load_splits
-from equicsp.distributed import connect_ray
-from equicsp.ray_evaluation import evaluate_checkpoint
-from equicsp.training import train
+from equicsp.data.splits import load_splits
+from equicsp.engine.checkpoint import read_checkpoint
+from equicsp.engine.training import train
+from equicsp.evaluation.csp import EvaluationSettings
+from equicsp.platform.ray_evaluation import evaluate_checkpoint
+from equicsp.platform.ray_train import connect_ray
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,16 +50,16 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from equicsp.batches import DeviceCrystals
-from equicsp.compiled import LossStep, compile_step, forget_compiled_steps
 from equicsp.config import make_config
-from equicsp.data import random_crystals
-from equicsp.denoiser import build_denoiser
-from equicsp.diffusion import Diffusion
-from equicsp.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
-from equicsp.objective import Objective
-from equicsp.sampler import Sampler
-from equicsp.training import TrainingLoop, run_epoch
+from equicsp.data.batches import DeviceCrystals
+from equicsp.data.crystals import random_crystals
+from equicsp.engine.compiled import LossStep, compile_step, forget_compiled_steps
+from equicsp.engine.sampler import Sampler
+from equicsp.engine.training import TrainingLoop, run_epoch
+from equicsp.model.denoiser import build_denoiser
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
+from equicsp.model.objective import Objective
 
 ROOT = Path(__file__).resolve().parent.parent
 PEROV_TRAIN, PEROV_VAL = 3406, 379  # a 90/10 split of ../shared/data/perov_5/val.csv (3,785 crystals)

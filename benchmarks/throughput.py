@@ -26,16 +26,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.loader import DataLoader
 
 from equicsp.config import make_config
-from equicsp.csp import ground_truth
-from equicsp.data import PreprocessOptions, load_crystals
-from equicsp.denoiser import build_denoiser
+from equicsp.data.crystals import PreprocessOptions, load_crystals
 from equicsp.devices import resolve_device
-from equicsp.diffusion import Diffusion
-from equicsp.metrics import CrystalArrays, evaluate_matches
-from equicsp.objective import Objective
-from equicsp.sampler import Sampler
-from equicsp.schedules import geometric_sigmas
-from equicsp.von_mises import build_tables
+from equicsp.engine.sampler import Sampler
+from equicsp.evaluation.csp import ground_truth
+from equicsp.evaluation.metrics import CrystalArrays, evaluate_matches
+from equicsp.model.denoiser import build_denoiser
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.objective import Objective
+from equicsp.model.schedules import geometric_sigmas
+from equicsp.model.von_mises import build_tables
 
 REFERENCE = {"train_4x256": 351.0, "train_6x512": 91.0, "sample_4x256": 0.85, "match_per_process": 80.0}
 

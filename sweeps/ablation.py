@@ -16,10 +16,10 @@ crystals, and the table shows validity, coverage and Wasserstein distances.
 import argparse
 from dataclasses import replace
 
+from equicsp.cli.sweep import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 from equicsp.config import ARMS
 from equicsp.sweep.space import FloatRange
 from equicsp.sweep.spec import SweepSpec
-from equicsp.sweep_cli import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 
 PROFILES = {
     # The bundled Perov-5 sample on 2 CPU cores: short training of the small smoke model.

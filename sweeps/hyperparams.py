@@ -12,10 +12,10 @@ per seed is evaluated on the test split, and everything lands in one MLflow pare
 import argparse
 from dataclasses import replace
 
+from equicsp.cli.sweep import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 from equicsp.config import ARMS
 from equicsp.sweep.space import Choice, FloatRange, IntRange
 from equicsp.sweep.spec import SweepSpec
-from equicsp.sweep_cli import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 
 SPACE = {
     "optim.lr": FloatRange(1e-4, 3e-3, log=True),

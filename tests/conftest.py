@@ -23,7 +23,7 @@ def tiny_csv() -> Path:
 
 @pytest.fixture
 def tiny_dataset(tiny_csv):
-    from equicsp.data import load_crystals
+    from equicsp.data.crystals import load_crystals
 
     return load_crystals(tiny_csv, show_progress=False)
 
@@ -88,7 +88,7 @@ def memorised_model(memorise_data_dir, tmp_path_factory):
     import shutil
 
     from equicsp.config import make_config
-    from equicsp.training import train
+    from equicsp.engine.training import train
 
     config = make_config("smoke", "equicsp", {
         "data.path": str(memorise_data_dir), "model.hidden_dim": 128, "model.num_layers": 3,

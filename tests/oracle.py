@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from equicsp.denoiser import DenoiserOutput
-from equicsp.diffusion import Diffusion
-from equicsp.schedules import wrap_centered
+from equicsp.model.denoiser import DenoiserOutput
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.schedules import wrap_centered
 
 
 class OracleDenoiser(nn.Module):

@@ -4,13 +4,13 @@ import pytest
 import torch
 from conftest import FAST, random_batch
 
-from equicsp.atom_types import NUM_TYPE_CLASSES, decode, one_hot
 from equicsp.config import ConfigError, make_config
-from equicsp.denoiser import build_denoiser
-from equicsp.diffusion import Diffusion
-from equicsp.lattice import permute_columns, permute_lattice
-from equicsp.num_atoms import atom_count_histogram, draw_atom_counts
-from equicsp.objective import Objective
+from equicsp.model.atom_types import NUM_TYPE_CLASSES, decode, one_hot
+from equicsp.model.denoiser import build_denoiser
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.lattice import permute_columns, permute_lattice
+from equicsp.model.num_atoms import atom_count_histogram, draw_atom_counts
+from equicsp.model.objective import Objective
 
 
 def generation_config(arm="equicsp", **overrides):

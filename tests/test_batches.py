@@ -7,14 +7,14 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch_geometric.loader import DataLoader
 
-from equicsp.batches import DeviceCrystals, GraphSizes
 from equicsp.config import make_config
-from equicsp.data import load_crystals
-from equicsp.denoiser import CrystalGraph, build_denoiser, triangle_pair
-from equicsp.diffusion import Diffusion
-from equicsp.noise import sample_keys
-from equicsp.objective import Objective
-from equicsp.sampler import Sampler
+from equicsp.data.batches import DeviceCrystals, GraphSizes
+from equicsp.data.crystals import load_crystals
+from equicsp.engine.sampler import Sampler
+from equicsp.model.denoiser import CrystalGraph, build_denoiser, triangle_pair
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.noise import sample_keys
+from equicsp.model.objective import Objective
 
 
 @settings(max_examples=20, deadline=None)

@@ -5,7 +5,7 @@ import errno
 import pytest
 import torch
 
-from equicsp.cache import check_writable_folder, save_atomically
+from equicsp.data.cache import check_writable_folder, save_atomically
 
 
 def test_a_full_disk_leaves_no_temporary_file_and_names_the_target(tmp_path, monkeypatch):

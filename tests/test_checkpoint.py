@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import FAST
 
-from equicsp.checkpoint import CheckpointError, load_model, save_checkpoint
 from equicsp.config import make_config
-from equicsp.denoiser import build_denoiser
+from equicsp.engine.checkpoint import CheckpointError, load_model, save_checkpoint
+from equicsp.model.denoiser import build_denoiser
 
 
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):

@@ -126,7 +126,7 @@ def test_ray_submit_runs_the_smoke_sweep_on_a_real_cluster(ssh_to_this_machine, 
 
     from test_sweep import TINY, runs_of_kind
 
-    from equicsp import tracking
+    from equicsp.platform import tracking
 
     user, key = ssh_to_this_machine
     config = yaml.safe_load((ROOT / "cluster" / "local.yaml").read_text())

@@ -12,14 +12,14 @@ import torch.multiprocessing as mp
 from conftest import FAST
 from torch import nn
 
-from equicsp.compiled import compile_enabled
 from equicsp.config import ConfigError, make_config
-from equicsp.data import random_crystals
-from equicsp.denoiser import build_denoiser
-from equicsp.diffusion import Diffusion
-from equicsp.noise import sample_keys
-from equicsp.sampler import Sampler
-from equicsp.training import DDP_SETTINGS, TrainingLoop
+from equicsp.data.crystals import random_crystals
+from equicsp.engine.compiled import compile_enabled
+from equicsp.engine.sampler import Sampler
+from equicsp.engine.training import DDP_SETTINGS, TrainingLoop
+from equicsp.model.denoiser import build_denoiser
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.noise import sample_keys
 
 SIZES = [1, 3, 5, 7, 12, 2, 4, 6, 8, 9, 10]  # 11 crystals: batches of 4, 4 and 3, each of another size mix
 
@@ -89,8 +89,8 @@ def test_samplers_at_other_step_sizes_share_the_compiled_step():
 
 
 def test_bf16_without_compiled_steps_on_cuda_says_why_it_is_slow(monkeypatch):
-    from equicsp import compiled
-    from equicsp.compiled import configure_precision
+    from equicsp.engine import compiled
+    from equicsp.engine.compiled import configure_precision
 
     with pytest.warns(UserWarning, match="waits on kernel launches"):
         configure_precision("bf16", torch.device("cuda"), compiled=False)
@@ -105,7 +105,7 @@ def test_bf16_without_compiled_steps_on_cuda_says_why_it_is_slow(monkeypatch):
 
 def test_bf16_on_a_cpu_without_bf16_arithmetic_says_why_it_is_slow(monkeypatch):
     """On 2 AVX2-only AMD cores a bf16 training step ran 24x slower than fp32, without a word."""
-    from equicsp import compiled
+    from equicsp.engine import compiled
 
     monkeypatch.setattr(compiled, "cpu_has_fast_bf16", lambda: False)
     with pytest.warns(UserWarning, match="without bf16 arithmetic .* use fp32"):
@@ -113,8 +113,8 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_says_why_it_is_slow(monkeypatch):
 
 
 def test_the_sampling_commands_override_the_models_compile_setting():
-    from equicsp.csp import EvaluationSettings
-    from equicsp.sampler import with_sampler_options
+    from equicsp.engine.sampler import with_sampler_options
+    from equicsp.evaluation.csp import EvaluationSettings
 
     model_config = small_config(**{"run.compile": "auto"})
     assert with_sampler_options(model_config, compile="off").run.compile == "off"

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from equicsp.data import DatasetError, PreprocessOptions, load_crystals, split_csv
-from equicsp.data import main as data_main
+from equicsp.cli.data import main as data_main
+from equicsp.data.crystals import DatasetError, PreprocessOptions, load_crystals
+from equicsp.data.splits import split_csv
 
 
 def rows_of(path):

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch_geometric.utils import scatter
 
 from equicsp.config import ModelConfig
-from equicsp.denoiser import CrystalGraph, CSPNet, FrameAveraged, sinusoidal_embedding
-from equicsp.lattice import (
+from equicsp.model.denoiser import CrystalGraph, CSPNet, FrameAveraged, sinusoidal_embedding
+from equicsp.model.lattice import (
     LATTICE_REPRESENTATIONS,
     lattice_matrix,
     matrix_lengths_angles,
@@ -18,7 +18,7 @@ from equicsp.lattice import (
     permute_lattice,
     project_lattice,
 )
-from equicsp.schedules import wrap
+from equicsp.model.schedules import wrap
 
 SMALL = ModelConfig(num_layers=2, hidden_dim=32, num_freqs=8, time_dim=16)
 

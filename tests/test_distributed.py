@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import FAST
 
-from equicsp import tracking
-from equicsp.checkpoint import read_checkpoint
+from equicsp.cli.train import main as train_main
 from equicsp.config import make_config
-from equicsp.diffusion import Diffusion
-from equicsp.distributed import LaunchOptions, resolve_storage, run_training
-from equicsp.sampler import Sampler
-from equicsp.train import main as train_main
+from equicsp.engine.checkpoint import read_checkpoint
+from equicsp.engine.sampler import Sampler
+from equicsp.model.diffusion import Diffusion
+from equicsp.platform import tracking
+from equicsp.platform.ray_train import LaunchOptions, resolve_storage, run_training
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_a_reused_run_name_with_another_config_is_refused_before_ray_starts(tmp_
 
 @pytest.mark.slow
 def test_a_diverging_ray_run_fails_without_retries_or_a_bad_checkpoint(ray_session, tiny_data_dir, tmp_path):
-    from equicsp.training import TrainingDiverged
+    from equicsp.engine.training import TrainingDiverged
 
     config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir), "optim.epochs": 2,
                                               "optim.lr": 1e6, "run.checkpoint_every": 1})

@@ -2,11 +2,11 @@
 
 import pytest
 
-from equicsp.checkpoint import load_model
 from equicsp.config import make_config
-from equicsp.csp import run_csp
-from equicsp.data import load_splits
-from equicsp.training import train
+from equicsp.data.splits import load_splits
+from equicsp.engine.checkpoint import load_model
+from equicsp.engine.training import train
+from equicsp.evaluation.csp import run_csp
 
 
 @pytest.mark.slow

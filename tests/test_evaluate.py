@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import FAST
 
-from equicsp import tracking
-from equicsp.checkpoint import read_checkpoint, save_checkpoint
+from equicsp.cli.evaluate import main as evaluate_main
 from equicsp.config import make_config
-from equicsp.csp import EvaluationSettings
-from equicsp.denoiser import build_denoiser
-from equicsp.evaluate import main as evaluate_main
-from equicsp.metrics import SCORE_VERSION
-from equicsp.ray_evaluation import evaluate_checkpoint
+from equicsp.engine.checkpoint import read_checkpoint, save_checkpoint
+from equicsp.evaluation.csp import EvaluationSettings
+from equicsp.evaluation.metrics import SCORE_VERSION
+from equicsp.model.denoiser import build_denoiser
+from equicsp.platform import tracking
+from equicsp.platform.ray_evaluation import evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus
 def test_a_pool_handed_another_model_samples_with_it(ray_two_cpus, tiny_dataset, tmp_path):
     """A sweep's final stage hands one pool each cell's model in turn: it samples what a pool of that model's own
     does (a pool made for one model went on sampling that model whatever checkpoint came with it)."""
-    from equicsp.ray_evaluation import SamplingPool
+    from equicsp.platform.ray_evaluation import SamplingPool
 
     config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
     first = read_checkpoint(untrained_checkpoint(config, tmp_path / "first.pt", seed=1))
@@ -91,7 +91,7 @@ def test_a_pool_whose_second_worker_cannot_start_samples_with_the_first(ray_two_
     instead of waiting for it forever (a sweep's step-size search did), and samples with the one that started."""
     import ray
 
-    from equicsp.ray_evaluation import SamplingPool
+    from equicsp.platform.ray_evaluation import SamplingPool
 
     config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
     checkpoint = read_checkpoint(untrained_checkpoint(config, tmp_path / "model.pt"))
@@ -124,8 +124,8 @@ def test_a_pool_none_of_whose_workers_can_start_samples_here_with_the_same_predi
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from equicsp import ray_evaluation
-    from equicsp.ray_evaluation import SamplingPool
+    from equicsp.platform import ray_evaluation
+    from equicsp.platform.ray_evaluation import SamplingPool
 
     config = make_config("smoke", "equicsp", {**FAST, "sampler.batch_size": 3})
     checkpoint = read_checkpoint(untrained_checkpoint(config, tmp_path / "model.pt"))
@@ -208,7 +208,7 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
                                             filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
     assert len(runs) == 1
     # Once the scoring rules change, an earlier evaluation is not the answer any more.
-    monkeypatch.setattr("equicsp.logged_evaluation.SCORE_VERSION", SCORE_VERSION + 1)
+    monkeypatch.setattr("equicsp.platform.logged_evaluation.SCORE_VERSION", SCORE_VERSION + 1)
     evaluate_main(["--run-id", trained_run, "--tracking-uri", uri, "--num-samples", "4", "--workers", "2"])
     runs = tracking.client(uri).search_runs([tracking.get_run(uri, trained_run).info.experiment_id],
                                             filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
@@ -296,8 +296,8 @@ def test_an_unwritable_out_fails_before_any_sampling(tmp_path, monkeypatch):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled although the output folder cannot be written")
 
-    monkeypatch.setattr("equicsp.logged_evaluation.evaluate_checkpoint", sampled)
-    monkeypatch.setattr("equicsp.evaluate.evaluate_checkpoint", sampled)
+    monkeypatch.setattr("equicsp.platform.logged_evaluation.evaluate_checkpoint", sampled)
+    monkeypatch.setattr("equicsp.cli.evaluate.evaluate_checkpoint", sampled)
     out = tmp_path / "file.txt" / "sub"
     for source in (["--run-id", run_id, "--tracking-uri", uri], ["--checkpoint", str(tmp_path / "best.pt")]):
         with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: Not a directory"):
@@ -305,7 +305,7 @@ def test_an_unwritable_out_fails_before_any_sampling(tmp_path, monkeypatch):
 
 
 def test_a_report_folder_failing_late_loses_nothing_logged(ray_two_cpus, tiny_csv, tmp_path, monkeypatch):
-    import equicsp.logged_evaluation as logged_evaluation
+    import equicsp.platform.logged_evaluation as logged_evaluation
 
     config = make_config("smoke", "equicsp", FAST)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -345,8 +345,8 @@ def test_a_relative_data_path_resolves_from_another_working_folder(tiny_data_dir
         seen.append(len(dataset))
         raise Stop
 
-    monkeypatch.setattr("equicsp.logged_evaluation.evaluate_checkpoint", stop_before_sampling)
-    monkeypatch.setattr("equicsp.evaluate.evaluate_checkpoint", stop_before_sampling)
+    monkeypatch.setattr("equicsp.platform.logged_evaluation.evaluate_checkpoint", stop_before_sampling)
+    monkeypatch.setattr("equicsp.cli.evaluate.evaluate_checkpoint", stop_before_sampling)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -367,7 +367,7 @@ def test_an_automatic_sampling_pool_takes_the_free_cpus_not_the_reserved_ones(mo
     forever for a second sampling worker); the pool is sized by what is free, and never below one worker."""
     import ray
 
-    from equicsp.ray_evaluation import sampling_resources
+    from equicsp.platform.ray_evaluation import sampling_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     for free, expected in (({"CPU": 1.0}, 1), ({}, 1), ({"CPU": 2.0}, 2)):

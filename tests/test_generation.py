@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import FAST
 
-from equicsp.checkpoint import model_from_checkpoint, read_checkpoint
 from equicsp.config import make_config
-from equicsp.data import load_splits
-from equicsp.denoiser import build_denoiser
-from equicsp.generation import GenerationError, _write_cif, as_arrays, generate, num_atoms_distribution
-from equicsp.metrics import structure_problem
-from equicsp.sampler import SampledCrystal
-from equicsp.training import train
+from equicsp.data.splits import load_splits
+from equicsp.engine.checkpoint import model_from_checkpoint, read_checkpoint
+from equicsp.engine.sampler import SampledCrystal
+from equicsp.engine.training import train
+from equicsp.evaluation.generation import GenerationError, _write_cif, as_arrays, generate, num_atoms_distribution
+from equicsp.evaluation.metrics import structure_problem
+from equicsp.model.denoiser import build_denoiser
 
 
 def generation_config(**overrides):
@@ -56,7 +56,7 @@ def test_no_cif_for_a_non_finite_crystal(tmp_path):
 @pytest.mark.slow
 def test_generate_command_end_to_end(tiny_data_dir, tmp_path):
     """Train a tiny generation model for two epochs, then `python -m equicsp.generate` writes CIFs, CSV, summary, figure."""
-    from equicsp.generate import main
+    from equicsp.cli.generate import main
 
     config = generation_config(**{"data.path": str(tiny_data_dir), "optim.epochs": 2})
     train(config, tmp_path / "run", show_progress=False)
@@ -76,7 +76,7 @@ def test_generate_command_end_to_end(tiny_data_dir, tmp_path):
     assert summary["thresholds"] == {"structure": 0.2, "composition": 4.0}
     assert (out / "generation.png").stat().st_size > 0
     # The scores name the crystals they were computed against (what a logged generation is reused by).
-    from equicsp.data import load_splits
+    from equicsp.data.splits import load_splits
 
     test = load_splits(config, ("test",), show_progress=False)["test"]
     assert summary["settings"]["reference_content"] == test.content_key()[:16]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from equicsp.generation_metrics import (
+from equicsp.evaluation.generation_metrics import (
     CompositionScaler,
     CoverageThresholds,
     CrystalProperties,
@@ -16,7 +16,7 @@ from equicsp.generation_metrics import (
     thresholds_for,
     validity_rates,
 )
-from equicsp.metrics import CrystalArrays
+from equicsp.evaluation.metrics import CrystalArrays
 
 THRESHOLDS = CoverageThresholds(0.2, 4.0)
 
@@ -102,7 +102,7 @@ def test_compositions_are_standardised_with_cdvaes_fixed_statistics():
 
 def test_a_crystal_crystalnn_fails_on_is_not_valid(monkeypatch):
     """As the published evaluation: a structure whose fingerprint cannot be computed counts as invalid."""
-    import equicsp.generation_metrics as metrics
+    import equicsp.evaluation.generation_metrics as metrics
 
     class Failing:
         def featurize(self, structure, index):
@@ -126,7 +126,7 @@ def test_thresholds_are_cdvaes():
 
 def test_test_set_against_itself(tiny_dataset):
     """Real CrystalNN and Magpie fingerprints: the tiny set against itself covers everything at distance 0."""
-    from equicsp.csp import ground_truth
+    from equicsp.evaluation.csp import ground_truth
 
     crystals = ground_truth(tiny_dataset, list(range(len(tiny_dataset))))
     described = [describe((i, c)) for i, c in enumerate(crystals)]

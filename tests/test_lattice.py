@@ -3,7 +3,7 @@ import torch
 from conftest import random_batch
 from pymatgen.core import Lattice, Structure
 
-from equicsp.lattice import (
+from equicsp.model.lattice import (
     AXIS_PERMUTATIONS,
     LATTICE_REPRESENTATIONS,
     inverse_permutation_index,

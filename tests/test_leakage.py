@@ -4,13 +4,13 @@ import math
 
 import torch
 
-from equicsp.leakage import leaked_test_crystals, reduced_composition, summarise_leakage
-from equicsp.metrics import CrystalResult
+from equicsp.evaluation.leakage import leaked_test_crystals, reduced_composition, summarise_leakage
+from equicsp.evaluation.metrics import CrystalResult
 
 
 def shifted_supercell(dataset, index):
     """The crystal translated and doubled along a: the same structure, twice the formula units."""
-    from equicsp.data import CrystalDataset, stack_crystals
+    from equicsp.data.crystals import CrystalDataset, stack_crystals
 
     item = dataset[index]
     coords = (item.frac_coords + torch.tensor([0.31, 0.12, 0.77])) % 1.0
@@ -41,7 +41,7 @@ def test_copies_and_supercells_of_training_crystals_are_leaked_and_others_not(ti
 def test_the_answer_is_cached_per_content(tiny_dataset, monkeypatch):
     train, test = tiny_dataset.subset([0, 1]), tiny_dataset.subset([1, 6])
     first = leaked_test_crystals(train, test, processes=1, show_progress=False)
-    monkeypatch.setattr("equicsp.leakage.parallel_map", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr("equicsp.evaluation.leakage.parallel_map", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError))
     assert leaked_test_crystals(train, test, processes=1, show_progress=False) == first == [True, False]
 
 
@@ -59,7 +59,7 @@ def test_unleaked_scores_leave_out_the_leaked_crystals():
 def test_a_leak_is_what_the_csp_score_calls_a_match(tiny_dataset):
     """The same question as the match rate's, get_rms_dist: one atom moved 1.5 A is within its rms tolerance, though
     beyond fit's per-site one, and is leaked."""
-    from equicsp.metrics import CrystalArrays, evaluate_matches
+    from equicsp.evaluation.metrics import CrystalArrays, evaluate_matches
 
     train = tiny_dataset.subset([0])
     moved = tiny_dataset.subset([0])

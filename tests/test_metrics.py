@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from equicsp.metrics import (
+from equicsp.evaluation.metrics import (
     CrystalArrays,
     composition_valid,
     evaluate_matches,
@@ -85,9 +85,9 @@ def test_a_non_finite_sample_is_invalid_and_not_written_as_a_cif(tiny_dataset, t
 
     import torch
 
-    from equicsp.evaluation_report import write_predictions
-    from equicsp.metrics import validity_problem
-    from equicsp.sampler import SampledCrystal
+    from equicsp.engine.sampler import SampledCrystal
+    from equicsp.evaluation.metrics import validity_problem
+    from equicsp.evaluation.report import write_predictions
 
     truth = crystals_of(tiny_dataset, 1)[0]
     coords = np.array(truth.frac_coords)
@@ -116,7 +116,7 @@ def test_smact_validity_follows_the_published_evaluation():
 
 def test_atoms_exactly_half_an_angstrom_apart_are_valid():
     """The published cut-offs are strict: distances below 0.5 A and volumes below 0.1 A^3 are invalid."""
-    from equicsp.metrics import structure_problem
+    from equicsp.evaluation.metrics import structure_problem
 
     edge = CrystalArrays.of([6, 6], [[0, 0, 0], [0.0625, 0, 0]], (8.0, 8.0, 8.0), (90.0, 90.0, 90.0))
     assert edge.to_structure().distance_matrix[0, 1] == 0.5 and structure_problem(edge.to_structure()) == ""
@@ -161,7 +161,7 @@ def test_the_match_time_limit_counts_cpu_time_not_waiting():
 
     import pytest
 
-    from equicsp.metrics import MatchTimeout, time_limit
+    from equicsp.evaluation.metrics import MatchTimeout, time_limit
 
     with time_limit(0.2):
         time.sleep(0.5)  # waiting (a loaded machine) is not the matcher's time

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 
-from equicsp import tracking
 from equicsp.config import make_config
+from equicsp.platform import tracking
 from equicsp.sweep.final import CellResult
 from equicsp.sweep.report import ablation_table, write_sweep_report
 from equicsp.sweep.spec import SweepSpec

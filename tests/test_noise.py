@@ -3,7 +3,7 @@ from scipy import stats
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from equicsp.noise import keyed_normal, keyed_uniform, sample_keys
+from equicsp.model.noise import keyed_normal, keyed_uniform, sample_keys
 
 
 def test_keyed_normals_are_standard_normal():

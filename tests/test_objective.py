@@ -5,12 +5,12 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.loader import DataLoader
 
-from equicsp.batches import DeviceCrystals
 from equicsp.config import OBJECTIVE_PRESETS, make_config
-from equicsp.data import random_crystals
-from equicsp.denoiser import CSPNet, build_denoiser
-from equicsp.diffusion import Diffusion
-from equicsp.objective import Objective
+from equicsp.data.batches import DeviceCrystals
+from equicsp.data.crystals import random_crystals
+from equicsp.model.denoiser import CSPNet, build_denoiser
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.objective import Objective
 
 SMALL = {"model.num_layers": 2, "model.hidden_dim": 32, "model.num_freqs": 8, "model.time_dim": 16}
 

@@ -7,15 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from equicsp.batches import DeviceCrystals, GraphSizes, round_down, round_up
 from equicsp.config import make_config
-from equicsp.data import random_crystals
-from equicsp.denoiser import CrystalGraph, build_denoiser
-from equicsp.diffusion import Diffusion
-from equicsp.noise import sample_keys
-from equicsp.objective import Objective
-from equicsp.sampler import Sampler
-from equicsp.training import TrainingLoop
+from equicsp.data.batches import DeviceCrystals, GraphSizes, round_down, round_up
+from equicsp.data.crystals import random_crystals
+from equicsp.engine.sampler import Sampler
+from equicsp.engine.training import TrainingLoop
+from equicsp.model.denoiser import CrystalGraph, build_denoiser
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.noise import sample_keys
+from equicsp.model.objective import Objective
 
 ARMS = [("equicsp", "csp"), ("diffcsp", "csp"), ("frame_average", "csp"), ("no_com_free", "csp"),
         ("no_perm_loss", "csp"), ("equicsp", "generation")]
@@ -144,7 +144,7 @@ def test_a_padded_training_epoch_makes_tensors_from_host_values_once(monkeypatch
     """The compiled path's epoch (padded batches, the step as a device tensor), with eager kernels: besides the
     epoch's index upload and the count in its read-back, any tensor made from host values is a copy per batch
     that waits for the GPU."""
-    monkeypatch.setattr("equicsp.compiled.compile_step", lambda function, *args, **kwargs: function)
+    monkeypatch.setattr("equicsp.engine.compiled.compile_step", lambda function, *args, **kwargs: function)
     config = make_config("smoke", "equicsp", {**FAST, "optim.batch_size": 3, "run.compile": "on"})
     loop = TrainingLoop(config, random_crystals([3, 5, 2, 7, 4, 6, 1, 2, 3, 4]), random_crystals([3, 4], seed=1),
                         torch.device("cpu"), show_progress=False)

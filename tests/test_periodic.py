@@ -6,9 +6,9 @@ from hypothesis import strategies as st
 from scipy.stats import circmean
 
 from equicsp.config import make_config
-from equicsp.diffusion import Diffusion
-from equicsp.periodic import circular_mean, circular_mean_last_axis, com_free_noise, pm_corrected_score
-from equicsp.schedules import wrap, wrap_centered
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.periodic import circular_mean, circular_mean_last_axis, com_free_noise, pm_corrected_score
+from equicsp.model.schedules import wrap, wrap_centered
 
 atom_counts = st.lists(st.integers(1, 8), min_size=1, max_size=5)
 

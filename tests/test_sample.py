@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import FAST
 
-from equicsp.checkpoint import save_checkpoint
+from equicsp.cli.sample import main as sample_main
 from equicsp.config import make_config
-from equicsp.denoiser import build_denoiser
-from equicsp.sample import main as sample_main
+from equicsp.engine.checkpoint import save_checkpoint
+from equicsp.model.denoiser import build_denoiser
 
 
 def checkpoint(path, poisoned: bool = False):
@@ -50,7 +50,7 @@ def test_an_unwritable_out_fails_before_sampling(tmp_path, monkeypatch):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled although the output folder cannot be written")
 
-    monkeypatch.setattr("equicsp.sample.Sampler.sample", sampled)
+    monkeypatch.setattr("equicsp.cli.sample.Sampler.sample", sampled)
     out = tmp_path / "file.txt" / "sub"
     with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: Not a directory"):
         sample_main(["--checkpoint", str(tmp_path / "best.pt"), "--formula", "SrTiO3", "--out", str(out)])
@@ -66,7 +66,7 @@ class FakeSampler:
         FakeSampler.seen["step_lr"] = config.sampler.step_lr
 
     def sample(self, compositions, num_samples=1, seed=0):
-        from equicsp.sampler import SampledCrystal
+        from equicsp.engine.sampler import SampledCrystal
 
         crystals = []
         for index, types in enumerate(compositions):
@@ -82,7 +82,7 @@ class FakeSampler:
 
 def test_each_cif_is_reported_with_its_validity_and_atoms_too_close_are_flagged(tmp_path, capsys, monkeypatch):
     path = checkpoint(tmp_path / "model.pt")
-    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    monkeypatch.setattr("equicsp.cli.sample.Sampler", FakeSampler)
     monkeypatch.setattr(FakeSampler, "close", True)
     sample_main(["--checkpoint", str(path), "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")])
     output = capsys.readouterr()
@@ -96,7 +96,7 @@ def test_each_cif_is_reported_with_its_validity_and_atoms_too_close_are_flagged(
 
 def test_formula_units_sample_each_cell_size_named_by_its_formula(tmp_path, capsys, monkeypatch):
     path = checkpoint(tmp_path / "model.pt")
-    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    monkeypatch.setattr("equicsp.cli.sample.Sampler", FakeSampler)
     sample_main(["--checkpoint", str(path), "--formula", "Sr2Ti2O6", "--formula-units", "1,2", "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.glob("*.cif")) == ["Sr2Ti2O6_0.cif", "SrTiO3_0.cif"]
     with pytest.raises(SystemExit, match="give whole numbers"):
@@ -114,7 +114,7 @@ def test_formula_units_sample_each_cell_size_named_by_its_formula(tmp_path, caps
 def test_auto_formula_units_are_the_sizes_training_saw_for_the_family():
     from types import SimpleNamespace
 
-    from equicsp.cells import units_seen_in_training
+    from equicsp.data.cells import units_seen_in_training
 
     cells = [[38, 22, 8, 8, 8], [56, 56, 40, 40, 8, 8, 8, 8, 8, 8], [11, 17], [11, 11, 17, 17], [3, 3, 3, 3, 3]]
     types = torch.tensor([z for cell in cells for z in cell])
@@ -129,14 +129,14 @@ def test_auto_formula_units_are_the_sizes_training_saw_for_the_family():
 
 
 def test_a_logged_run_samples_at_the_step_size_its_sweep_tuned(tmp_path, capsys, monkeypatch):
-    from equicsp import tracking
+    from equicsp.platform import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = tracking.ensure_experiment(uri, "equicsp")
     run = tracking.open_keyed_run(uri, experiment, "k", "equicsp-s0-smoke", "training", {}, {})
     tracking.log_artifact(uri, run, checkpoint(tmp_path / "best.pt"), "checkpoints")
     tracking.log_metrics(uri, run, {"tuned_step_lr": 1.23e-4})
-    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    monkeypatch.setattr("equicsp.cli.sample.Sampler", FakeSampler)
     arguments = ["--run-id", run, "--tracking-uri", uri, "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")]
     sample_main(arguments)
     assert FakeSampler.seen["step_lr"] == pytest.approx(1.23e-4)
@@ -149,7 +149,7 @@ def test_a_logged_run_samples_at_the_step_size_its_sweep_tuned(tmp_path, capsys,
 def test_a_checkpoint_carrying_a_tuned_step_size_is_sampled_with_it(tmp_path, capsys, monkeypatch):
     config = make_config("smoke", "equicsp", FAST)
     save_checkpoint(tmp_path / "tuned.pt", config, build_denoiser(config), tuned_step_lr=2.5e-4)
-    monkeypatch.setattr("equicsp.sample.Sampler", FakeSampler)
+    monkeypatch.setattr("equicsp.cli.sample.Sampler", FakeSampler)
     sample_main(["--checkpoint", str(tmp_path / "tuned.pt"), "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")])
     assert FakeSampler.seen["step_lr"] == pytest.approx(2.5e-4)
     assert "step_lr 0.00025: the step size a sweep tuned" in capsys.readouterr().out

@@ -6,12 +6,12 @@ from oracle import OracleDenoiser
 from torch_geometric.loader import DataLoader
 
 from equicsp.config import make_config
-from equicsp.csp import score
-from equicsp.denoiser import DenoiserOutput, build_denoiser
-from equicsp.diffusion import Diffusion
-from equicsp.noise import atom_keys, keyed_uniform, sample_keys
-from equicsp.sampler import Sampler, timestep_sequence
-from equicsp.training import train
+from equicsp.engine.sampler import Sampler, timestep_sequence
+from equicsp.engine.training import train
+from equicsp.evaluation.csp import score
+from equicsp.model.denoiser import DenoiserOutput, build_denoiser
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.noise import atom_keys, keyed_uniform, sample_keys
 
 SMALL = {"model.num_layers": 1, "model.hidden_dim": 16, "model.num_freqs": 4, "model.time_dim": 8,
          "diffusion.timesteps": 30}

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from equicsp.schedules import NoiseSchedule, cosine_betas, wrapped_normal_score
+from equicsp.model.schedules import NoiseSchedule, cosine_betas, wrapped_normal_score
 
 
 def reference_score(x: torch.Tensor, sigma: torch.Tensor, images: int = 10) -> torch.Tensor:

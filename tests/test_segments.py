@@ -3,7 +3,7 @@
 import torch
 from torch_geometric.utils import scatter
 
-from equicsp.segments import per_crystal_mean, per_crystal_sum
+from equicsp.model.segments import per_crystal_mean, per_crystal_sum
 
 
 def test_per_crystal_sums_and_means_match_pyg_and_a_loop_on_random_batches_with_empty_crystals():

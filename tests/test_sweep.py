@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from equicsp import tracking
 from equicsp.config import ARMS
+from equicsp.platform import tracking
 from equicsp.sweep.driver import run_sweep
 from equicsp.sweep.final import CellResult, best_per_cell
 from equicsp.sweep.report import ablation_table, table_markdown
@@ -348,7 +348,7 @@ def test_the_progress_lines_name_the_trial_its_arm_its_epochs_and_the_time_left(
 def test_sweeps_log_system_metrics_only_when_asked():
     import argparse
 
-    from equicsp.sweep_cli import add_launch_arguments, launch_from_arguments
+    from equicsp.cli.sweep import add_launch_arguments, launch_from_arguments
 
     parser = argparse.ArgumentParser()
     add_launch_arguments(parser)
@@ -357,7 +357,7 @@ def test_sweeps_log_system_metrics_only_when_asked():
 
 
 def test_the_table_says_how_many_seeds_it_averages_names_each_run_and_warns_about_smoke_runs(tmp_path):
-    from equicsp.plots import ablation_bars
+    from equicsp.evaluation.plots import ablation_bars
     from equicsp.sweep.final import CellResult
     from equicsp.sweep.report import SMOKE_NOTE, ablation_table, table_markdown
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import FAST
 
-from equicsp import tracking
-from equicsp.checkpoint import save_checkpoint
 from equicsp.config import make_config
-from equicsp.denoiser import build_denoiser
+from equicsp.engine.checkpoint import save_checkpoint
+from equicsp.model.denoiser import build_denoiser
+from equicsp.platform import tracking
 
 
 @pytest.fixture

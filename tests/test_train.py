@@ -4,10 +4,10 @@ import sys
 import pytest
 from conftest import FAST
 
-from equicsp.checkpoint import CheckpointError, load_model, read_checkpoint
+from equicsp.cli.train import main as train_main
 from equicsp.config import make_config
-from equicsp.train import main as train_main
-from equicsp.training import train
+from equicsp.engine.checkpoint import CheckpointError, load_model, read_checkpoint
+from equicsp.engine.training import train
 
 
 def fast_config(data_dir, **extra):
@@ -45,8 +45,8 @@ def test_same_seed_same_losses_other_seed_other_losses(tiny_data_dir, tmp_path):
 def loop_on(config):
     import torch
 
-    from equicsp.data import load_splits
-    from equicsp.training import TrainingLoop
+    from equicsp.data.splits import load_splits
+    from equicsp.engine.training import TrainingLoop
 
     datasets = load_splits(config, ("train", "val"), show_progress=False)
     return TrainingLoop(config, datasets["train"], datasets["val"], torch.device("cpu"), show_progress=False)
@@ -55,7 +55,7 @@ def loop_on(config):
 def test_best_pt_is_written_with_the_checkpoints_and_holds_the_best_epochs_weights(tiny_data_dir, tmp_path):
     import torch
 
-    from equicsp.training import run_epoch
+    from equicsp.engine.training import run_epoch
 
     loop = loop_on(fast_config(tiny_data_dir, **{"optim.epochs": 6, "run.checkpoint_every": 3}))
     validation_metrics = loop._validation_metrics
@@ -89,8 +89,8 @@ def test_a_run_diverging_before_its_first_checkpoint_still_writes_the_best_weigh
     import dataclasses
     import math
 
-    from equicsp.objective import Objective
-    from equicsp.training import TrainingDiverged
+    from equicsp.engine.training import TrainingDiverged
+    from equicsp.model.objective import Objective
 
     plain = Objective.__call__
 
@@ -161,8 +161,8 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
     import torch
 
-    from equicsp.objective import Objective
-    from equicsp.training import TrainingDiverged
+    from equicsp.engine.training import TrainingDiverged
+    from equicsp.model.objective import Objective
 
     out = tmp_path / "run"
     train(fast_config(tiny_data_dir, **{"optim.epochs": 2}), out, show_progress=False)

@@ -3,9 +3,9 @@ import pytest
 import torch
 from scipy.stats import vonmises
 
-from equicsp.periodic import TWO_PI
-from equicsp.schedules import geometric_sigmas, wrap_centered
-from equicsp.von_mises import build_tables, draw_com_free_noise, load_or_build_tables, mean_resultant_to_kappa
+from equicsp.model.periodic import TWO_PI
+from equicsp.model.schedules import geometric_sigmas, wrap_centered
+from equicsp.model.von_mises import build_tables, draw_com_free_noise, load_or_build_tables, mean_resultant_to_kappa
 
 
 def test_kappa_solver_matches_scipy_fit_on_the_same_draws():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import ray
 
-from equicsp.data import DatasetError, load_splits, resolve_path
+from equicsp.data.crystals import DatasetError, resolve_path
+from equicsp.data.splits import load_splits
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec
 
 

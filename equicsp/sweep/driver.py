@@ -10,8 +10,8 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from equicsp import tracking
-from equicsp.distributed import connect_ray, resolve_storage
+from equicsp.platform import tracking
+from equicsp.platform.ray_train import connect_ray, resolve_storage
 from equicsp.sweep.cluster import (
     check_data_on_cluster,
     check_stopped_trials_are_freed,

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from equicsp.config import ARMS
-from equicsp.csp import EvaluationSettings
-from equicsp.logged_evaluation import evaluate_logged_run, generate_for_logged_run
-from equicsp.ray_evaluation import SamplingPool
+from equicsp.evaluation.csp import EvaluationSettings
+from equicsp.platform.logged_evaluation import evaluate_logged_run, generate_for_logged_run
+from equicsp.platform.ray_evaluation import SamplingPool
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
 from equicsp.sweep.step_size import GENERATION_METRIC, STEP_LR_METRIC
 

@@ -10,9 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from equicsp import tracking
 from equicsp.config import ARMS
-from equicsp.plots import ablation_bars, arm_learning_curves, generation_bars
+from equicsp.evaluation.plots import ablation_bars, arm_learning_curves, generation_bars
+from equicsp.platform import tracking
 from equicsp.sweep.final import CellResult
 from equicsp.sweep.spec import SweepSpec
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import optuna
 
-from equicsp import tracking
-from equicsp.cache import save_atomically
 from equicsp.config import config_from_dict
-from equicsp.csp import EvaluationSettings
-from equicsp.data import load_splits
-from equicsp.distributed import connect_ray
-from equicsp.ray_evaluation import SamplingPool, evaluate_checkpoint
+from equicsp.data.cache import save_atomically
+from equicsp.data.splits import load_splits
+from equicsp.evaluation.csp import EvaluationSettings
+from equicsp.platform import tracking
+from equicsp.platform.ray_evaluation import SamplingPool, evaluate_checkpoint
+from equicsp.platform.ray_train import connect_ray
 from equicsp.sweep.spec import SweepSpec
 
 STEP_LR_METRIC = "val_match_rate"  # what the step-size search maximises, and the sweep's search metric

@@ -7,7 +7,7 @@ from typing import Any
 
 import ray.tune
 
-from equicsp.distributed import LaunchOptions, run_training
+from equicsp.platform.ray_train import LaunchOptions, run_training
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
 from equicsp.sweep.step_size import GENERATION_METRIC, search_step_lr
 

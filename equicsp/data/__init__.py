@@ -1,0 +1,1 @@
+"""Crystals in: CSV / CIF parsing, splits, device batches, the cache, the benchmark download."""

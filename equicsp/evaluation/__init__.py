@@ -1,0 +1,1 @@
+"""Structures out, scores in: validity, matching, CSP and generation scores, reports, plots."""

@@ -1,0 +1,151 @@
+"""Crystal structure prediction on a dataset: sample each composition k times, match, summarise.
+
+One pipeline with two places to run: here, in this process (`run_csp`, `evaluate_in_process`),
+or on a Ray cluster (`ray_evaluation.evaluate_checkpoint`). Both take the same settings, cut
+the same sampling batches (`sampler.sampling_batches`), key every sample's noise by (seed,
+composition index, sample number), build the same matching jobs and finish the same way,
+so the two give the same predictions and scores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from equicsp.config import ARMS, Config, with_sampling_switches
+from equicsp.data.crystals import CrystalDataset, DataReport
+from equicsp.engine.sampler import SampledCrystal, Sampler, with_sampler_options
+from equicsp.evaluation.leakage import LeakageSummary, leaked_test_crystals, summarise_leakage
+from equicsp.evaluation.metrics import CrystalArrays, CrystalResult, MatchSummary, match_one, parallel_map, summarise
+from equicsp.model.diffusion import Diffusion
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    num_samples: int = 1  # k: best of k per composition
+    seed: int = 0
+    limit: int | None = None  # the first M test crystals only
+    workers: int = 0  # sampling workers; 0: one per GPU, else one per CPU
+    threads: int = 1  # CPU threads of a CPU worker (results are bitwise the same for any number of workers
+    #                   with the same threads per worker)
+    precision: str = "fp32"
+    step_lr: float | None = None  # None: the model's own config
+    num_steps: int | None = None
+    batch_size: int | None = None
+    compile: str | None = None  # run.compile for sampling; None: the model's
+    sampling_arm: str | None = None  # sample with this arm's sampling-only switches (a model it shares); None: the model's
+    leakage: bool = False  # also score the test crystals no training crystal answers (see leakage.py)
+
+    def check(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"the number of samples per composition must be >= 1, not {self.num_samples}")
+        if self.workers < 0 or self.threads < 1:
+            raise ValueError(f"need workers >= 0 and threads >= 1, not {self.workers} and {self.threads}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, not {self.limit}")
+        if self.sampling_arm is not None and self.sampling_arm not in ARMS:
+            raise ValueError(f"unknown arm {self.sampling_arm!r}; the arms are {list(ARMS)}")
+
+    def sampling_config(self, model_config: Config) -> Config:
+        """The model's config with these sampler settings (and the sampling arm's switches)."""
+        config = with_sampler_options(model_config, self.step_lr, self.num_steps, self.batch_size, self.compile)
+        if self.sampling_arm is not None:
+            config = with_sampling_switches(config, ARMS[self.sampling_arm].objective)
+        return config
+
+    def indices(self, dataset: CrystalDataset) -> list[int]:
+        return list(range(len(dataset) if self.limit is None else min(self.limit, len(dataset))))
+
+
+@dataclass
+class Evaluation:
+    summary: MatchSummary
+    per_crystal: list[CrystalResult]
+    predictions: list[SampledCrystal]
+    sampling_s: float  # sampling proper, once the workers hold the model
+    matching_s: float
+    workers: int
+    config: Config  # the model's config with the evaluation's sampler settings
+    run_id: str | None = None  # the MLflow evaluation run
+    startup_s: float = 0.0  # starting the sampling workers and loading the model into them
+    reused: bool = False  # answered from an earlier identical evaluation's run (no predictions kept)
+    leakage: LeakageSummary | None = None  # with settings.leakage
+
+
+MatchJob = tuple[int, CrystalArrays, list[CrystalArrays]]  # (dataset index, ground truth, its k predictions)
+
+
+def ground_truth(dataset: CrystalDataset, indices: list[int]) -> list[CrystalArrays]:
+    items = [dataset[i] for i in indices]
+    return [CrystalArrays.of(d.atom_types, d.frac_coords, d.lengths[0], d.angles[0]) for d in items]
+
+
+def matching_jobs(dataset: CrystalDataset, indices: list[int], predictions: list[SampledCrystal]) -> list[MatchJob]:
+    """One job per ground truth: its predictions in sample order."""
+    grouped: dict[int, list[CrystalArrays]] = {i: [] for i in indices}
+    for crystal in sorted(predictions, key=lambda c: (c.composition_index, c.sample_index)):
+        grouped[crystal.composition_index].append(
+            CrystalArrays.of(crystal.atom_types, crystal.frac_coords, crystal.lengths, crystal.angles))
+    return list(zip(indices, ground_truth(dataset, indices), [grouped[i] for i in indices]))
+
+
+def unusable_rows(report: DataReport, num_samples: int) -> list[CrystalResult]:
+    """Rows of the test file that could not be read: not matched, with the reason, in the denominator."""
+    return [CrystalResult(-1, "", 0, False, math.nan, -1, 0, num_samples, f"unusable {row.source}: {row.reason}")
+            for row in report.skipped]
+
+
+def score(dataset: CrystalDataset, indices: list[int], predictions: list[SampledCrystal], num_samples: int,
+          processes: int | None = None, show_progress: bool = True) -> tuple[MatchSummary, list[CrystalResult]]:
+    """Match predictions of dataset[indices] in worker processes (e.g. predictions sampled elsewhere)."""
+    results = parallel_map(match_one, matching_jobs(dataset, indices, predictions), processes, "matching", show_progress)
+    return summarise(results), results
+
+
+def finish(per_crystal: list[CrystalResult], dataset: CrystalDataset, settings: EvaluationSettings,
+           **timing_and_context) -> Evaluation:
+    """The evaluation of matched predictions: unreadable test rows added (when no limit is set), summarised."""
+    if settings.limit is None:
+        per_crystal = per_crystal + unusable_rows(dataset.report, settings.num_samples)
+    return Evaluation(summarise(per_crystal), per_crystal, **timing_and_context)
+
+
+def add_leakage(evaluation: Evaluation, train: CrystalDataset, test: CrystalDataset, processes: int | None = None,
+                show_progress: bool = True) -> Evaluation:
+    """Mark each test crystal leaked or not (a training crystal answers it) and score the unleaked ones."""
+    leaked = leaked_test_crystals(train, test, processes, show_progress)
+    for result in evaluation.per_crystal:
+        if result.index >= 0:
+            result.leaked = leaked[result.index]
+    evaluation.leakage = summarise_leakage(evaluation.per_crystal, leaked)
+    return evaluation
+
+
+def evaluate_in_process(model: nn.Module, model_config: Config, dataset: CrystalDataset, settings: EvaluationSettings,
+                        device: torch.device | str = "cpu", processes: int | None = None,
+                        show_progress: bool = True) -> Evaluation:
+    """The pipeline in this process: sampling on `device`, matching in `processes` worker processes."""
+    settings.check()
+    config = settings.sampling_config(model_config)
+    indices = settings.indices(dataset)
+    start = time.perf_counter()
+    sampler = Sampler(model, Diffusion(config, device), config, device, settings.precision)
+    predictions = sampler.sample([dataset[i].atom_types for i in indices], settings.num_samples, settings.seed,
+                                 indices=indices, show_progress=show_progress)
+    sampled = time.perf_counter()
+    _, per_crystal = score(dataset, indices, predictions, settings.num_samples, processes, show_progress)
+    return finish(per_crystal, dataset, settings, predictions=predictions, sampling_s=sampled - start,
+                  matching_s=time.perf_counter() - sampled, workers=1, config=config)
+
+
+def run_csp(model: nn.Module, config: Config, dataset: CrystalDataset, num_samples: int = 1, seed: int = 0,
+            limit: int | None = None, device: torch.device | str = "cpu", precision: str = "fp32",
+            processes: int | None = None, show_progress: bool = True) -> Evaluation:
+    """k samples of each of dataset's compositions with a model in memory, matched and summarised here."""
+    settings = EvaluationSettings(num_samples=num_samples, seed=seed, limit=limit, precision=precision)
+    return evaluate_in_process(model, config, dataset, settings, device, processes, show_progress)
+

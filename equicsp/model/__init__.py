@@ -1,0 +1,1 @@
+"""The paper's method and nothing else: lattice, noise, targets, diffusion, CSPNet, objective."""
