@@ -13,13 +13,23 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run, with the reason."""
+
+
+TaskName = Literal["csp", "generation"]
+LatticeKind = Literal["projected", "matrix"]
+Precision = Literal["fp32", "tf32", "bf16"]
+CompileSetting = Literal["auto", "on", "off"]
+TASKS: tuple[TaskName, ...] = typing.get_args(TaskName)
+LATTICE_KINDS: tuple[LatticeKind, ...] = typing.get_args(LatticeKind)
+PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
+COMPILE_SETTINGS: tuple[CompileSetting, ...] = typing.get_args(CompileSetting)
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    task: str = "csp"  # csp: structure from a composition | generation: atom types diffused too (docs/method.md#generation)
+    task: TaskName = "csp"  # csp: structure from a composition | generation: atom types diffused too (docs/method.md#generation)
     timesteps: int = 1000
     cosine_offset: float = 0.008
     sigma_begin: float = 0.005
@@ -51,7 +61,7 @@ class ObjectiveConfig:
     lattice matrix instead of EquiCSP's projected parameters.
     """
 
-    lattice: str = "projected"  # projected (EquiCSP) | matrix (DiffCSP)
+    lattice: LatticeKind = "projected"  # projected (EquiCSP) | matrix (DiffCSP)
     com_free_noise: bool = True
     von_mises: bool = True
     prob_model: bool = True
@@ -90,16 +100,12 @@ class DataConfig:
     primitive: bool = False
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-COMPILE_SETTINGS = ("auto", "on", "off")
-
-
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | tf32 (fp32 with TF32 matmuls on a GPU) | bf16 (autocast for the network's matmuls)
-    compile: str = "auto"  # auto (compiled steps on CUDA, eager elsewhere) | on | off: see compiled.py
+    precision: Precision = "fp32"  # fp32 | tf32 (fp32 with TF32 matmuls on a GPU) | bf16 (autocast for the network's matmuls)
+    compile: CompileSetting = "auto"  # auto (compiled steps on CUDA, eager elsewhere) | on | off: see compiled.py
     checkpoint_every: int = 10  # epochs
     log_every: int = 1
 
@@ -247,6 +253,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             return float(value)
         if annotation is str:
             return str(value)
+        if typing.get_origin(annotation) is Literal:
+            return str(value)  # validate() names the allowed values
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot read {value!r} as {annotation.__name__}") from None
     return value
@@ -322,7 +330,7 @@ def validate(config: Config) -> None:
         problems.append("objective.prob_model needs objective.com_free_noise: it corrects for the CoM removal")
     if objective.prob_model and objective.coord_noise_weight <= 0:
         problems.append("objective.prob_model needs objective.coord_noise_weight > 0: the correction uses the trained n~ head")
-    if objective.lattice not in ("projected", "matrix"):
+    if objective.lattice not in LATTICE_KINDS:
         problems.append(f"objective.lattice must be projected or matrix, not {objective.lattice!r}")
     if objective.lattice == "matrix" and (objective.perm_loss or objective.frame_average):
         problems.append("objective.perm_loss and objective.frame_average need objective.lattice = projected: "
@@ -335,7 +343,7 @@ def validate(config: Config) -> None:
             problems.append(f"{name} must be a finite number, not {value}")
     if objective.perm_loss_weight < 0 or objective.coord_noise_weight < 0:
         problems.append("loss weights (objective.perm_loss_weight, objective.coord_noise_weight) must be >= 0")
-    if diffusion.task not in ("csp", "generation"):
+    if diffusion.task not in TASKS:
         problems.append(f"diffusion.task must be csp or generation, not {diffusion.task!r}")
     if diffusion.task == "generation" and objective.type_noise_weight <= 0:
         problems.append("diffusion.task = generation needs objective.type_noise_weight > 0: "

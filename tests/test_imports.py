@@ -7,9 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "equicsp"
-# Each layer may import the layers listed after it, never those before it (config and devices are shared by all).
+# Each layer may import the layers listed after it, never those before it (config, devices and task: shared by all).
 LAYERS = ("cli", "sweep", "platform", "evaluation", "engine", "model", "data")
-SHARED = ("config", "devices")
+SHARED = ("config", "devices", "task")
 
 
 def loaded_after(code: str, watched: tuple[str, ...]) -> list[str]:

@@ -25,6 +25,7 @@ from equicsp.evaluation.report import write_report
 from equicsp.platform.logged_evaluation import evaluate_logged_run
 from equicsp.platform.ray_evaluation import evaluate_checkpoint
 from equicsp.platform.tracking import TrackingError, describe_run, resolve_tracking_uri
+from equicsp.task import TUNED_STEP_LR
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -81,8 +82,8 @@ def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings) -> Eva
         check_writable_folder(args.out)
     checkpoint = read_checkpoint(args.checkpoint)
     config = config_from_dict(checkpoint["config"])
-    if settings.step_lr is None and "tuned_step_lr" in checkpoint:  # a sweep searched this model's step size
-        settings = replace(settings, step_lr=float(checkpoint["tuned_step_lr"]))
+    if settings.step_lr is None and TUNED_STEP_LR in checkpoint:  # a sweep searched this model's step size
+        settings = replace(settings, step_lr=float(checkpoint[TUNED_STEP_LR]))
         print(f"step_lr {settings.step_lr:g}: the step size a sweep tuned for this checkpoint")
 
     def model_split(split: str):

@@ -35,6 +35,7 @@ from equicsp.evaluation.metrics import (
 )
 from equicsp.model.diffusion import Diffusion
 from equicsp.platform import tracking
+from equicsp.task import TUNED_STEP_LR
 
 
 def composition_of(formula: str) -> torch.Tensor:
@@ -84,14 +85,14 @@ def load_source(args: argparse.Namespace) -> tuple[dict, float | None, list[Path
     if args.checkpoint:
         checkpoint = read_checkpoint(args.checkpoint)
         above = [folder / checkpoint["config"]["data"]["path"] for folder in args.checkpoint.resolve().parents]
-        return checkpoint, checkpoint.get("tuned_step_lr"), above  # a sweep writes its tuned step into the checkpoint
+        return checkpoint, checkpoint.get(TUNED_STEP_LR), above  # a sweep writes its tuned step into the checkpoint
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_reachable(uri)
     run = tracking.get_run(uri, args.run_id)
     checkpoint = tracking.read_logged_checkpoint(uri, args.run_id)
     print(f"model of {tracking.describe_run(uri, args.run_id)}")
     logged = run.data.tags.get(tracking.DATA_DIR_TAG)
-    return checkpoint, run.data.metrics.get("tuned_step_lr"), [Path(logged)] if logged else []
+    return checkpoint, run.data.metrics.get(TUNED_STEP_LR), [Path(logged)] if logged else []
 
 
 def cells_to_sample(args: argparse.Namespace, config: Config, data_folders: list[Path]) -> list[tuple[str, torch.Tensor]]:

@@ -28,6 +28,7 @@ from equicsp.model.atom_types import NUM_TYPE_CLASSES, decode
 from equicsp.model.diffusion import Diffusion
 from equicsp.model.noise import atom_keys, keyed_normal, keyed_uniform, sample_keys
 from equicsp.model.schedules import at_last_step, entry, wrap
+from equicsp.task import task_of
 
 # Noise streams of one step, so corrector, predictor and lattice never share a draw.
 _CORRECTOR, _PREDICTOR, _LATTICE, _INITIAL_COORDS, _INITIAL_LATTICE, _TYPES, _INITIAL_TYPES = range(7)
@@ -138,6 +139,7 @@ class Sampler:
 
         The atom counts are read on the host (a list, or a CPU tensor), so no step asks the device for a size.
         """
+        task_of(self.config).check_predicts_structures()
         layout, real = self._layout(num_atoms)
         atom_types = atom_types.to(self.device)
         if layout.real is not None:
@@ -152,8 +154,7 @@ class Sampler:
 
         The types start from N(0, I) in R^100 and follow the DDPM (docs/method.md#generation).
         """
-        if self.diffusion.types is None:
-            raise ValueError("this model predicts structures for given compositions (diffusion.task = csp)")
+        task_of(self.config).check_generates()
         layout, real = self._layout(num_atoms)
         keys = self._keys(keys, layout)
         types = keyed_normal(atom_keys(keys, layout.batch, layout.num_atoms), NUM_TYPE_CLASSES, seed, 0,
@@ -214,7 +215,7 @@ class Sampler:
         x = wrap(x - variance_drop * score + (sigma_s**2 * variance_drop / sigma_t**2).sqrt() * z)
         z = keyed_normal(keys, self.lattice.dim, seed, t, _LATTICE, dtype)
         lattice = self.lattice_step(lattice, lattice_noise, t, s, z)
-        if atom_types.dim() == 2:
+        if self.diffusion.types is not None:  # generation: the types follow their DDPM too
             z = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, t, _TYPES, dtype)
             atom_types = self.diffusion.types.step(atom_types, type_noise.to(dtype), t, s, z,
                                                     self.config.sampler.clip_types)

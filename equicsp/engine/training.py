@@ -48,6 +48,7 @@ from equicsp.model.denoiser import build_denoiser
 from equicsp.model.diffusion import Diffusion
 from equicsp.model.num_atoms import atom_count_histogram
 from equicsp.model.objective import Objective
+from equicsp.task import task_of
 
 
 class TrainingDiverged(RuntimeError):
@@ -318,7 +319,7 @@ def check_resumable(config: Config, out_dir: Path) -> None:
 
 def generation_state(config: Config, train_set: CrystalDataset) -> dict[str, list[int]]:
     """What a generation checkpoint adds: the training set's atom-count histogram, from which N is drawn."""
-    if config.diffusion.task != "generation":
+    if not task_of(config).stores_atom_counts:
         return {}
     return {"num_atoms_distribution": atom_count_histogram(train_set.num_atoms, config.data.max_atoms)}
 

@@ -32,6 +32,7 @@ from equicsp.evaluation.plots import generation_histograms
 from equicsp.model.diffusion import Diffusion
 from equicsp.model.noise import sample_keys
 from equicsp.model.num_atoms import draw_atom_counts
+from equicsp.task import task_of
 
 GENERATION_COMPOSITION_INDEX = -1  # the key's composition part: no composition is given
 
@@ -53,7 +54,7 @@ def generate(model: nn.Module, config: Config, histogram: list[int], num: int, s
              device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int | None = None,
              diffusion: Diffusion | None = None, show_progress: bool = True) -> list[SampledCrystal]:
     """num crystals, in batches of batch_size (default sampler.batch_size); crystal i is keyed by (seed, i)."""
-    if config.diffusion.task != "generation":
+    if not task_of(config).diffuses_types:
         raise GenerationError("this model predicts structures for given compositions (diffusion.task = csp)")
     if num < 1:
         raise GenerationError(f"the number of crystals must be >= 1, not {num}")

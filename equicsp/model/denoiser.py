@@ -36,6 +36,7 @@ from equicsp.model.lattice import (
 )
 from equicsp.model.schedules import wrap
 from equicsp.model.segments import per_crystal_mean
+from equicsp.task import task_of
 
 
 @dataclass
@@ -273,6 +274,6 @@ class FrameAveraged(nn.Module):
 def build_denoiser(config: Config) -> nn.Module:
     """CSPNet for the config's model and lattice representation, Frame-Averaged when the objective says so."""
     network = CSPNet(config.model, LATTICE_REPRESENTATIONS[config.objective.lattice],
-                     diffuse_types=config.diffusion.task == "generation")
+                     diffuse_types=task_of(config).diffuses_types)
     return FrameAveraged(network) if config.objective.frame_average else network
 

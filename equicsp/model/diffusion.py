@@ -15,6 +15,7 @@ from equicsp.model.noise import Step, atom_keys, keyed_normal, keyed_uniform
 from equicsp.model.schedules import NoiseSchedule, wrap
 from equicsp.model.targets import CoordinateTargets, build_target, target_class
 from equicsp.model.von_mises import VonMisesTables, load_or_build_tables
+from equicsp.task import task_of
 
 # Noise streams of one training step.
 _TIMESTEP, _LATTICE_NOISE, _COORD_NOISE, _PERMUTATION, _TYPE_NOISE = range(5)
@@ -47,7 +48,7 @@ class Diffusion:
         self.schedule = schedule.to(device)
         self.target = build_target(config.objective, self.schedule, tables)
         # Generation diffuses the atom types too; CSP keeps them given.
-        self.types = AtomTypeDiffusion(self.schedule) if d.task == "generation" else None
+        self.types = AtomTypeDiffusion(self.schedule) if task_of(config).diffuses_types else None
 
     @property
     def timesteps(self) -> int:

@@ -24,6 +24,7 @@ from equicsp.evaluation.metrics import SCORE_VERSION, MatchSummary
 from equicsp.evaluation.report import copy_report, summary_record, write_report
 from equicsp.platform import tracking
 from equicsp.platform.ray_evaluation import SamplingPool, evaluate_checkpoint
+from equicsp.task import TUNED_STEP_LR
 
 
 def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
@@ -47,7 +48,7 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     tracking.check_reachable(uri)
     checkpoint = tracking.read_logged_checkpoint(uri, run_id)
     training_run = tracking.get_run(uri, run_id)
-    tuned = training_run.data.metrics.get("tuned_step_lr")
+    tuned = training_run.data.metrics.get(TUNED_STEP_LR)
     if settings.step_lr is None and tuned is not None:  # a sweep searched this model's step size
         settings = replace(settings, step_lr=tuned)
     model_config = config_from_dict(checkpoint["config"])

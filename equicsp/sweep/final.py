@@ -11,7 +11,8 @@ from equicsp.evaluation.csp import EvaluationSettings
 from equicsp.platform.logged_evaluation import evaluate_logged_run, generate_for_logged_run
 from equicsp.platform.ray_evaluation import SamplingPool
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
-from equicsp.sweep.step_size import GENERATION_METRIC, STEP_LR_METRIC
+from equicsp.sweep.step_size import STEP_LR_METRIC
+from equicsp.task import TUNED_STEP_LR, task_of
 
 
 @dataclass
@@ -44,10 +45,11 @@ def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[tuple[s
     then lowest validation loss. An arm that shares another's model picks among that arm's trials by its own
     step-size search. A generation sweep (no step-size search) picks the lowest validation loss."""
     chosen = []
+    task = task_of(spec.task)
     for arm in spec.arms:
         owner = spec.model_owner(arm)
-        score_name = metric_name(arm, owner, STEP_LR_METRIC) if spec.task == "csp" else GENERATION_METRIC
-        sign = 1 if spec.task == "csp" else -1
+        score_name = metric_name(arm, owner, task.trial_metric) if task.searches_step_size else task.trial_metric
+        sign = 1 if task.trial_mode == "max" else -1
         for seed in spec.seeds:
             mine = [trial for trial in trials if trial["config"]["arm"] == owner
                     and int(trial["config"]["run.seed"]) == seed and score_name in trial]
@@ -60,7 +62,7 @@ def evaluate_cells(chosen: list[tuple[str, dict[str, Any]]], spec: SweepSpec, la
                    show_progress: bool) -> list[CellResult]:
     """Every chosen cell's final evaluation. CSP cells share one sampling pool, each handing it its model: a pool
     per cell started new sampling actors, and new processes for its matching tasks, every time."""
-    if spec.task == "generation":
+    if task_of(spec.task).diffuses_types:
         return [generation_cell(arm, trial, spec, uri, show_progress) for arm, trial in chosen]
     settings = final_settings(spec, launch)
     with SamplingPool(None, settings.workers, settings.threads, settings.precision) as pool:
@@ -78,7 +80,7 @@ def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: Swee
     """The final test evaluation of one CSP cell's best model at its tuned step size (an MLflow child run)."""
     params = trial["config"]
     owner, seed = params["arm"], int(params["run.seed"])
-    step_lr = trial[metric_name(arm, owner, "tuned_step_lr")]
+    step_lr = trial[metric_name(arm, owner, TUNED_STEP_LR)]
     settings = replace(final_settings(spec, launch), step_lr=step_lr, sampling_arm=None if arm == owner else arm)
     tags = sharing_tags(arm, owner)
     evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri, extra_tags=tags,

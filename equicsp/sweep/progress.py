@@ -12,6 +12,7 @@ import time
 from ray.tune import Callback
 
 from equicsp.sweep.spec import SweepSpec
+from equicsp.task import TUNED_STEP_LR
 
 
 def duration(seconds: float) -> str:
@@ -74,7 +75,7 @@ class SweepProgress(Callback):
         epochs = self._epochs(trial)
         self.epochs_done[trial.trial_id] = int(result["epoch"])
         loss = f", val loss {result['val_total']:.4g}" if "val_total" in result else ""
-        tuned = f", tuned step_lr {result['tuned_step_lr']:.3g}" if "tuned_step_lr" in result else ""
+        tuned = f", tuned step_lr {result[TUNED_STEP_LR]:.3g}" if TUNED_STEP_LR in result else ""
         self._print(f"{self._label(trials, trial)}: epoch {int(result['epoch'])}/{epochs}{loss}{tuned}"
                    f"{self.eta(trials)}", flush=True)
 

@@ -15,6 +15,12 @@ from equicsp.evaluation.plots import ablation_bars, arm_learning_curves, generat
 from equicsp.platform import tracking
 from equicsp.sweep.final import CellResult
 from equicsp.sweep.spec import SweepSpec
+from equicsp.task import task_of
+
+
+def generates(spec: SweepSpec) -> bool:
+    """A generation sweep's table scores generated crystals; a CSP sweep's, predicted structures."""
+    return task_of(spec.task).diffuses_types
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -26,7 +32,7 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, Any]]:
     """One row per arm: test match rate and RMSE as mean and standard deviation over seeds."""
-    if spec.task == "generation":
+    if generates(spec):
         return generation_table(cells, spec)
     rows = []
     for arm in spec.arms:
@@ -63,7 +69,7 @@ def is_smoke(spec: SweepSpec) -> bool:
 
 
 def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
-    if spec.task == "generation":
+    if generates(spec):
         return generation_markdown(table, spec)
     lines = [f"# Ablation: {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), k = {spec.test_samples})", "",
              "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched | run |"
@@ -101,7 +107,7 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
     _write_csv(files["table_csv"], table)
     _write_csv(files["cells_csv"], [{**asdict(cell), "searched": cell.searched} for cell in cells])
     title = spec.name + (" (smoke: tests the machinery, not the method)" if is_smoke(spec) else "")
-    if spec.task == "generation":
+    if generates(spec):
         generation_bars(table, files["bars"], title=title)
     else:
         ablation_bars(table, files["bars"], title=title)
@@ -111,10 +117,10 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
                                  tracking.metric_history(uri, cell.training_run_id, "train_total")))
     arm_learning_curves(curves, files["curves"], labels={name: arm.label for name, arm in ARMS.items()})
     metrics = {}
-    for row in table if spec.task == "generation" else ():
+    for row in table if generates(spec) else ():
         metrics.update({f"{row['arm']}/{key}": row[f"{key}_mean"] / scale for key, _, scale in GENERATION_COLUMNS
                         if not math.isnan(row[f"{key}_mean"])})  # as the generation runs log them: fractions
-    for row in table if spec.task == "csp" else ():
+    for row in table if not generates(spec) else ():
         metrics[f"{row['arm']}/match_rate"] = row["match_rate_mean"] / 100
         if not math.isnan(row["rmse_mean"]):
             metrics[f"{row['arm']}/rmse"] = row["rmse_mean"]

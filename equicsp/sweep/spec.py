@@ -7,6 +7,7 @@ from typing import Any
 
 from equicsp.config import ARMS, ConfigError, apply_overrides, make_config, trains_the_same
 from equicsp.sweep.space import Domain, FloatRange, domain_problem, example_value
+from equicsp.task import TASKS, task_of
 
 
 class SweepError(ValueError):
@@ -88,11 +89,11 @@ def validate_spec(spec: SweepSpec) -> None:
         raise SweepError(f"unknown arm(s) {unknown}; the arms are {list(ARMS)}")
     if not spec.arms or not spec.seeds:
         raise SweepError("a sweep needs at least one arm and one seed")
-    if spec.task not in ("csp", "generation"):
-        raise SweepError(f"task must be csp or generation, not {spec.task!r}")
+    if spec.task not in TASKS:
+        raise SweepError(f"task must be one of {', '.join(TASKS)}, not {spec.task!r}")
     if "diffusion.task" in {**spec.overrides, **spec.space}:
         raise SweepError("diffusion.task is the sweep's task: set it with --task, not as an override or a searched field")
-    if spec.task == "generation" and spec.leakage:
+    if task_of(spec.task).diffuses_types and spec.leakage:
         raise SweepError("leakage scores CSP predictions of test compositions; a generation sweep has none")
     if spec.num_generated < 1:
         raise SweepError("num_generated must be >= 1")

@@ -17,9 +17,10 @@ from equicsp.platform import tracking
 from equicsp.platform.ray_evaluation import SamplingPool, evaluate_checkpoint
 from equicsp.platform.ray_train import connect_ray
 from equicsp.sweep.spec import SweepSpec
+from equicsp.task import TUNED_STEP_LR, VAL_DENOISE, VAL_MATCH_RATE, task_of
 
-STEP_LR_METRIC = "val_match_rate"  # what the step-size search maximises, and the sweep's search metric
-GENERATION_METRIC = "val_denoise"  # a generation sweep's search metric: no step-size search (see search_metric)
+STEP_LR_METRIC = VAL_MATCH_RATE  # what the step-size search maximises, and the sweep's search metric
+GENERATION_METRIC = VAL_DENOISE  # a generation sweep's search metric: no step-size search (see search_metric)
 
 
 def search_metric(spec: SweepSpec) -> tuple[str, str]:
@@ -32,7 +33,8 @@ def search_metric(spec: SweepSpec) -> tuple[str, str]:
     config's step_lr (the dataset presets carry DiffCSP's values), and trials are compared by
     their validation denoising loss.
     """
-    return (STEP_LR_METRIC, "max") if spec.task == "csp" else (GENERATION_METRIC, "min")
+    task = task_of(spec.task)
+    return task.trial_metric, task.trial_mode
 
 
 def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: bool,
@@ -47,7 +49,7 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: boo
     prefix = f"{sampling_arm}/" if sampling_arm else ""
     logged = tracking.get_run(uri, run_id).data.metrics
     if f"{prefix}tuned_step_lr" in logged:
-        return {prefix + key: logged[prefix + key] for key in ("tuned_step_lr", STEP_LR_METRIC, "val_rmse")
+        return {prefix + key: logged[prefix + key] for key in (TUNED_STEP_LR, STEP_LR_METRIC, "val_rmse")
                 if prefix + key in logged}
     checkpoint = tracking.read_logged_checkpoint(uri, run_id)
     config = config_from_dict(checkpoint["config"])
@@ -75,13 +77,13 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: boo
     with SamplingPool(checkpoint, settings.workers, settings.threads) as pool:
         study.optimize(objective, n_trials=spec.step_lr_trials)
     best = study.best_trial
-    result = {f"{prefix}tuned_step_lr": best.params["step_lr"], f"{prefix}{STEP_LR_METRIC}": best.value}
+    result = {f"{prefix}{TUNED_STEP_LR}": best.params["step_lr"], f"{prefix}{STEP_LR_METRIC}": best.value}
     if not math.isnan(best.user_attrs["rmse"]):
         result[f"{prefix}val_rmse"] = best.user_attrs["rmse"]
     tracking.log_metrics(uri, run_id, result)
     if sampling_arm is None:  # the best checkpoint carries its step size, for `evaluate --checkpoint` and `sample`
         with tempfile.TemporaryDirectory(prefix="equicsp-tuned-") as folder:
             path = Path(folder) / Path(tracking.CHECKPOINT_ARTIFACT).name
-            save_atomically({**checkpoint, "tuned_step_lr": best.params["step_lr"]}, path)
+            save_atomically({**checkpoint, TUNED_STEP_LR: best.params["step_lr"]}, path)
             tracking.log_artifact(uri, run_id, path, str(Path(tracking.CHECKPOINT_ARTIFACT).parent))
     return result

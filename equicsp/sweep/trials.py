@@ -9,7 +9,8 @@ import ray.tune
 
 from equicsp.platform.ray_train import LaunchOptions, run_training
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
-from equicsp.sweep.step_size import GENERATION_METRIC, search_step_lr
+from equicsp.sweep.step_size import search_step_lr
+from equicsp.task import task_of
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,13 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
                             system_metrics=launch.system_metrics)
     result = run_training(config, options)
     search = {}
-    if spec.task == "csp":  # generation samples at the config's step_lr (step_size.search_metric says why)
+    task = task_of(spec.task)
+    if task.searches_step_size:  # generation samples at the config's step_lr (step_size.search_metric says why)
         search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu)
         for other in spec.sharing_arms(arm):
             search.update(search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu,
                                          sampling_arm=other))
     final = {**result.history[-1], **search, "training_run_id": result.run_id}
-    if spec.task == "generation":  # the logged model is the best epoch's: compare trials by that epoch
-        final[GENERATION_METRIC] = min(row[GENERATION_METRIC] for row in result.history)
+    if not task.searches_step_size:  # the logged model is the best epoch's: compare trials by that epoch
+        final[task.trial_metric] = min(row[task.trial_metric] for row in result.history)
     ray.tune.report(final)
