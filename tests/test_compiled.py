@@ -134,27 +134,55 @@ def _ddp_worker(rank: int, world: int, store: str, setting: str, out: str) -> No
     loop = TrainingLoop(config, random_crystals([4] * 8, 0), random_crystals([4] * 4, 1), torch.device("cpu"), rank,
                         world, wrap_model=lambda model: nn.parallel.DistributedDataParallel(model, **DDP_SETTINGS),
                         show_progress=False, compile_backend="aot_eager")
+    # Each step's loss terms (training and validation) as this worker computed them, and the gradients the
+    # optimiser is given: after backward, so after DDP's all-reduce, before clipping (by value, which would hide
+    # small differences).
+    steps, gradients = [], []
+    losses, clip = loop.losses, nn.utils.clip_grad_value_
+
+    def recorded_losses(batch, step):
+        total, terms = losses(batch, step)
+        steps.append(terms.clone())
+        return total, terms
+
+    def recorded_clip(parameters, clip_value, *args, **kwargs):
+        parameters = list(parameters)
+        gradients.append(torch.cat([p.grad.flatten() for p in parameters]))
+        return clip(parameters, clip_value, *args, **kwargs)
+
+    loop.losses = recorded_losses
+    nn.utils.clip_grad_value_ = recorded_clip  # this worker process's own torch
     history = [loop.step_epoch() for _ in range(2)]
-    if rank == 0:
-        weights = torch.cat([p.detach().flatten() for p in loop.model.parameters()])
-        torch.save({"history": history, "weights": weights, "graph_breaks": dict(counters["graph_break"])}, out)
+    weights = torch.cat([p.detach().flatten() for p in loop.model.parameters()])
+    torch.save({"history": history, "weights": weights, "graph_breaks": dict(counters["graph_break"]),
+                "steps": torch.stack(steps), "gradients": torch.stack(gradients)}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
 def test_a_compiled_step_under_ddp_makes_the_eager_updates_and_broadcasts_no_buffers(tmp_path):
     """Two gloo workers with DistributedDataParallel, as Ray Train runs them: the compiled step (split at DDP's
-    gradient buckets) gives the eager weights; DDP broadcasting its buffers each step was a graph break and a
-    collective."""
+    gradient buckets) gives the eager step's losses at every step, its all-reduced gradients and its weights;
+    DDP broadcasting its buffers each step was a graph break and a collective."""
     results = {}
     for setting in ("off", "on"):
         out = tmp_path / f"{setting}.pt"
         mp.spawn(_ddp_worker, args=(2, str(tmp_path / f"store-{setting}"), setting, str(out)), nprocs=2)
-        results[setting] = torch.load(out)
+        results[setting] = [torch.load(f"{out}.{rank}") for rank in range(2)]
     # Dynamo does not trace DDP's own forward (it splits there, so the step is not one graph under DDP); a
     # buffer broadcast in it would be another split and a collective per step.
-    breaks = " ".join(results["on"]["graph_breaks"])
+    breaks = " ".join(results["on"][0]["graph_breaks"])
     assert "_inside_ddp_forward" in breaks and "broadcast" not in breaks
-    for eager, compiled in zip(results["off"]["history"], results["on"]["history"]):
+    for eager, compiled in zip(results["off"][0]["history"], results["on"][0]["history"]):
         for name in ("train_total", "val_total"):
             assert compiled[name] == pytest.approx(eager[name], rel=1e-5), name
-    torch.testing.assert_close(results["on"]["weights"], results["off"]["weights"], rtol=1e-4, atol=1e-6)
+    # 8 training crystals at a global batch of 4 on 2 workers: 2 steps an epoch, and 1 validation step, per worker.
+    for rank in range(2):
+        eager, compiled = results["off"][rank], results["on"][rank]
+        assert eager["steps"].shape[0] == 2 * 3
+        torch.testing.assert_close(compiled["steps"], eager["steps"], rtol=1e-5, atol=1e-7)
+        assert eager["gradients"].shape[0] == 2 * 2
+        torch.testing.assert_close(compiled["gradients"], eager["gradients"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled["weights"], eager["weights"], rtol=1e-4, atol=1e-6)
+    for setting in ("off", "on"):  # the gradients were all-reduced: both workers stepped with the same ones
+        assert torch.equal(results[setting][0]["gradients"], results[setting][1]["gradients"]), setting
+        assert not torch.equal(results[setting][0]["steps"], results[setting][1]["steps"]), setting  # own shards

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pooch
 from filelock import FileLock
 
 SPLITS = ("train", "val", "test")
@@ -74,6 +73,8 @@ class FetchError(RuntimeError):
 
 def data_root() -> Path:
     """The folder holding `<name>/<split>.csv`: `$EQUICSP_DATA_DIR`, else `data/` in the user's cache."""
+    import pooch  # here, not above: the GPU machine, which trains from a given folder, has no pooch
+
     return Path(os.environ.get("EQUICSP_DATA_DIR") or pooch.os_cache("equicsp") / "data")
 
 
@@ -110,6 +111,8 @@ def _append(url: str, part: Path, progress: bool) -> None:
     start = part.stat().st_size if part.exists() else 0
     # A resumed request asks for the raw bytes: a Range over a gzip-encoded response would count compressed bytes.
     headers = {"Range": f"bytes={start}-", "Accept-Encoding": "identity"} if start else {}
+    import pooch
+
     with open(part, "ab") as out:
         pooch.HTTPDownloader(progressbar=progress, headers=headers, timeout=TIMEOUT)(url, out, None)
 
