@@ -1,17 +1,22 @@
-"""Evaluation throughput on Ray: crystals/s for sampling + matching with 1 and 2 workers, and where the time goes.
+"""Evaluation throughput on Ray: crystals/s for sampling + matching with 1 and 2 workers, and where the time goes;
+then StructureMatcher's pairs/s at k = 1 and k = 20, before and after reducing each ground truth once.
 
     python benchmarks/evaluation.py [--out benchmarks/results/evaluation.md] [--checkpoint best.pt] [--samples 2]
+                                    [--matching-out benchmarks/results/matching.md] [--only ray|matching]
 
 Without --checkpoint it first trains the `smoke` model on the bundled sample (in this process),
 so the samples are real crystals that the matcher has to work on, not the rubble an untrained
 model produces. Every configuration evaluates the same bundled test split with the same seed;
 the predictions are identical across worker counts (the table checks the match rates agree).
+The matching table is benchmarks/matching.py's (its docstring says how the pairs are drawn), which
+also checks that both ways give the same answer on every pair.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +28,8 @@ from equicsp.data.splits import load_splits
 from equicsp.engine.checkpoint import read_checkpoint
 from equicsp.engine.training import train
 from equicsp.evaluation.csp import EvaluationSettings
+from equicsp.platform.ray_cluster import connect_ray
 from equicsp.platform.ray_evaluation import evaluate_checkpoint
-from equicsp.platform.ray_train import connect_ray
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +39,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=2, help="k samples per test composition")
     parser.add_argument("--batch-size", type=int, default=25, help="crystals per sampling batch")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--matching-out", type=Path, default=Path("benchmarks/results/matching.md"))
+    parser.add_argument("--only", choices=("ray", "matching"), help="one of the two tables (default: both)")
     args = parser.parse_args(argv)
+    if args.only != "ray":
+        matching_table(args.matching_out)
+    if args.only != "matching":
+        ray_table(args)
+
+
+def matching_table(out: Path, ks: tuple[int, ...] = (1, 20), crystals: int = 20, repeats: int = 3) -> str:
+    """Pairs/s of StructureMatcher.get_rms_dist per pair against the evaluation's reduce-once matching."""
+    benchmark = runpy.run_path(str(Path(__file__).with_name("matching.py")), run_name="imported")
+    return benchmark["main"](["--k", *map(str, ks), "--crystals", str(crystals), "--repeats", str(repeats),
+                              "--out", str(out)])
+
+
+def ray_table(args: argparse.Namespace) -> None:
     checkpoint_path = args.checkpoint
     train_s = 0.0
     if checkpoint_path is None:

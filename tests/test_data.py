@@ -136,7 +136,9 @@ def test_a_corrupted_cache_file_is_named_removed_and_rebuilt(tiny_csv, tmp_path,
     torch.save({"something": "else"}, cached)  # readable, but not a dataset
     with pytest.warns(UserWarning, match="unreadable"):
         load_crystals(tiny_csv, show_progress=False)
-    assert torch.load(cached, weights_only=True).keys() >= {"tensors", "metadata"}
+    from equicsp.data.cache import load_cached
+
+    assert load_cached(cached, dict).keys() >= {"tensors", "metadata"}  # rewritten, checksum and all
 
 
 def test_split_refuses_to_overwrite_without_force(tiny_csv, tmp_path, capsys):
@@ -156,3 +158,73 @@ def test_split_rejects_impossible_fractions(tiny_csv, tmp_path, fractions):
     with pytest.raises(SystemExit, match="error: .*fraction"):
         data_main(["split", str(tiny_csv), "--out", str(tmp_path / "split"), "--fractions", *fractions])
     assert not (tmp_path / "split").exists()
+
+
+def test_impossible_cells_and_huge_crystals_are_refused_from_the_cif_text(tiny_csv, monkeypatch):
+    """A negative cell length became a mirrored cell; a 10,000-atom crystal was parsed and Niggli-reduced (over a
+    minute) before the atom-count check. Both are read from the CIF text, before pymatgen builds a structure."""
+    from pymatgen.core import Structure
+
+    from equicsp.data.crystals import parse_cif
+
+    _, rows = rows_of(tiny_csv)
+    cif = rows[0]["cif"]
+    options = PreprocessOptions()
+
+    def with_line(prefix: str, line: str) -> str:
+        return "\n".join(line if old.startswith(prefix) else old for old in cif.splitlines()) + "\n"
+
+    header, sites = cif.split("_atom_site_occupancy\n")
+    huge = header + "_atom_site_occupancy\n" + "".join(
+        f"  Ti  Ti{i}  1  {(i % 100) / 100:.4f}  {(i // 100) / 100:.4f}  0.5  1\n" for i in range(10_000))
+    built = []
+    real = Structure.from_str
+    monkeypatch.setattr(Structure, "from_str", lambda *args, **kwargs: built.append(1) or real(*args, **kwargs))
+    for text, reason in ((with_line("_cell_length_a", "_cell_length_a   -4"), "_cell_length_a is -4, a length must be > 0"),
+                         (with_line("_cell_angle_beta", "_cell_angle_beta 180.0(2)"), "_cell_angle_beta is 180.0\\(2\\)"),
+                         (huge, "too large: 10000 atom sites listed > max_atoms 20")):
+        with pytest.raises(ValueError, match=reason):
+            parse_cif(text, options)
+    assert built == []
+    assert parse_cif(cif, options).lengths == pytest.approx([3.81489437] * 3) and built == [1]
+
+
+def test_split_by_composition_keeps_every_reduced_composition_on_one_side(tmp_path, capsys):
+    from pymatgen.core import Structure
+
+    from equicsp.data.crystals import SPLITS, resolve_path
+
+    fieldnames, rows = None, []
+    for split in SPLITS:  # the bundled Perov-5 sample, its three splits in one file
+        fieldnames, part = rows_of(resolve_path(f"bundled:perov_5/{split}.csv"))
+        rows += part
+    write_rows(tmp_path / "all.csv", fieldnames, rows)
+
+    def compositions(folder):
+        return {split: {Structure.from_str(row["cif"], fmt="cif").composition.reduced_formula
+                        for row in rows_of(folder / f"{split}.csv")[1]} for split in SPLITS}
+
+    data_main(["split", str(tmp_path / "all.csv"), "--out", str(tmp_path / "plain")])
+    plain = compositions(tmp_path / "plain")
+    shared = len((plain["train"] | plain["val"]) & plain["test"] | plain["train"] & plain["val"])
+    assert shared > 0, "the sample should hold polymorphs a random split puts on both sides"
+    assert f"; {shared} in more than one split" in capsys.readouterr().out
+    data_main(["split", str(tmp_path / "all.csv"), "--out", str(tmp_path / "grouped"), "--group-by", "composition"])
+    grouped = compositions(tmp_path / "grouped")
+    assert not grouped["train"] & grouped["val"] and not grouped["train"] & grouped["test"] \
+        and not grouped["val"] & grouped["test"]
+    counts = {split: len(rows_of(tmp_path / "grouped" / f"{split}.csv")[1]) for split in SPLITS}
+    assert sum(counts.values()) == len(rows) and abs(counts["train"] - 0.6 * len(rows)) < 0.05 * len(rows)
+    printed = capsys.readouterr().out
+    assert f"train: {counts['train']}, val: {counts['val']}, test: {counts['test']}" in printed
+    assert (f"reduced compositions: train {len(grouped['train'])}, val {len(grouped['val'])}, test "
+            f"{len(grouped['test'])}; 0 in more than one split") in printed
+
+
+def test_parsing_a_split_is_announced_with_its_size_and_a_cached_read_is_silent(tiny_csv, tmp_path, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path))
+    load_crystals(tiny_csv, show_progress=True)
+    assert f"reading {tiny_csv}: 8 crystals to parse (cached for the next run)..." in capsys.readouterr().err
+    load_crystals(tiny_csv, show_progress=True)
+    assert "reading" not in capsys.readouterr().err

@@ -16,6 +16,7 @@ from equicsp.evaluation.csp import EvaluationSettings
 from equicsp.evaluation.metrics import SCORE_VERSION
 from equicsp.model.denoiser import build_denoiser
 from equicsp.platform import tracking
+from equicsp.platform.logged_evaluation import evaluate_logged_run
 from equicsp.platform.ray_evaluation import evaluate_checkpoint
 
 
@@ -180,15 +181,15 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config, checkpoint_path = memorised_model
     trained_run = log_as_training_run(uri, checkpoint_path, config, "trained")
-    (tmp_path / "untrained").mkdir()
-    untrained_run = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "untrained" / "best.pt"), config,
-                                        "untrained")
+    (tmp_path / "untrained_model").mkdir()  # not the --out folder below, which must start empty
+    untrained_run = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "untrained_model" / "best.pt"),
+                                        config, "untrained")
     scores = {}
     for name, run_id in (("trained", trained_run), ("untrained", untrained_run)):
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--num-samples", "4", "--workers", "2",
                        "--out", str(tmp_path / name)])
         printed = capsys.readouterr().out
-        assert "| match rate |" in printed and "child of" in printed
+        assert "| match rate |" in printed and "child of" in printed and "| METRe (%) |" in printed
         [child] = tracking.client(uri).search_runs(
             [tracking.get_run(uri, run_id).info.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
@@ -199,6 +200,7 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
         assert {"per_crystal.csv", "predictions.zip", "evaluation.png", "summary.json"} <= artifacts
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert child.data.metrics["match_rate"] == pytest.approx(summary["match_rate"])
+        assert child.data.metrics["metre"] >= child.data.metrics["match_rate"] and "crmse" in child.data.metrics
         scores[name] = child.data.metrics["match_rate"]
     assert scores["trained"] >= 0.6
     assert scores["untrained"] <= 0.25
@@ -213,6 +215,20 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
     runs = tracking.client(uri).search_runs([tracking.get_run(uri, trained_run).info.experiment_id],
                                             filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
     assert len(runs) == 2
+
+
+def test_an_evaluation_answered_from_its_run_has_its_per_crystal_results_and_scores(ray_two_cpus, tiny_data_dir,
+                                                                                      tmp_path):
+    """What the sweep's bootstrap needs of a reused evaluation: the same per-crystal results, METRe included."""
+    config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir)})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "best.pt"), config)
+    settings = EvaluationSettings(num_samples=2, limit=4, workers=1)
+    first = evaluate_logged_run(run_id, settings, tracking_uri=uri, show_progress=False)
+    again = evaluate_logged_run(run_id, settings, tracking_uri=uri, show_progress=False)
+    assert again.reused and not first.reused and again.run_id == first.run_id
+    assert repr(again.per_crystal) == repr(first.per_crystal) and repr(again.summary) == repr(first.summary)
+    assert first.per_crystal[0].metre_rms is not None and 0 <= first.summary.crmse <= 0.5
 
 
 def test_bad_rows_in_the_test_file_are_reported_and_count_as_not_matched(ray_two_cpus, tiny_csv, tmp_path):
@@ -268,7 +284,7 @@ def test_a_checkpoint_carrying_a_tuned_step_size_is_sampled_with_it(ray_two_cpus
 def test_bad_requests_fail_clearly(tmp_path, tiny_data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.ensure_experiment(uri, "equicsp")
-    with pytest.raises(SystemExit, match="no MLflow run 'f00'"):
+    with pytest.raises(SystemExit, match="no run starts with f00"):
         evaluate_main(["--run-id", "f00", "--tracking-uri", uri])
     config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir)})
     experiment = tracking.ensure_experiment(uri, "equicsp")
@@ -300,7 +316,7 @@ def test_an_unwritable_out_fails_before_any_sampling(tmp_path, monkeypatch):
     monkeypatch.setattr("equicsp.cli.evaluate.evaluate_checkpoint", sampled)
     out = tmp_path / "file.txt" / "sub"
     for source in (["--run-id", run_id, "--tracking-uri", uri], ["--checkpoint", str(tmp_path / "best.pt")]):
-        with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: Not a directory"):
+        with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: .*file.txt is a file"):
             evaluate_main([*source, "--data", str(tmp_path / "nowhere.csv"), "--out", str(out)])
 
 
@@ -315,12 +331,12 @@ def test_a_report_folder_failing_late_loses_nothing_logged(ray_two_cpus, tiny_cs
 
     def evaluate_then_lose_the_folder(*args, **kwargs):
         evaluation = real(*args, **kwargs)
-        out.rmdir()
         out.write_text("the folder became a file while sampling")
         return evaluation
 
     monkeypatch.setattr(logged_evaluation, "evaluate_checkpoint", evaluate_then_lose_the_folder)
-    with pytest.raises(SystemExit, match=f"error: cannot write the report to {out}: .*logged as MLflow run") as raised:
+    with pytest.raises(SystemExit, match=f"error: cannot write to output folder {out}: .*the results are in "
+                                         f"{out}.kept-.*logged as MLflow run") as raised:
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--data", str(tiny_csv), "--limit", "2",
                        "--out", str(out)])
     [child] = tracking.client(uri).search_runs([tracking.get_run(uri, run_id).info.experiment_id],
@@ -377,3 +393,82 @@ def test_an_automatic_sampling_pool_takes_the_free_cpus_not_the_reserved_ones(mo
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0, "GPU": 3.0})
     assert sampling_resources(0) == (3, True, 1)
+
+
+def evaluated_here(checkpoint, dataset, settings, *args, **kwargs):
+    """evaluate_checkpoint without Ray: the same pipeline in this process."""
+    from equicsp.engine.checkpoint import model_from_checkpoint
+    from equicsp.evaluation.csp import evaluate_in_process
+
+    config, model = model_from_checkpoint(checkpoint)
+    return evaluate_in_process(model, config, dataset, settings, processes=1, show_progress=False)
+
+
+def test_the_store_and_out_are_checked_before_any_work_and_a_report_mlflow_refuses_is_kept(tiny_csv, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A full (or read-only) store failed only after the whole evaluation and, without --out, lost it; a truncated
+    mlflow.db and a generation model were tracebacks; a non-empty --out got a new summary beside old files."""
+    from filesystems import full_disk
+
+    import equicsp.platform.logged_evaluation as logged_evaluation
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated although it could not be kept")
+
+    monkeypatch.setattr(logged_evaluation, "evaluate_checkpoint", never)
+    monkeypatch.setattr("equicsp.cli.evaluate.evaluate_checkpoint", never)
+    config = make_config("smoke", "equicsp", FAST)
+    (tmp_path / "run").mkdir()
+    checkpoint = untrained_checkpoint(config, tmp_path / "run" / "best.pt")
+    data = ["--data", str(tiny_csv), "--limit", "2"]
+    with full_disk(tmp_path / "store", "3m") as store:
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+        run_id = log_as_training_run(uri, checkpoint, config)
+        with open(store / "filler", "wb") as handle, pytest.raises(OSError):  # the disk fills up
+            while True:
+                handle.write(bytes(65536))
+                handle.flush()
+        with pytest.raises(SystemExit, match=f"error: cannot write to the MLflow store .*no space left on {store}"):
+            evaluate_main(["--run-id", run_id, "--tracking-uri", uri, *data])
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"SQLite format 3\0" + bytes(100))
+    with pytest.raises(SystemExit, match=f"error: the MLflow store at {broken} is unreadable"):
+        evaluate_main(["--run-id", run_id, "--tracking-uri", f"sqlite:///{broken}", *data])
+    generation = make_config("smoke", "equicsp", {**FAST, "diffusion.task": "generation"})
+    save_checkpoint(tmp_path / "generation.pt", generation, build_denoiser(generation), num_atoms_distribution=[0, 1])
+    with pytest.raises(SystemExit, match="error: this is a generation model.*python -m equicsp.generate"):
+        evaluate_main(["--checkpoint", str(tmp_path / "generation.pt"), *data])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "per_crystal.csv").write_text("k=3")
+    with pytest.raises(SystemExit, match=f"output folder {tmp_path / 'old'} already holds 1 file.*--force"):
+        evaluate_main(["--checkpoint", str(checkpoint), *data, "--out", str(tmp_path / "old")])
+
+    # The store fails at the very end: the report stays in --out, else in ./unlogged, and the error says where.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_as_training_run(uri, checkpoint, config)
+    monkeypatch.setattr(logged_evaluation, "evaluate_checkpoint", evaluated_here)
+    monkeypatch.setattr("equicsp.cli.evaluate.evaluate_checkpoint", evaluated_here)
+
+    def store_fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tracking, "log_evaluation_run", store_fails)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="could not be logged to MLflow .*No space left on device.*its report is kept "
+                                         f"in {tmp_path / 'unlogged'}/evaluation-{run_id}-"):
+        evaluate_main(["--run-id", run_id, "--tracking-uri", uri, *data])
+    [kept] = (tmp_path / "unlogged").iterdir()
+    assert json.loads((kept / "summary.json").read_text())["num_crystals"] == 2
+    with pytest.raises(SystemExit, match=f"its report is in {tmp_path / 'old'}"):
+        evaluate_main(["--run-id", run_id, "--tracking-uri", uri, *data, "--out", str(tmp_path / "old"), "--force"])
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == sorted(p.name for p in kept.iterdir())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("equicsp.cli.evaluate.evaluate_checkpoint", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        evaluate_main(["--checkpoint", str(checkpoint), *data, "--out", str(tmp_path / "old"), "--force"])
+    assert stopped.value.code == 130 and "interrupted: no evaluation was logged or written to" in capsys.readouterr().err
+    assert (tmp_path / "old" / "summary.json").exists()

@@ -10,8 +10,16 @@ unit, within the model's `data.max_atoms`.
 from __future__ import annotations
 
 from collections import Counter
+from math import gcd
 
 from equicsp.data.crystals import CrystalDataset
+
+
+def reduced_composition(atom_types) -> tuple[tuple[int, int], ...]:
+    """((Z, count / gcd), ...) sorted by Z, of a crystal's atomic numbers: the same for SrTiO3 and Sr2Ti2O6."""
+    counts = Counter(int(z) for z in atom_types)
+    divisor = gcd(*counts.values()) if counts else 1
+    return tuple(sorted((z, count // divisor) for z, count in counts.items()))
 
 
 def reduced_counts(formula: str) -> dict[str, int]:
@@ -79,3 +87,21 @@ def units_seen_in_training(formula: str, dataset: CrystalDataset, max_atoms: int
         return sized, f"{formula}: {sized} formula units, as training formulas of {per_unit} atoms per unit"
     return [1], (f"{formula}: no training formula like it; sampling 1 formula unit "
                  f"(give --formula-units 1,2,... to choose)")
+
+
+def unseen_composition(formula: str, dataset: CrystalDataset) -> str:
+    """"" when some training crystal has formula's elements' ratios (its family, e.g. 1:1:3) and every element of
+    it occurs in training, else a sentence saying what the model has not seen: it then samples far outside its data."""
+    from pymatgen.core import Element
+
+    counts = reduced_counts(formula)
+    known = {Element.from_Z(z).symbol for z in set(dataset.atom_types.tolist())}
+    missing = [element for element in counts if element not in known]
+    if missing:
+        return f"{formula}: no training crystal holds {', '.join(missing)}; the model has not seen such a composition"
+    family = _family(list(counts.values()))
+    if not any(kind == family for kind, _ in training_cells(dataset)):
+        ratio = ":".join(str(amount) for amount in family)
+        return (f"{formula}: no training crystal has its element ratios ({ratio}); the model has not seen such a "
+                "composition, expect a poor structure")
+    return ""

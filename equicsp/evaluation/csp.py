@@ -19,8 +19,9 @@ from torch import nn
 from equicsp.config import ARMS, Config, with_sampling_switches
 from equicsp.data.crystals import CrystalDataset, DataReport
 from equicsp.engine.sampler import SampledCrystal, Sampler, with_sampler_options
+from equicsp.evaluation.cross_matching import METRE_PAIRS, match_work, matching_work
 from equicsp.evaluation.leakage import LeakageSummary, leaked_test_crystals, summarise_leakage
-from equicsp.evaluation.metrics import CrystalArrays, CrystalResult, MatchSummary, match_one, parallel_map, summarise
+from equicsp.evaluation.metrics import CrystalArrays, CrystalResult, MatchSummary, parallel_map, summarise
 from equicsp.model.diffusion import Diffusion
 
 
@@ -39,6 +40,7 @@ class EvaluationSettings:
     compile: str | None = None  # run.compile for sampling; None: the model's
     sampling_arm: str | None = None  # sample with this arm's sampling-only switches (a model it shares); None: the model's
     leakage: bool = False  # also score the test crystals no training crystal answers (see leakage.py)
+    metre_pairs: int = METRE_PAIRS  # METRe's cross pairs at most, else it is left out; 0: never (cross_matching.py)
 
     def check(self) -> None:
         if self.num_samples < 1:
@@ -47,6 +49,8 @@ class EvaluationSettings:
             raise ValueError(f"need workers >= 0 and threads >= 1, not {self.workers} and {self.threads}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, not {self.limit}")
+        if self.metre_pairs < 0:
+            raise ValueError(f"metre_pairs must be >= 0, not {self.metre_pairs}")
         if self.sampling_arm is not None and self.sampling_arm not in ARMS:
             raise ValueError(f"unknown arm {self.sampling_arm!r}; the arms are {list(ARMS)}")
 
@@ -95,14 +99,18 @@ def matching_jobs(dataset: CrystalDataset, indices: list[int], predictions: list
 
 def unusable_rows(report: DataReport, num_samples: int) -> list[CrystalResult]:
     """Rows of the test file that could not be read: not matched, with the reason, in the denominator."""
-    return [CrystalResult(-1, "", 0, False, math.nan, -1, 0, num_samples, f"unusable {row.source}: {row.reason}")
+    return [CrystalResult(index=-1, formula="", num_atoms=0, matched=False, rms=math.nan, best_sample=-1, valid_samples=0,
+                          num_samples=num_samples, reason=f"unusable {row.source}: {row.reason}")
             for row in report.skipped]
 
 
 def score(dataset: CrystalDataset, indices: list[int], predictions: list[SampledCrystal], num_samples: int,
-          processes: int | None = None, show_progress: bool = True) -> tuple[MatchSummary, list[CrystalResult]]:
-    """Match predictions of dataset[indices] in worker processes (e.g. predictions sampled elsewhere)."""
-    results = parallel_map(match_one, matching_jobs(dataset, indices, predictions), processes, "matching", show_progress)
+          processes: int | None = None, show_progress: bool = True,
+          metre_pairs: int = METRE_PAIRS) -> tuple[MatchSummary, list[CrystalResult]]:
+    """Match predictions of dataset[indices] in worker processes (e.g. predictions sampled elsewhere), METRe's
+    cross pairs among them when there are at most metre_pairs."""
+    work = matching_work(matching_jobs(dataset, indices, predictions), metre_pairs)
+    results = work.results(parallel_map(match_work, work.jobs, processes, "matching", show_progress))
     return summarise(results), results
 
 
@@ -111,7 +119,7 @@ def finish(per_crystal: list[CrystalResult], dataset: CrystalDataset, settings: 
     """The evaluation of matched predictions: unreadable test rows added (when no limit is set), summarised."""
     if settings.limit is None:
         per_crystal = per_crystal + unusable_rows(dataset.report, settings.num_samples)
-    return Evaluation(summarise(per_crystal), per_crystal, **timing_and_context)
+    return Evaluation(summary=summarise(per_crystal), per_crystal=per_crystal, **timing_and_context)
 
 
 def add_leakage(evaluation: Evaluation, train: CrystalDataset, test: CrystalDataset, processes: int | None = None,
@@ -137,7 +145,8 @@ def evaluate_in_process(model: nn.Module, model_config: Config, dataset: Crystal
     predictions = sampler.sample([dataset[i].atom_types for i in indices], settings.num_samples, settings.seed,
                                  indices=indices, show_progress=show_progress)
     sampled = time.perf_counter()
-    _, per_crystal = score(dataset, indices, predictions, settings.num_samples, processes, show_progress)
+    _, per_crystal = score(dataset, indices, predictions, settings.num_samples, processes, show_progress,
+                           settings.metre_pairs)
     return finish(per_crystal, dataset, settings, predictions=predictions, sampling_s=sampled - start,
                   matching_s=time.perf_counter() - sampled, workers=1, config=config)
 

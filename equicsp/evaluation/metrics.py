@@ -28,13 +28,16 @@ from smact import Element as SmactElement
 from smact import metals, neutral_ratios
 from tqdm.auto import tqdm
 
+from equicsp.evaluation.matching import ReducedStructure, reduce_for_matching, rms_dist
+from equicsp.evaluation.scores import corrected_rmse
+
 MIN_DISTANCE = 0.5  # Angstrom
 MIN_VOLUME = 0.1  # Angstrom^3
 MATCHER_TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)
 # Raised whenever a change to the scoring rules can change a score: evaluations logged under an earlier version
 # are not reused (2: the published evaluation's SMACT test and cut-offs, best of k without the ground truth's validity;
-# generation: CDVAE's Magpie statistics, CrystalNN failures invalid).
-SCORE_VERSION = 2
+# generation: CDVAE's Magpie statistics, CrystalNN failures invalid; 3: corrected RMSE and METRe added).
+SCORE_VERSION = 3
 # pymatgen's Niggli reduction can loop for minutes on an extreme sampled lattice.
 MATCH_TIMEOUT_S = 20.0
 MAX_CELL_LENGTH = 1000.0  # Angstrom
@@ -80,7 +83,7 @@ class CrystalArrays:
     angles: tuple[float, float, float]
 
     @classmethod
-    def of(cls, atom_types, frac_coords, lengths, angles) -> "CrystalArrays":
+    def of(cls, atom_types, frac_coords, lengths, angles) -> CrystalArrays:
         as_list = lambda values: np.asarray(values, dtype=float).tolist()  # noqa: E731
         return cls(tuple(int(z) for z in np.asarray(atom_types).tolist()),
                    tuple(tuple(row) for row in as_list(frac_coords)),
@@ -109,6 +112,9 @@ class CrystalResult:
     reason: str  # "" when matched
     matcher_failures: int = 0  # valid samples StructureMatcher raised on or ran out of time with (counted not matched)
     leaked: bool | None = None  # a training crystal matches this test crystal (None: not checked)
+    # METRe's best rms against every sample of this crystal's reduced composition (cross_matching.py); nan when
+    # none matches, None when METRe was not computed
+    metre_rms: float | None = None
 
 
 # The published evaluation skips the search when the oxidation states make more combinations than this.
@@ -180,6 +186,11 @@ def validity_problem(crystal: CrystalArrays) -> str:
     """"" when the crystal is valid (composition and structure), else the reason."""
     if not composition_valid(tuple(sorted(crystal.atom_types))):
         return "composition not SMACT-valid"
+    return structural_problem(crystal)
+
+
+def structural_problem(crystal: CrystalArrays) -> str:
+    """"" when the crystal's lattice and coordinates are finite and structure_problem finds nothing, else why not."""
     if not all(math.isfinite(v) for v in crystal.lengths + crystal.angles):
         return "non-finite lattice"
     if not np.isfinite(crystal.frac_coords).all():
@@ -242,7 +253,8 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
     """
     index, truth, predictions = job
     formula = _formula(truth.atom_types) if truth.atom_types else ""
-    result = CrystalResult(index, formula, len(truth.atom_types), False, math.nan, -1, 0, len(predictions), "")
+    result = CrystalResult(index=index, formula=formula, num_atoms=len(truth.atom_types), matched=False, rms=math.nan,
+                           best_sample=-1, valid_samples=0, num_samples=len(predictions), reason="")
     problem = validity_problem(truth) if len(predictions) <= 1 else ""
     if problem:
         result.reason = f"ground truth invalid: {problem}"
@@ -256,6 +268,7 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
     except Exception as error:
         result.reason = f"ground truth invalid: invalid lattice: {error}"
         return result
+    target: list[ReducedStructure] = []  # the ground truth reduced once, at its first tractable sample
     reasons = []
     for sample, prediction in enumerate(predictions):
         problem = validity_problem(prediction)
@@ -270,7 +283,7 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
         try:
             with warnings.catch_warnings(), time_limit(MATCH_TIMEOUT_S):
                 warnings.simplefilter("ignore")
-                rms = matcher.get_rms_dist(structure, truth_structure)
+                rms = guarded_rms(matcher, structure, truth_structure, target)
         except Exception as error:  # e.g. Niggli reduction of an extreme sampled lattice
             reasons.append(f"matcher failed: {type(error).__name__}: {error}")
             result.matcher_failures += 1
@@ -286,6 +299,18 @@ def match_one(job: tuple[int, CrystalArrays, list[CrystalArrays]]) -> CrystalRes
     return result
 
 
+def guarded_rms(matcher: StructureMatcher, structure: Structure, truth: Structure,
+                target: list[ReducedStructure]) -> tuple[float, float] | None:
+    """matcher.get_rms_dist(structure, truth), the same answer, with truth reduced only when target holds none yet.
+
+    Called inside the caller's time limit: a reduction that raises leaves target empty, so the next sample tries
+    again, as get_rms_dist would.
+    """
+    if not target:
+        target.append(reduce_for_matching(matcher, truth))
+    return rms_dist(matcher, reduce_for_matching(matcher, structure), target[0])
+
+
 def _formula(atom_types: tuple[int, ...]) -> str:
     return Composition({Element.from_Z(z): atom_types.count(z) for z in set(atom_types)}).reduced_formula
 
@@ -299,6 +324,10 @@ class MatchSummary:
     num_samples: int
     valid_rate: float  # fraction of predictions that are valid
     matcher_failures: int = 0  # valid predictions the matcher raised on or ran out of time with
+    crmse: float = math.nan  # corrected RMSE: a crystal without a match counts as stol (docs/method.md#corrected-rmse)
+    metre: float = math.nan  # METRe's match rate (docs/method.md#metre); nan when METRe was not computed
+    metre_rmse: float = math.nan
+    metre_crmse: float = math.nan
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -308,12 +337,25 @@ def summarise(results: list[CrystalResult]) -> MatchSummary:
     matched = [r.rms for r in results if r.matched]
     total_samples = sum(r.num_samples for r in results)
     valid = sum(r.valid_samples for r in results)
+    stol = MATCHER_TOLERANCES["stol"]
     return MatchSummary(match_rate=len(matched) / max(len(results), 1),
                         rmse=float(np.mean(matched)) if matched else math.nan,
                         num_crystals=len(results), num_matched=len(matched),
                         num_samples=max((r.num_samples for r in results), default=0),
                         valid_rate=valid / total_samples if total_samples else 0.0,
-                        matcher_failures=sum(r.matcher_failures for r in results))
+                        matcher_failures=sum(r.matcher_failures for r in results),
+                        crmse=corrected_rmse([r.rms if r.matched else None for r in results], stol),
+                        **metre_scores(results, stol))
+
+
+def metre_scores(results: list[CrystalResult], stol: float) -> dict[str, float]:
+    """METRe's rate, RMSE and corrected RMSE over every row; all nan when METRe was not computed."""
+    if all(r.metre_rms is None for r in results):
+        return {}
+    rms = [math.nan if r.metre_rms is None else r.metre_rms for r in results]
+    matched = [value for value in rms if not math.isnan(value)]
+    return dict(metre=len(matched) / len(results), metre_rmse=float(np.mean(matched)) if matched else math.nan,
+                metre_crmse=corrected_rmse(rms, stol))
 
 
 def evaluate_matches(truths: list[CrystalArrays], predictions: list[list[CrystalArrays]],

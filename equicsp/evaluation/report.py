@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
-import shutil
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from pymatgen.io.cif import CifWriter
 
+from equicsp.config import ARMS
 from equicsp.data.crystals import CrystalDataset
 from equicsp.engine.sampler import SampledCrystal
 from equicsp.evaluation.csp import Evaluation
-from equicsp.evaluation.metrics import structure_of, write_results_csv
+from equicsp.evaluation.metrics import CrystalResult, structure_of, write_results_csv
 from equicsp.evaluation.plots import evaluation_figure
 
 
@@ -33,8 +34,9 @@ def write_predictions(predictions: list[SampledCrystal], formulas: dict[int, str
     return path
 
 
-def write_report(evaluation: Evaluation, dataset: CrystalDataset, out: Path) -> dict[str, Path]:
-    """The per-crystal CSV, the CIF archive, the summary, the data report and the figure, in out/."""
+def write_report(evaluation: Evaluation, dataset: CrystalDataset, out: Path, model: str = "") -> dict[str, Path]:
+    """The per-crystal CSV, the CIF archive, the summary, the data report and the figure, in out/; model names
+    the model in the figure's title ("run 26104baf", "checkpoint runs/a/last.pt")."""
     out.mkdir(parents=True, exist_ok=True)
     formulas = {r.index: r.formula for r in evaluation.per_crystal if r.index >= 0}
     files = {"per_crystal": out / "per_crystal.csv", "predictions": out / "predictions.zip",
@@ -44,8 +46,22 @@ def write_report(evaluation: Evaluation, dataset: CrystalDataset, out: Path) -> 
     write_predictions(evaluation.predictions, formulas, files["predictions"])
     files["summary"].write_text(json.dumps(summary_record(evaluation), indent=1))
     files["data_report"].write_text(dataset.report.to_json())
-    evaluation_figure(evaluation.per_crystal, files["figure"])
+    evaluation_figure(evaluation.per_crystal, files["figure"], figure_title(evaluation, model))
     return files
+
+
+def figure_title(evaluation: Evaluation, model: str = "") -> str:
+    """Which arm (the row of Table 2 whose switches the sampling config has), which model, k and the step size."""
+    arm = next((arm.label for arm in ARMS.values() if _switches(arm.objective) == _switches(evaluation.config.objective)),
+               "custom objective")
+    return " · ".join(part for part in (arm, model, f"best of k = {evaluation.summary.num_samples}",
+                                        f"step_lr {evaluation.config.sampler.step_lr:g}") if part)
+
+
+def _switches(objective) -> dict:
+    """An objective's switches: its loss weights left out (a sweep may search them), but for a weight of 0, which
+    drops a loss term (the none and DiffCSP arms)."""
+    return {name: value for name, value in asdict(objective).items() if not name.endswith("_weight") or value == 0}
 
 
 def summary_record(evaluation: Evaluation) -> dict[str, float]:
@@ -60,14 +76,15 @@ def summary_record(evaluation: Evaluation) -> dict[str, float]:
     return {key: float(value) for key, value in record.items() if not math.isnan(value)}
 
 
-def copy_report(files: dict[str, Path], out: Path, run_id: str | None = None) -> dict[str, Path]:
-    """The report's files copied into out; an error that says where the evaluation is kept when it fails."""
-    copied = {}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, path in files.items():
-            copied[name] = Path(shutil.copy(path, out / path.name))
-    except OSError as error:
-        logged = f" (the evaluation is logged as MLflow run {run_id})" if run_id else ""
-        raise OSError(f"cannot write the report to {out}: {error.strerror or error}{logged}") from None
-    return copied
+# How each type of CrystalResult's fields is read back from per_crystal.csv ("" is None where None is allowed).
+_READERS = {"int": int, "str": str, "float": float, "bool": lambda text: text == "True",
+            "bool | None": lambda text: None if text == "" else text == "True",
+            "float | None": lambda text: None if text == "" else float(text)}
+
+
+def read_results_csv(path: str | Path) -> list[CrystalResult]:
+    """per_crystal.csv (write_results_csv) read back, in its order: the per-crystal results of a logged evaluation."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    known = {field.name: _READERS[field.type] for field in fields(CrystalResult)}
+    return [CrystalResult(**{name: known[name](text) for name, text in row.items() if name in known}) for row in rows]

@@ -4,14 +4,18 @@ evaluation reused, the result logged as a child evaluation run (CSP matching, or
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 from equicsp.config import ARMS, Config, config_from_dict, with_sampling_switches
-from equicsp.data.cache import cache_key, check_writable_folder
+from equicsp.data.cache import cache_key
 from equicsp.data.crystals import CrystalDataset, load_crystals
+from equicsp.data.outputs import OutputFolder
 from equicsp.data.splits import find_data_folder, load_split, preprocess_options
 from equicsp.devices import resolve_device
 from equicsp.engine.checkpoint import model_from_checkpoint
@@ -20,47 +24,46 @@ from equicsp.evaluation.csp import Evaluation, EvaluationSettings, add_leakage, 
 from equicsp.evaluation.generation import generate, num_atoms_distribution, score_generated, write_generated
 from equicsp.evaluation.generation_metrics import thresholds_for
 from equicsp.evaluation.leakage import LeakageSummary
-from equicsp.evaluation.metrics import SCORE_VERSION, MatchSummary
-from equicsp.evaluation.report import copy_report, summary_record, write_report
-from equicsp.platform import tracking
+from equicsp.evaluation.metrics import SCORE_VERSION, CrystalResult, MatchSummary
+from equicsp.evaluation.report import read_results_csv, summary_record, write_report
+from equicsp.platform import mlflow_store, tracking
 from equicsp.platform.ray_evaluation import SamplingPool, evaluate_checkpoint
-from equicsp.task import TUNED_STEP_LR
+from equicsp.task import TUNED_STEP_LR, task_of
 
 
 def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
-                        tracking_uri: str | None = None, out: Path | None = None,
+                        tracking_uri: str | None = None, out: OutputFolder | None = None,
                         extra_tags: dict[str, str] | None = None, show_progress: bool = True,
                         label: str = "", pool: SamplingPool | None = None) -> Evaluation:
     """Evaluate the model of MLflow training run `run_id` and log a child evaluation run under it.
 
     The same evaluation (run, data content, settings) asked for again is answered from its
-    finished MLflow run instead of being computed and logged twice. The report goes to MLflow
-    first and is copied to `out` afterwards, so a folder that fails late loses nothing logged;
-    `out` is checked before any work. With settings.leakage, the test crystals are also checked
+    finished MLflow run instead of being computed and logged twice. The store is checked before any
+    work (out, an opened OutputFolder, by its caller); the report is written into out and logged,
+    and a store that fails at the end anyway leaves it in out or, without out, in a folder the error
+    names (keep_unlogged). With settings.leakage, the test crystals are also checked
     against the model's training split (see leakage.py). A pool keeps its sampling workers for the
     next evaluation (a sweep's final stage evaluates every cell with one).
     """
     began_ms = int(time.time() * 1000)
     settings.check()
-    if out:
-        check_writable_folder(Path(out))
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.check_reachable(uri)
-    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
+    uri = mlflow_store.resolve_tracking_uri(tracking_uri)
+    mlflow_store.check_reachable(uri)
     training_run = tracking.get_run(uri, run_id)
+    mlflow_store.check_writable_store(uri, training_run.info.experiment_id)  # the result is logged there, at the end
+    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
     tuned = training_run.data.metrics.get(TUNED_STEP_LR)
     if settings.step_lr is None and tuned is not None:  # a sweep searched this model's step size
         settings = replace(settings, step_lr=tuned)
     model_config = config_from_dict(checkpoint["config"])
+    task_of(model_config).check_predicts_structures()
 
     def model_split(split: str) -> CrystalDataset:
         root = find_data_folder(model_config.data.path, logged_data_folders(uri, training_run, model_config.data.path))
         return load_split(model_config, split, root, show_progress)
 
-    if data:
-        dataset = load_crystals(data, preprocess_options(model_config), show_progress=show_progress)
-    else:
-        dataset = model_split("test")
+    dataset = (load_crystals(data, preprocess_options(model_config), show_progress=show_progress) if data
+               else model_split("test"))
     if dataset.report.skipped and show_progress:
         print(dataset.report.summary())
     run_key = "evaluate:" + cache_key(SCORE_VERSION, run_id, data or model_config.data.path, dataset.content_key(),
@@ -69,24 +72,70 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
               "training_run_id": run_id}
     finished = tracking.find_finished_run(uri, run_id, run_key)
     if finished is not None:
-        return _answer_from_run(finished, settings, model_config, dataset)
+        return _answer_from_run(uri, finished, model_config)
     evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress, pool, label)
     if settings.leakage:
         add_leakage(evaluation, model_split("train"), dataset, show_progress=show_progress)
     params.update(step_lr=evaluation.config.sampler.step_lr, num_steps=evaluation.config.sampler.num_steps,
                   batch_size=evaluation.config.sampler.batch_size, workers=evaluation.workers)
-    with tempfile.TemporaryDirectory(prefix="equicsp-eval-") as scratch:
-        files = write_report(evaluation, dataset, Path(scratch))
-        try:
-            evaluation.run_id = tracking.log_evaluation_run(uri, run_id, run_key, params, summary_record(evaluation),
-                                                            list(files.values()), extra_tags or {}, began_ms)
-        except Exception:
-            if out:  # the evaluation is kept on disk when it cannot be logged
-                copy_report(files, Path(out))
-            raise
-        if out:
-            copy_report(files, Path(out), evaluation.run_id)
+
+    def log(files: dict[str, Path]) -> str:
+        return tracking.log_evaluation_run(uri, run_id, run_key, params, summary_record(evaluation),
+                                           list(files.values()), extra_tags or {}, began_ms)
+
+    write = partial(write_report, evaluation, dataset, model=f"run {run_id[:8]}")  # as the sweep table prints it
+    evaluation.run_id = _write_and_log(write, log, out) if out else _log_or_keep(write, log, f"evaluation-{run_id}")
     return evaluation
+
+
+def _write_and_log(write: Callable[[Path], dict[str, Path]], log: Callable[[dict[str, Path]], str],
+                   out: OutputFolder) -> str:
+    """The report written into out and logged from there; out keeps it when the store fails."""
+    logged, failure = None, None
+    try:
+        with out.writing() as folder:
+            files = write(folder)
+            try:
+                logged = log(files)
+            except Exception as error:  # MLflow and SQLAlchemy raise many types for a store that fails
+                failure = error
+    except OSError as error:
+        also = f" (the evaluation is logged as MLflow run {logged})" if logged else \
+            f"; it could not be logged to MLflow either ({_describe(failure)})"
+        raise OSError(f"{error}{also}") from None
+    if failure is not None:
+        raise tracking.TrackingError(f"the evaluation could not be logged to MLflow ({_describe(failure)}); "
+                                     f"its report is in {out.path}") from None
+    return logged
+
+
+def _log_or_keep(write: Callable[[Path], dict[str, Path]], log: Callable[[dict[str, Path]], str], name: str) -> str:
+    """The report logged from a scratch folder; when the store fails, the report is kept on disk and the error
+    says where."""
+    with tempfile.TemporaryDirectory(prefix="equicsp-eval-") as scratch:
+        files = write(Path(scratch))
+        try:
+            return log(files)
+        except Exception as error:  # MLflow and SQLAlchemy raise many types for a store that fails
+            kept = keep_unlogged(Path(scratch), name)
+            where = f"its report is kept in {kept}" if kept else "and its report could not be kept on disk either"
+            raise tracking.TrackingError(f"the evaluation could not be logged to MLflow ({_describe(error)}); "
+                                         f"{where}") from None
+
+
+def keep_unlogged(scratch: Path, name: str) -> Path | None:
+    """A report that MLflow could not take, copied to ./unlogged/<name>-<time> (else the temporary folder)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for root in (Path.cwd() / "unlogged", Path(tempfile.gettempdir()) / "equicsp-unlogged"):
+        try:
+            return Path(shutil.copytree(scratch, root / f"{name}-{stamp}"))
+        except OSError:
+            continue
+    return None
+
+
+def _describe(error: BaseException | None) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def logged_data_folders(uri: str, training_run, data_path: str) -> list[Path]:
@@ -101,21 +150,34 @@ def logged_data_folders(uri: str, training_run, data_path: str) -> list[Path]:
     return folders
 
 
-def _answer_from_run(run, settings: EvaluationSettings, model_config: Config, dataset: CrystalDataset) -> Evaluation:
-    """An Evaluation rebuilt from a finished evaluation run's metrics (no predictions kept)."""
+REUSED_SCORES = ("crmse", "metre", "metre_rmse", "metre_crmse")  # nan when not logged (METRe left out, nothing matched)
+
+
+def _answer_from_run(uri: str, run, model_config: Config) -> Evaluation:
+    """An Evaluation rebuilt from a finished evaluation run's metrics and per-crystal table (no predictions kept)."""
     metrics = run.data.metrics
     summary = MatchSummary(match_rate=metrics["match_rate"], rmse=metrics.get("rmse", math.nan),
                            num_crystals=int(metrics["num_crystals"]), num_matched=int(metrics["num_matched"]),
                            num_samples=int(metrics["num_samples"]), valid_rate=metrics["valid_rate"],
-                           matcher_failures=int(metrics.get("matcher_failures", 0)))
+                           matcher_failures=int(metrics.get("matcher_failures", 0)),
+                           **{name: metrics.get(name, math.nan) for name in REUSED_SCORES})
     config = replace(model_config, sampler=replace(model_config.sampler, step_lr=float(run.data.params["step_lr"])))
     leakage = None
     if "leaked_fraction" in metrics:
-        leakage = LeakageSummary(metrics["leaked_fraction"], metrics.get("unleaked_match_rate", math.nan),
-                                 metrics.get("unleaked_rmse", math.nan), int(metrics["num_unleaked"]))
-    return Evaluation(summary, [], [], metrics["sampling_s"], metrics["matching_s"], int(run.data.params["workers"]),
-                      config, run_id=run.info.run_id, reused=True, startup_s=metrics.get("startup_s", 0.0),
-                      leakage=leakage)
+        leakage = LeakageSummary(leaked_fraction=metrics["leaked_fraction"],
+                                 unleaked_match_rate=metrics.get("unleaked_match_rate", math.nan),
+                                 unleaked_rmse=metrics.get("unleaked_rmse", math.nan),
+                                 num_unleaked=int(metrics["num_unleaked"]))
+    return Evaluation(summary=summary, per_crystal=logged_per_crystal(uri, run.info.run_id), predictions=[],
+                      sampling_s=metrics["sampling_s"], matching_s=metrics["matching_s"],
+                      workers=int(run.data.params["workers"]), config=config,
+                      run_id=run.info.run_id, reused=True, startup_s=metrics.get("startup_s", 0.0), leakage=leakage)
+
+
+def logged_per_crystal(uri: str, evaluation_run_id: str) -> list[CrystalResult]:
+    """The per-crystal results an evaluation run logged (per_crystal.csv), in their order."""
+    with tempfile.TemporaryDirectory(prefix="equicsp-per-crystal-") as folder:
+        return read_results_csv(tracking.download_checkpoint(uri, evaluation_run_id, Path(folder), "per_crystal.csv"))
 
 
 def log_generation_run(uri: str, run_id: str, settings: dict, metrics: dict[str, float], files: dict[str, Path],
@@ -142,7 +204,7 @@ def generate_for_logged_run(run_id: str, num: int, seed: int = 0, step_lr: float
     With sampling_arm, the model is sampled with that arm's sampling-only switches (a model it shares).
     The same generation asked for again is answered from its finished run.
     """
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = mlflow_store.resolve_tracking_uri(tracking_uri)
     checkpoint = tracking.read_logged_checkpoint(uri, run_id)
     training_run = tracking.get_run(uri, run_id)
     device = resolve_device("auto")

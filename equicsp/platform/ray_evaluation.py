@@ -26,10 +26,11 @@ from equicsp.devices import resolve_device
 from equicsp.engine.checkpoint import model_from_checkpoint
 from equicsp.engine.compiled import forget_compiled_steps
 from equicsp.engine.sampler import SampledCrystal, Sampler, SamplingJob, sampling_batches
-from equicsp.evaluation.csp import Evaluation, EvaluationSettings, MatchJob, finish, matching_jobs
-from equicsp.evaluation.metrics import CrystalResult, match_one, matching_chunk_size
+from equicsp.evaluation.cross_matching import match_work, matching_work
+from equicsp.evaluation.csp import Evaluation, EvaluationSettings, finish, matching_jobs
+from equicsp.evaluation.metrics import matching_chunk_size
 from equicsp.model.diffusion import Diffusion
-from equicsp.platform.ray_train import connect_ray
+from equicsp.platform.ray_cluster import connect_ray
 
 # How long a pool waits for its first actor before it samples in the calling process. Actors wait
 # for CPUs (GPUs) others hold: in a sweep, another trial's training, or the placement group of a
@@ -64,15 +65,16 @@ class SamplingWorker:
         sampler = Sampler(self.model, self.diffusions[key], sampling_config, self.device, self.precision)
         return sampler.sample_jobs(jobs, seed)
 
-    def match(self, jobs: list[MatchJob]) -> list[CrystalResult]:
-        return _match_chunk(jobs)
+    def match(self, start: int, jobs: list) -> tuple[int, list]:
+        return _match_chunk(start, jobs)
 
     def ready(self) -> bool:
         return True
 
 
-def _match_chunk(jobs: list[MatchJob]) -> list[CrystalResult]:
-    return [match_one(job) for job in jobs]
+def _match_chunk(start: int, jobs: list) -> tuple[int, list]:
+    """The answers of jobs (one-to-one matches or METRe tiles, cross_matching.match_work), and where they start."""
+    return start, [match_work(job) for job in jobs]
 
 
 @contextmanager
@@ -217,19 +219,18 @@ class SamplingPool:
             predictions.extend(crystals)
         return predictions
 
-    def match(self, jobs: list[MatchJob], show_progress: bool = True, label: str = "") -> list[CrystalResult]:
+    def match(self, jobs: list, show_progress: bool = True, label: str = "") -> list:
         """StructureMatcher on the pool's own actors (which hold their CPUs for as long as the pool lives)."""
         from ray.util import ActorPool
 
         size = matching_chunk_size(len(jobs), self.workers)
-        chunks = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+        chunks = [(start, jobs[start:start + size]) for start in range(0, len(jobs), size)]
         if self.here is not None:
-            outputs = (_match_chunk(chunk) for chunk in chunks)
+            outputs = (_match_chunk(*chunk) for chunk in chunks)
         else:
-            outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(chunk), chunks)
-        results = [result for part in tqdm(outputs, total=len(chunks), desc=_bar(label, "matching"), unit="chunk",
-                                           disable=not show_progress) for result in part]
-        return in_job_order(results, jobs)
+            outputs = ActorPool(self.actors).map_unordered(lambda worker, chunk: worker.match.remote(*chunk), chunks)
+        return in_job_order(list(tqdm(outputs, total=len(chunks), desc=_bar(label, "matching"), unit="chunk",
+                                      disable=not show_progress)))
 
     def _run_here(self, method: Callable[..., list[SampledCrystal]], *args: Any) -> list[SampledCrystal]:
         with torch_threads(self.threads):  # the actors' thread count: the same numbers as theirs
@@ -243,7 +244,7 @@ class SamplingPool:
         self.actors = []
         self.here = None
 
-    def __enter__(self) -> "SamplingPool":
+    def __enter__(self) -> SamplingPool:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -260,27 +261,26 @@ def free_cpus() -> int:
     return int(ray.available_resources().get("CPU", 0))
 
 
-def match_on_ray(jobs: list[MatchJob], show_progress: bool = True, label: str = "") -> list[CrystalResult]:
-    """StructureMatcher over every job in one-CPU Ray tasks; results in the jobs' order."""
+def match_on_ray(jobs: list, show_progress: bool = True, label: str = "") -> list:
+    """StructureMatcher over every job (cross_matching.match_work) in one-CPU Ray tasks; results in the jobs' order."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     chunk = matching_chunk_size(len(jobs), cpus)
     task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(_match_chunk)
-    pending = [task.remote(jobs[start:start + chunk]) for start in range(0, len(jobs), chunk)]
-    results: list[CrystalResult] = []
-    with tqdm(total=len(jobs), desc=_bar(label, "matching"), unit="crystal", disable=not show_progress) as progress:
+    pending = [task.remote(start, jobs[start:start + chunk]) for start in range(0, len(jobs), chunk)]
+    parts: list[tuple[int, list]] = []
+    with tqdm(total=len(jobs), desc=_bar(label, "matching"), unit="job", disable=not show_progress) as progress:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            part = ray.get(done[0])
-            results.extend(part)
-            progress.update(len(part))
-    return in_job_order(results, jobs)
+            parts.append(ray.get(done[0]))
+            progress.update(len(parts[-1][1]))
+    return in_job_order(parts)
 
 
-def in_job_order(results: list[CrystalResult], jobs: list[MatchJob]) -> list[CrystalResult]:
-    order = {job[0]: position for position, job in enumerate(jobs)}
-    return sorted(results, key=lambda result: order[result.index])
+def in_job_order(parts: list[tuple[int, list]]) -> list:
+    """The answers of chunks that came back in any order, (first job's position, answers) each, in job order."""
+    return [answer for _, answers in sorted(parts, key=lambda part: part[0]) for answer in answers]
 
 
 def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, settings: EvaluationSettings,
@@ -310,16 +310,17 @@ def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, set
         predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
                                   settings.seed, show_progress, label)
         sampled = time.perf_counter()
-        jobs = matching_jobs(dataset, indices, predictions)
+        work = matching_work(matching_jobs(dataset, indices, predictions), settings.metre_pairs)
         if pool.in_process:
-            per_crystal = pool.match(jobs, show_progress, label)
+            outputs = pool.match(work.jobs, show_progress, label)
         elif own_pool:
             pool.close()  # its actors' CPUs go to the matching tasks
-            per_crystal = match_on_ray(jobs, show_progress, label)
+            outputs = match_on_ray(work.jobs, show_progress, label)
         elif pool.use_gpu and free_cpus() > pool.workers:
-            per_crystal = match_on_ray(jobs, show_progress, label)
+            outputs = match_on_ray(work.jobs, show_progress, label)
         else:
-            per_crystal = pool.match(jobs, show_progress, label)
+            outputs = pool.match(work.jobs, show_progress, label)
+        per_crystal = work.results(outputs)
     finally:
         if own_pool:
             pool.close()

@@ -33,6 +33,13 @@ class CellResult:
     unleaked_match_rate: float = math.nan
     unleaked_rmse: float = math.nan
     generation: dict[str, float] = field(default_factory=dict)  # task generation: the test metrics (no matching)
+    test_crmse: float = math.nan  # docs/method.md#corrected-rmse
+    test_metre: float = math.nan  # docs/method.md#metre; nan when METRe was left out
+    test_metre_rmse: float = math.nan
+    # Each test crystal's best rms (nan: not matched) and METRe rms, in the test split's order, which every cell
+    # shares: the table's bootstrap resamples the same crystals for every arm (sweep/report.py).
+    rms: tuple[float, ...] = ()
+    metre_rms: tuple[float, ...] = ()
 
 
 def metric_name(arm: str, owner: str, name: str) -> str:
@@ -86,11 +93,14 @@ def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: Swee
     evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri, extra_tags=tags,
                                      show_progress=show_progress, label=f"{ARMS[arm].label} (seed {seed})", pool=pool)
     searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
-    leakage = evaluation.leakage
+    leakage, summary = evaluation.leakage, evaluation.summary
     return CellResult(arm, seed, trial["training_run_id"], evaluation.run_id, step_lr,
-                      trial[metric_name(arm, owner, STEP_LR_METRIC)], evaluation.summary.match_rate,
-                      evaluation.summary.rmse, searched, owner,
-                      *((leakage.leaked_fraction, leakage.unleaked_match_rate, leakage.unleaked_rmse) if leakage else ()))
+                      trial[metric_name(arm, owner, STEP_LR_METRIC)], summary.match_rate, summary.rmse, searched, owner,
+                      *((leakage.leaked_fraction, leakage.unleaked_match_rate, leakage.unleaked_rmse) if leakage else ()),
+                      test_crmse=summary.crmse, test_metre=summary.metre, test_metre_rmse=summary.metre_rmse,
+                      rms=tuple(result.rms if result.matched else math.nan for result in evaluation.per_crystal),
+                      metre_rms=tuple(math.nan if result.metre_rms is None else result.metre_rms
+                                      for result in evaluation.per_crystal))
 
 
 def sharing_tags(arm: str, owner: str) -> dict[str, str]:

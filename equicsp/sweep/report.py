@@ -14,6 +14,7 @@ from equicsp.config import ARMS
 from equicsp.evaluation.plots import ablation_bars, arm_learning_curves, generation_bars
 from equicsp.platform import tracking
 from equicsp.sweep.final import CellResult
+from equicsp.sweep.intervals import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, REFERENCE_ARM, arm_intervals, interval_columns
 from equicsp.sweep.spec import SweepSpec
 from equicsp.task import task_of
 
@@ -31,7 +32,8 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per arm: test match rate and RMSE as mean and standard deviation over seeds."""
+    """One row per arm: test match rate and RMSE as mean and standard deviation over seeds, with their bootstrap
+    intervals and the arm's difference from EquiCSP (sweep/intervals.py), and the corrected RMSE and METRe."""
     if generates(spec):
         return generation_table(cells, spec)
     rows = []
@@ -46,6 +48,10 @@ def ablation_table(cells: list[CellResult], spec: SweepSpec) -> list[dict[str, A
                      "model": "own" if owner == arm else f"shares {ARMS[owner].label}'s",
                      "match_rate_mean": match_mean, "match_rate_std": match_std,
                      "rmse_mean": rmse_mean, "rmse_std": rmse_std,
+                     **interval_columns(arm_intervals(cells, arm)),
+                     "crmse_mean": _mean_spread([cell.test_crmse for cell in mine])[0],
+                     "metre_mean": _mean_spread([100 * cell.test_metre for cell in mine])[0],
+                     "metre_rmse_mean": _mean_spread([cell.test_metre_rmse for cell in mine])[0],
                      "val_match_rate_mean": _mean_spread([100 * cell.val_match_rate for cell in mine])[0],
                      "leaked_mean": _mean_spread([100 * cell.leaked_fraction for cell in mine])[0],
                      "unleaked_match_rate_mean": _mean_spread([100 * cell.unleaked_match_rate for cell in mine])[0],
@@ -72,28 +78,50 @@ def table_markdown(table: list[dict[str, Any]], spec: SweepSpec) -> str:
     if generates(spec):
         return generation_markdown(table, spec)
     lines = [f"# Ablation: {spec.name} ({spec.preset}, {len(spec.seeds)} seed(s), k = {spec.test_samples})", "",
-             "| variant | model | match rate (%) | RMSE | val match rate (%) | step_lr | searched | run |"
+             "| variant | model | match rate (%) | RMSE | Δ match rate (pp) | Δ RMSE | cRMSE | METRe (%) | "
+             "val match rate (%) | step_lr | searched | run |"
              + (" leaked (%) | unleaked match rate (%) | unleaked RMSE |" if spec.leakage else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if spec.leakage else "")]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if spec.leakage else "")]
     for row in table:
         spread = row["seeds"] > 1  # one seed has no spread to show
-        match = f"{row['match_rate_mean']:.2f}" + (f" ± {row['match_rate_std']:.2f}" if spread else "")
+        match = f"{row['match_rate_mean']:.2f}" + (f" ± {row['match_rate_std']:.2f}" if spread else "") \
+            + _interval(row, "match_rate", ".2f")
         rmse = "n/a" if math.isnan(row["rmse_mean"]) else \
-            f"{row['rmse_mean']:.4f}" + (f" ± {row['rmse_std']:.4f}" if spread else "")
-        lines.append(f"| {row['variant']} | {row['model']} | {match} | {rmse} | "
+            f"{row['rmse_mean']:.4f}" + (f" ± {row['rmse_std']:.4f}" if spread else "") + _interval(row, "rmse", ".4f")
+        lines.append(f"| {row['variant']} | {row['model']} | {match} | {rmse} | {_difference(row, 'match_rate', '+.2f')} | "
+                     f"{_difference(row, 'rmse', '+.4f')} | {_number(row['crmse_mean'], '.4f')} | "
+                     f"{_number(row['metre_mean'], '.2f')} | "
                      f"{row['val_match_rate_mean']:.1f} | {row['step_lr']} | {row['searched'] or '-'} | "
                      f"{' '.join(run[:8] for run in row['run'].split())} |"
                      + (f" {_number(row['leaked_mean'], '.1f')} | {_number(row['unleaked_match_rate_mean'], '.2f')} | "
                         f"{_number(row['unleaked_rmse_mean'], '.4f')} |" if spec.leakage else ""))
     seeds = max((row["seeds"] for row in table), default=0)
-    spread = f"Mean over {seeds} seeds ± standard deviation" if seeds > 1 else "One seed: no spread"
+    spread = f"Mean over {seeds} seeds ± standard deviation" if seeds > 1 else "One seed: no spread over seeds"
     note = (f"\n\n{spread}; each seed's best trial, at its tuned step size. "
+            f"In brackets, the 95 % bootstrap interval over the test crystals ({BOOTSTRAP_RESAMPLES} resamples of the "
+            f"crystals, each with all its seeds, seed {BOOTSTRAP_SEED}). Δ: the arm minus {ARMS[REFERENCE_ARM].label} "
+            "on the same resampled crystals (match rate in percentage points), * where its interval excludes 0. "
+            "cRMSE counts a crystal without a match as stol; METRe matches each test crystal against the samples "
+            "of every test crystal of its reduced composition (docs/method.md#uncertainty and #metre). "
             "Arms that differ only in a sampling-time switch (the PM correction) sample one trained model: "
             "the model column names whose. The run column is the start of each seed's training run id "
             "(the CSV holds the whole id): `python -m equicsp.sample --run-id RUN` samples that model.\n")
     if is_smoke(spec):
         note += f"\n**{SMOKE_NOTE}**\n"
     return "\n".join(lines) + note
+
+
+def _interval(row: dict[str, Any], name: str, spec: str) -> str:
+    low, high = row[f"{name}_low"], row[f"{name}_high"]
+    return "" if math.isnan(low) else f" [{low:{spec}}, {high:{spec}}]"
+
+
+def _difference(row: dict[str, Any], name: str, spec: str) -> str:
+    """An arm's difference from EquiCSP with its interval, * where the interval excludes 0; - without one."""
+    if math.isnan(row[f"{name}_diff"]):
+        return "-"
+    return (f"{row[f'{name}_diff']:{spec}}{_interval(row, f'{name}_diff', spec)}"
+            + (" *" if row[f"{name}_diff_resolved"] else ""))
 
 
 def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spec: SweepSpec, uri: str,
@@ -105,7 +133,9 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
              "curves": out / "learning_curves.png"}
     files["table_md"].write_text(table_markdown(table, spec))
     _write_csv(files["table_csv"], table)
-    _write_csv(files["cells_csv"], [{**asdict(cell), "searched": cell.searched} for cell in cells])
+    # The per-crystal rms stay out of the cells' CSV (thousands of numbers a cell): each evaluation run logs them.
+    _write_csv(files["cells_csv"], [{**{key: value for key, value in asdict(cell).items() if key not in PER_CRYSTAL},
+                                     "searched": cell.searched} for cell in cells])
     title = spec.name + (" (smoke: tests the machinery, not the method)" if is_smoke(spec) else "")
     if generates(spec):
         generation_bars(table, files["bars"], title=title)
@@ -126,11 +156,30 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
             metrics[f"{row['arm']}/rmse"] = row["rmse_mean"]
         if not math.isnan(row["unleaked_match_rate_mean"]):
             metrics[f"{row['arm']}/unleaked_match_rate"] = row["unleaked_match_rate_mean"] / 100
+        metrics.update(interval_metrics(row))
     tracking.log_metrics(uri, parent, metrics)
     for path in files.values():
         tracking.log_artifact(uri, parent, path)
     tracking.client(uri).set_terminated(parent, "FINISHED")
     return files
+
+
+PER_CRYSTAL = ("rms", "metre_rms")  # CellResult's per-crystal fields
+
+
+def interval_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """A CSP row's finite intervals, differences from EquiCSP and mended scores as parent-run metrics named
+    ARM/NAME (match rates as fractions, as the evaluation runs log them; a resolved difference as 1)."""
+    names = [name for name in row if name.endswith(("_low", "_high", "_diff"))
+             or (name.endswith("_resolved") and not math.isnan(row[name.removesuffix("_resolved")]))]
+    names += ["crmse_mean", "metre_mean", "metre_rmse_mean"]
+    metrics = {}
+    for name in names:
+        value = float(row[name])
+        scale = 100.0 if name.startswith(("match_rate", "metre_mean")) and not name.endswith("_resolved") else 1.0
+        if not math.isnan(value):
+            metrics[f"{row['arm']}/{name.removesuffix('_mean')}"] = value / scale
+    return metrics
 
 
 # The generation table's columns (the paper's Table 6): metric name, heading, scale.
