@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from equicsp.config import make_config
-from equicsp.platform.ray_train import LaunchOptions, connect_ray, run_training
+from equicsp.platform.ray_cluster import connect_ray
+from equicsp.platform.ray_train import LaunchOptions, run_training
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,10 @@
 """Ray Train + MLflow: DDP equivalence, a killed worker, the logged run, and errors before any worker starts."""
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -138,6 +143,9 @@ def test_a_reused_run_name_with_another_config_is_refused_before_ray_starts(tmp_
     other = make_config("smoke", "diffcsp", {**FAST, "data.path": str(tiny_data_dir), "run.seed": 1})
     with pytest.raises(ConfigError, match=rf"MLflow run {run_id} .*objective_preset equicsp -> diffcsp.*run.seed 0 -> 1"):
         run_training(other, launch)
+    tracking.client(uri).set_tag(run_id, tracking.DATA_KEYS_TAG, '{"train": "0123", "val": "4567"}')
+    with pytest.raises(ConfigError, match=rf"MLflow run {run_id} .*other data \(the train and val crystals changed"):
+        run_training(config, launch)
     assert not ray.is_initialized()
     assert not tracking.client(uri).list_artifacts(run_id), "nothing logged to the other run"
 
@@ -154,3 +162,119 @@ def test_a_diverging_ray_run_fails_without_retries_or_a_bad_checkpoint(ray_sessi
         [tracking.ensure_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "equicsp")])
     assert run.info.status == "FAILED" and "epoch 1" in run.data.tags[tracking.DIVERGED_TAG]
     assert "train_total" not in run.data.metrics and not list((tmp_path / "ray").rglob("last.pt"))
+
+
+def ray_arguments(data_dir, out, *extra):
+    overrides = {**FAST, "data.path": str(data_dir), "optim.epochs": 2, "run.checkpoint_every": 2}
+    return ["--preset", "smoke", "--out", str(out), *extra,
+            *[arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]]
+
+
+def test_ray_mode_checks_its_out_folder_run_name_and_stores_before_any_work(tmp_path, tiny_data_dir, monkeypatch):
+    import ray
+    from test_train import drop_last_crystal
+
+    monkeypatch.chdir(tmp_path)  # the default MLflow store and Ray storage
+    out = tmp_path / "runs" / "train"
+    train_main(["--local", *ray_arguments(tiny_data_dir, out)])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(SystemExit, match=r"last.pt belongs to a run with another config \(optim.lr 0.001 -> 0.002\); "
+                                         r"train into another --out$"):
+        train_main(ray_arguments(tiny_data_dir, out, "--optim.lr", "2e-3", "--run-name", "n"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write to output folder .*file/sub: Not a directory$"):
+        train_main(ray_arguments(tiny_data_dir, tmp_path / "file" / "sub"))
+    with pytest.raises(SystemExit, match=r"^error: cannot write to the MLflow store .*file is a file, not a folder"):
+        train_main(ray_arguments(tiny_data_dir, tmp_path / "other", "--tracking-uri", f"sqlite:///{tmp_path}/file/m.db"))
+    with pytest.raises(SystemExit, match=r"^error: cannot write to Ray storage folder .*file: it is a file"):
+        train_main(ray_arguments(tiny_data_dir, tmp_path / "other", "--storage-path", str(tmp_path / "file")))
+    for name in ("../../escaped", "a/b", ".."):
+        with pytest.raises(SystemExit, match=rf"^error: --run-name '{re.escape(name)}' must be a plain name"):
+            train_main(ray_arguments(tiny_data_dir, tmp_path / "other", "--run-name", name))
+    drop_last_crystal(tiny_data_dir / "train.csv")
+    with pytest.raises(SystemExit, match=r"last.pt was trained on other data \(the train crystals changed since\); "
+                                         r"train into another --out$"):
+        train_main(ray_arguments(tiny_data_dir, out))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert not ray.is_initialized()
+    assert not (tmp_path.parent / "escaped").exists() and not list((tmp_path / "runs" / "ray").iterdir())
+
+
+def test_ray_mode_refuses_a_read_only_out_before_any_work(tmp_path, tiny_data_dir):
+    import ray
+    from filesystems import read_only_disk
+
+    with read_only_disk(tmp_path / "ro") as folder:
+        with pytest.raises(SystemExit, match=rf"^error: cannot write to output folder {folder}/sub: Read-only file system$"):
+            train_main(ray_arguments(tiny_data_dir, folder / "sub", "--storage-path", str(tmp_path / "ray"),
+                                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"))
+        with pytest.raises(SystemExit, match=rf"^error: cannot write to the MLflow store {folder}: Read-only file system$"):
+            train_main(ray_arguments(tiny_data_dir, tmp_path / "out", "--storage-path", str(tmp_path / "ray"),
+                                     "--tracking-uri", f"sqlite:///{folder}/mlflow.db"))
+    assert not ray.is_initialized()
+
+
+def train_command(data_dir, tmp_path, *extra):
+    from conftest import FAST
+
+    settings = [arg for name, value in {**FAST, "optim.batch_size": 8}.items() for arg in (f"--{name}", str(value))]
+    return [sys.executable, "-m", "equicsp.train", "--preset", "smoke", "--data", str(data_dir), *settings,
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "ray"),
+            "--out", str(tmp_path / "out"), "--run-name", "r", *extra]
+
+
+def training_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return tracking.client(uri).search_runs([tracking.ensure_experiment(uri, "equicsp")])
+
+
+def test_gpu_training_without_a_gpu_is_one_sentence_before_any_run_opens(tiny_data_dir, tmp_path):
+    """Ray Train would wait for the GPU for ever (seen: 13 minutes, the MLflow run left RUNNING)."""
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a private Ray with no GPU, on any machine
+    environment.pop("RAY_ADDRESS", None)
+    done = subprocess.run(train_command(tiny_data_dir, tmp_path, "--gpu"), capture_output=True, text=True,
+                          timeout=120, env=environment, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: 1 training worker(s) need 1 GPU(s), but the Ray cluster has no GPUs: train without --gpu, "
+        "or join a GPU cluster with --address")
+    assert "equicsp: started a private Ray on this machine" in done.stderr
+    assert training_runs(tmp_path) == [], "no MLflow run was opened"
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_driver_stops_training_and_marks_the_run_killed(tiny_data_dir, tmp_path):
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "equicsp")  # before the driver: two processes creating one store race
+    driver = subprocess.Popen(train_command(tiny_data_dir, tmp_path, "--optim.epochs", "100000"), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        deadline = time.time() + 300
+        while not any("train_total" in run.data.metrics for run in training_runs(tmp_path)):
+            assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
+            time.sleep(1)
+        os.kill(driver.pid, signal.SIGINT)  # the driver alone, as `kill -INT` sends it
+        _, stderr = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    [run] = training_runs(tmp_path)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: MLflow run {run.info.run_id} is marked KILLED; Ray Train keeps its checkpoints in "
+        f"{(tmp_path / 'ray').resolve()}/r: run the same command again to resume")
+    assert run.info.status == "KILLED"
+
+
+def test_a_relaunched_ray_run_says_it_resumes_and_up_to_which_epoch_it_has_logged(tmp_path):
+    from equicsp.platform.ray_train import resume_note
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "equicsp")
+    run_id = tracking.client(uri).create_run(experiment).info.run_id
+    assert resume_note(uri, run_id, "smoke-run") == ""  # a new run
+    for epoch in (1, 2, 3):
+        tracking.client(uri).log_metric(run_id, "train_total", 1.0, step=epoch)
+    assert resume_note(uri, run_id, "smoke-run") == (f"resuming MLflow run {run_id[:8]} (smoke-run) from its last "
+                                                     "checkpoint; it has logged epochs up to 3")

@@ -11,7 +11,7 @@ from conftest import FAST
 
 from equicsp.config import make_config
 from equicsp.data.splits import load_splits
-from equicsp.engine.checkpoint import model_from_checkpoint, read_checkpoint
+from equicsp.engine.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from equicsp.engine.sampler import SampledCrystal
 from equicsp.engine.training import train
 from equicsp.evaluation.generation import GenerationError, _write_cif, as_arrays, generate, num_atoms_distribution
@@ -64,7 +64,7 @@ def test_generate_command_end_to_end(tiny_data_dir, tmp_path):
     assert checkpoint["num_atoms_distribution"][5] == 8  # the tiny set: eight crystals of five atoms
     model_from_checkpoint(checkpoint)  # the generation model loads back from its config
     out = tmp_path / "generated"
-    main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num", "6", "--out", str(out), "--device", "cpu",
+    main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-samples", "6", "--out", str(out), "--device", "cpu",
           "--processes", "1", "--batch-size", "4"])
     with open(out / "samples.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -134,3 +134,115 @@ def test_a_small_generation_model_generates_valid_crystals_of_its_training_eleme
     assert untrained_valid <= 0.5 and untrained_known <= 0.5, (untrained_valid, untrained_known)
     unclipped_valid, _ = scores(model, replace(config, sampler=replace(config.sampler, clip_types=False)))
     assert unclipped_valid <= 0.5, unclipped_valid
+
+
+def generation_checkpoint(path):
+    config = generation_config()
+    torch.manual_seed(0)
+    save_checkpoint(path, config, build_denoiser(config), num_atoms_distribution=[0, 0, 0, 0, 0, 8])
+    return path
+
+
+@pytest.fixture
+def quick_scores(monkeypatch):
+    """The command's scoring replaced by a count: fingerprinting an untrained model's odd cells takes a minute."""
+    from equicsp.evaluation.generation import GenerationReport
+    from equicsp.evaluation.generation_metrics import CoverageThresholds
+
+    monkeypatch.setattr("equicsp.cli.generate.score_generated", lambda crystals, *args, **kwargs: GenerationReport(
+        {"num_generated": len(crystals)}, [], None, CoverageThresholds(0.2, 4.0)))
+
+
+def generate_args(source: list[str], out, num: int = 3) -> list[str]:
+    return [*source, "--num-samples", str(num), "--out", str(out), "--device", "cpu", "--no-reference", "--processes", "1"]
+
+
+def test_generate_writes_its_folder_whole_and_replaces_an_earlier_one_only_with_force(tmp_path, capsys, monkeypatch,
+                                                                                     quick_scores):
+    """A second generation into a folder kept the first one's CIFs beside its summary (6 CIFs, summary says 3), and a
+    Ctrl-C while writing left CIFs of one seed beside a summary of another."""
+    from equicsp.cli.generate import main
+
+    source = ["--checkpoint", str(generation_checkpoint(tmp_path / "gen.pt"))]
+    out = tmp_path / "generated"
+    main(generate_args(source, out, num=3))
+    with pytest.raises(SystemExit, match=f"error: output folder {out} already holds .*--force"):
+        main(generate_args(source, out, num=2))
+    main(generate_args(source, out, num=2) + ["--force", "--seed", "1"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_crystals"] == 2 and summary["settings"]["seed"] == 1
+    assert len(list((out / "cifs").iterdir())) == summary["cifs_written"] <= 2
+    capsys.readouterr()
+    import equicsp.cli.generate as command
+
+    real = command.write_generated
+
+    def interrupted_after_the_cifs(crystals, report, folder, settings):
+        real(crystals, report, folder, settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "write_generated", interrupted_after_the_cifs)
+    with pytest.raises(SystemExit) as stopped:
+        main(generate_args(source, out, num=3) + ["--force", "--seed", "2"])
+    assert stopped.value.code == 130 and f"interrupted: nothing was written to {out}" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_generate_checks_every_place_it_writes_before_sampling_and_keeps_its_files_when_mlflow_fails(
+        tmp_path, monkeypatch, quick_scores):
+    """`generate --out <read-only>` sampled everything, then failed with a traceback; a full MLflow store failed only
+    once the crystals were scored; a store failing at the very end must leave the files in --out, and say so."""
+    from filesystems import full_disk, read_only_disk
+
+    import equicsp.cli.generate as command
+    from equicsp.platform import tracking
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled although a place to write to is unusable")
+
+    (tmp_path / "run").mkdir()
+    path = generation_checkpoint(tmp_path / "run" / "best.pt")
+    real_generate = command.generate
+    monkeypatch.setattr(command, "generate", never)
+    with read_only_disk(tmp_path / "ro") as ro, pytest.raises(SystemExit, match="Read-only file system"):
+        command.main(generate_args(["--checkpoint", str(path)], ro / "out"))
+    with full_disk(tmp_path / "store", "3m") as store:
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+        experiment = tracking.ensure_experiment(uri, "equicsp")
+        run = tracking.start_training_run(uri, experiment, generation_config(), run_key="gen", run_name="gen")
+        tracking.log_artifact(uri, run, path, "checkpoints")
+        filler = store / "filler"
+        with open(filler, "wb") as handle, pytest.raises(OSError):  # fill the disk to its last block
+            while True:
+                handle.write(bytes(65536))
+                handle.flush()
+        with pytest.raises(SystemExit, match=f"error: cannot write to the MLflow store .*no space left on {store}"):
+            command.main(generate_args(["--run-id", run, "--tracking-uri", uri], tmp_path / "out"))
+        filler.unlink()
+        monkeypatch.setattr(command, "generate", real_generate)
+
+        def store_fails(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(command, "log_generation_run", store_fails)
+        with pytest.raises(SystemExit, match="could not be logged to MLflow .*No space left on device.*kept in "
+                                             f"{tmp_path / 'out'}"):
+            command.main(generate_args(["--run-id", run, "--tracking-uri", uri], tmp_path / "out"))
+    assert (tmp_path / "out" / "summary.json").exists() and (tmp_path / "out" / "samples.csv").exists()
+
+
+def test_the_printed_summary_is_a_markdown_table_that_counts_the_crystals_without_a_fingerprint():
+    from equicsp.cli.generate import summary_table
+
+    table = summary_table({"num_generated": 50.0, "struct_valid": 0.9, "comp_valid": 0.8, "fingerprint_failures": 41.0})
+    header, separator, row = table.splitlines()
+    assert separator == "|---|---|---|---|" and header.count("|") == separator.count("|") == row.count("|") == 5
+    assert "no fingerprint" in header and row.endswith("| 41 |")
+
+
+def test_generate_says_what_it_is_about_to_sample_before_it_starts():
+    from equicsp.cli.generate import start_line
+
+    config = generation_config(**{"sampler.num_steps": 10, "sampler.step_lr": 1e-6})
+    line = start_line(config, build_denoiser(config), 50, "cpu")
+    assert line.startswith("generating 50 crystals on cpu: ") and "10 steps at step size 1e-06" in line

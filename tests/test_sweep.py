@@ -87,7 +87,7 @@ def test_a_sharing_arm_picks_its_best_trial_by_its_own_step_size_search():
     (dict(space={}, trials_per_cell=3), "search space is empty for every arm"),
     (dict(space={"model.depth": Choice((1, 2))}), "unknown config field 'model.depth'"),
     (dict(overrides={"optim.epochs": "many"}), "cannot read 'many'"),
-    (dict(task="dft"), "task must be csp or generation"),
+    (dict(task="dft"), "task must be one of csp, generation"),
     (dict(overrides={"diffusion.task": "generation"}), "set it with --task"),
     (dict(task="generation", leakage=True), "a generation sweep has none"),
 ])
@@ -221,6 +221,13 @@ def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_tab
         assert float(row["seeds"]) == 1
         if "rmse" in evaluation.data.metrics:
             assert float(row["rmse_mean"]) == pytest.approx(evaluation.data.metrics["rmse"])
+        # the corrected RMSE and METRe, and the bootstrap interval over the evaluation's per-crystal results
+        assert float(row["crmse_mean"]) == pytest.approx(evaluation.data.metrics["crmse"])
+        assert float(row["metre_mean"]) == pytest.approx(100 * evaluation.data.metrics["metre"])
+        assert float(row["match_rate_low"]) <= float(row["match_rate_mean"]) <= float(row["match_rate_high"])
+    assert table["equicsp"]["match_rate_diff"] == "nan" and table["diffcsp"]["match_rate_diff"] != "nan"
+    logged = tracking.get_run(uri, parent.info.run_id).data.metrics
+    assert {"diffcsp/match_rate_low", "diffcsp/match_rate_diff_high", "equicsp/crmse"} <= set(logged)
     assert parent.info.status == "FINISHED"
 
 
@@ -337,12 +344,12 @@ def test_the_progress_lines_name_the_trial_its_arm_its_epochs_and_the_time_left(
     progress.on_trial_complete(3, [first, second], first)
     progress.on_trial_result(4, [first, second], second, {"epoch": 20})
     assert lines[0] == "trial 1 of 2 (equicsp, seed 0): started (0 of 2 finished)"
-    assert lines[1].startswith("trial 1 of 2 (equicsp, seed 0): epoch 20/40, val loss 1.5, training: about ")
+    assert lines[1].startswith("trial 1 of 2 (equicsp, seed 0): epoch 20/40, val loss 1.5, about ")
     assert "tuned step_lr 0.0003" in lines[2] and "left" in lines[2]
     assert lines[3].startswith("trial 1 of 2 (equicsp, seed 0): done, 1 of 2 finished")
-    assert lines[4].startswith("trial 2 of 2 (diffcsp, seed 0): epoch 20/40") and lines[4].endswith(" left")
+    assert lines[4].startswith("trial 2 of 2 (diffcsp, seed 0): epoch 20/40") and " left" in lines[4]
     progress.on_trial_result(5, [first, second], second, {"epoch": 40})
-    assert lines[5] == "trial 2 of 2 (diffcsp, seed 0): epoch 40/40"  # every epoch trained: no estimate
+    assert lines[5].startswith("trial 2 of 2 (diffcsp, seed 0): epoch 40/40, about ")  # its search is left
 
 
 def test_sweeps_log_system_metrics_only_when_asked():
@@ -426,3 +433,90 @@ def test_the_progress_callback_pickles_on_a_driver_joined_to_a_running_cluster(m
     monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: original(*args, **kwargs))
     progress = ray.cloudpickle.loads(ray.cloudpickle.dumps(SweepProgress(SweepSpec(name="s", preset="smoke"), 2)))
     assert progress.total == 2
+
+
+ON_TWO_CPUS = ("import runpy, sys, ray; ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR'); "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@pytest.mark.slow
+def test_trials_that_each_need_the_whole_machine_run_one_after_the_other_and_ctrl_c_resumes(tmp_path):
+    """On 2 CPUs, two trials of 2 workers each: one runs while the other waits, quietly (a trial's own
+    reservation once left no whole CPU for its workers, which retried their start every minute with a
+    traceback). A Ctrl-C on the driver ends the sweep with one line and KILLED runs; the same command resumes."""
+    command = [sys.executable, "-c", ON_TWO_CPUS, *sweep_command(tmp_path, "--arms", "equicsp", "diffcsp",
+                                                                 "--workers-per-trial", "2")[1:]]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "equicsp-sweeps")  # before the driver: two processes creating one store race
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=environment)
+    try:
+        deadline = time.time() + 600
+        while not any("train_total" in run.data.metrics for run in runs_of_kind(uri, "training")):
+            assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
+            time.sleep(1)
+        os.kill(driver.pid, signal.SIGINT)  # the driver alone
+        stdout, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "interrupted; rerun the same command to resume" in stderr.splitlines()  # worker logs may follow it
+    assert "trial 2 of 2: waiting for a CPU (1 trial ahead)" in stdout
+    [parent] = runs_of_kind(uri, "sweep")
+    assert parent.info.status == "KILLED"
+    assert all(run.info.status != "RUNNING" for run in runs_of_kind(uri, "training"))
+
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = stdout + stderr + done.stdout + done.stderr
+    assert "WorkerGroupStartupTimeoutError" not in output and "Traceback" not in output
+    assert "| EquiCSP |" in done.stdout and "| DiffCSP |" in done.stdout
+    first, second = sorted(runs_of_kind(uri, "training"), key=lambda run: run.info.start_time)
+    assert second.info.start_time >= first.info.end_time, "the second trial started once the first had trained"
+    assert runs_of_kind(uri, "sweep")[0].info.status == "FINISHED"
+
+
+def test_a_trial_that_waits_for_a_share_of_the_cluster_is_one_quiet_line():
+    from types import SimpleNamespace
+
+    from equicsp.sweep.progress import SweepProgress
+
+    spec = SweepSpec(name="s", preset="smoke", arms=("equicsp", "diffcsp"))
+    lines = []
+    progress = SweepProgress(spec, total_trials=3, print_fn=lambda line, flush: lines.append(line), concurrent=1,
+                             unit="GPU")
+    first, second = (SimpleNamespace(trial_id=name, config={"arm": "equicsp", "run.seed": 0}) for name in "ab")
+    progress.on_trial_start(0, [first], first)
+    assert lines[1:] == ["trial 2 of 3: waiting for a GPU (1 trial ahead)"]
+    progress.on_trial_complete(1, [first], first)
+    progress.on_trial_start(2, [first, second], second)
+    assert lines[-1] == "trial 3 of 3: waiting for a GPU (1 trial ahead)"
+    unlimited = SweepProgress(spec, total_trials=3, print_fn=lambda line, flush: lines.append(line))
+    unlimited.on_trial_start(0, [first], first)
+    assert "waiting" not in lines[-1]
+
+
+def test_a_rerun_of_a_finished_sweep_says_it_is_already_complete_and_a_resumed_one_says_so():
+    from types import SimpleNamespace
+
+    from equicsp.sweep.driver import rerun_note
+
+    def run(status):
+        return SimpleNamespace(info=SimpleNamespace(run_id="26104baf" + "0" * 24, status=status))
+
+    assert rerun_note(None, "ablation-smoke") == ""
+    assert rerun_note(run("FINISHED"), "ablation-smoke").startswith(
+        "sweep 'ablation-smoke' is already complete (MLflow run 26104baf): its trials and final evaluation are reused")
+    assert rerun_note(run("KILLED"), "ablation-smoke").startswith("resuming sweep 'ablation-smoke' (MLflow run 26104baf, KILLED)")
+
+
+def test_the_time_estimate_counts_the_test_crystals_the_final_stage_samples(tmp_path):
+    from equicsp.sweep.driver import final_test_crystals
+
+    spec = SweepSpec(name="s", preset="smoke")  # the bundled sample: 100 test crystals
+    assert final_test_crystals(spec) == 100
+    assert final_test_crystals(replace(spec, test_limit=25)) == 25
+    missing = replace(spec, overrides={"data.path": str(tmp_path / "elsewhere")}, test_limit=None)
+    assert final_test_crystals(missing) is None

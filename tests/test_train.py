@@ -211,3 +211,119 @@ def test_an_absent_device_is_one_sentence_before_anything_is_written(tiny_data_d
     with pytest.raises(SystemExit, match="error: device 'cuda' asked for, but CUDA is not available"):
         train_main(fast_arguments(tiny_data_dir, tmp_path / "run", **{"run.device": "cuda"}))
     assert not (tmp_path / "run").exists()
+
+
+def test_out_folders_that_cannot_hold_the_run_are_one_sentence_before_any_work(tiny_data_dir, tmp_path, capsys):
+    from filelock import FileLock
+
+    with pytest.raises(SystemExit):
+        train_main(fast_arguments(tiny_data_dir, ""))
+    assert "--out: an empty path" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write to output folder .*file: it is a file, not a folder$"):
+        train_main(fast_arguments(tiny_data_dir, tmp_path / "file"))
+    with pytest.raises(SystemExit, match=r"^error: cannot write to output folder .*file/run: Not a directory$"):
+        train_main(fast_arguments(tiny_data_dir, tmp_path / "file" / "run"))
+    out = tmp_path / "run"
+    out.mkdir()
+    with FileLock(out / ".equicsp.lock"), \
+            pytest.raises(SystemExit, match=rf"^error: {out} is in use by another training process"):
+        train_main(fast_arguments(tiny_data_dir, out))
+    # A launch whose data cannot be read leaves nothing that would refuse the corrected launch.
+    with pytest.raises(SystemExit, match="not a folder"):
+        train_main(fast_arguments(tiny_data_dir / "missing", out))
+    assert not (out / "config.yaml").exists()
+    (out / "last.pt.4242.tmp").write_bytes(b"half a checkpoint from a killed run")
+    train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 2}))
+    assert sorted(path.name for path in out.iterdir()) == [".equicsp.lock", "best.pt", "config.yaml", "last.pt"]
+
+
+def test_a_read_only_or_full_out_is_one_sentence(tiny_data_dir, tmp_path):
+    from filesystems import full_disk, read_only_disk
+
+    with read_only_disk(tmp_path / "ro") as folder, \
+            pytest.raises(SystemExit, match=rf"^error: cannot write to output folder {folder}/run: Read-only file system$"):
+        train_main(fast_arguments(tiny_data_dir, folder / "run"))
+    with full_disk(tmp_path / "full", "16k") as folder:
+        with pytest.raises(SystemExit, match=rf"^error: no space left on {folder} \(writing (best|last)\.pt\)$"):
+            train_main(fast_arguments(tiny_data_dir, folder, **{"optim.epochs": 2}))
+        assert not list(folder.glob("*.tmp"))
+
+
+def test_ctrl_c_says_which_epoch_was_kept_and_the_same_command_resumes(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    import equicsp.engine.training as training
+
+    real_epoch = training.run_epoch
+
+    def interrupted_in_epoch_4(loop, out_dir):
+        if loop.state.epoch == 3:
+            raise KeyboardInterrupt
+        return real_epoch(loop, out_dir)
+
+    monkeypatch.setattr(training, "run_epoch", interrupted_in_epoch_4)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 4}))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"interrupted: {out / 'last.pt'} keeps epoch 2; "
+                                                                "run the same command again to resume from there")
+    monkeypatch.setattr(training, "run_epoch", real_epoch)
+    train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 4}))
+    assert read_checkpoint(out / "last.pt")["epoch"] == 4
+
+
+def drop_last_crystal(csv_path):
+    import csv
+
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    with open(csv_path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows[:-1])
+
+
+def test_a_relaunch_on_changed_data_is_refused_before_anything_is_written(tiny_data_dir, tmp_path):
+    from equicsp.config import ConfigError
+
+    out = tmp_path / "run"
+    train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 2}))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert set(read_checkpoint(out / "last.pt")["data_keys"]) == {"train", "val"}
+    drop_last_crystal(tiny_data_dir / "train.csv")  # as a new split would change it
+    with pytest.raises(SystemExit, match=r"last.pt was trained on other data \(the train crystals changed since\); "
+                                         r"train into another --out, or pass --no-resume"):
+        train_main(fast_arguments(tiny_data_dir, out, **{"optim.epochs": 4}))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    changed = loop_on(fast_config(tiny_data_dir, **{"optim.epochs": 4}))
+    with pytest.raises(ConfigError, match="other data"):  # a Ray worker resuming from a checkpoint checks it too
+        changed.restore(out / "last.pt")
+    train_main([*fast_arguments(tiny_data_dir, out, **{"optim.epochs": 2}), "--no-resume"])
+    assert read_checkpoint(out / "last.pt")["data_keys"]["train"] == changed.data_keys["train"]
+
+
+def test_a_run_says_what_it_trains_each_epoch_of_how_many_and_a_resume_where_it_goes_on(tiny_data_dir, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "run"
+    train(fast_config(tiny_data_dir, **{"optim.epochs": 3}), out)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"training: data {tiny_data_dir} (8 train, 8 val crystals); model 1 layers x 16 hidden, ")
+    assert " M parameters; device cpu; 3 epochs, batch " in lines[0]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert " left" not in epochs[0], "the first epoch alone (warm-up) gives no estimate"
+    assert epochs[1].endswith(" left") and not epochs[2].endswith(" left")
+    train(fast_config(tiny_data_dir, **{"optim.epochs": 4}), out)
+    assert f"resuming from {out / 'last.pt'} at epoch 3 of 4" in capsys.readouterr().out.splitlines()
+    train(fast_config(tiny_data_dir, **{"optim.epochs": 4}), out)
+    assert f"{out / 'last.pt'} is at epoch 4 of 4: nothing left to train" in capsys.readouterr().out
+
+
+def test_the_time_left_is_at_the_mean_epoch_after_the_first():
+    from equicsp.engine.eta import EpochTimer
+    from equicsp.engine.training import epoch_line
+
+    timer = EpochTimer()
+    for seconds in (100.0, 6.0, 6.0):  # the first compiles
+        timer.add(seconds)
+    metrics = {"epoch": 3, "train_total": 1.0, "val_total": 2.0, "lr": 1e-3, "crystals_per_s": 500.0}
+    assert epoch_line(metrics, 103, timer) == ("epoch 3/103: train 1.0000 val 2.0000 lr 1.00e-03 500 crystals/s, "
+                                               "about 10 min left")

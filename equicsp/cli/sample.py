@@ -6,21 +6,25 @@ units each; `auto`, the sizes the training set holds for such formulas. Each CIF
 reported with its shortest interatomic distance and SMACT validity, flagged INVALID with the
 reason when it fails the validity checks of the evaluation. A sampled crystal with a
 non-finite lattice or coordinates (a diverged model) is not written: it is reported on
-stderr, the others are written, and the command exits non-zero.
+stderr, the others are written, and the command exits non-zero. The CIFs reach `--out` together once
+the sampling is done (see data/outputs.py): a folder holding files is replaced only with `--force`,
+and an interrupted command leaves it as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
+from equicsp.cli.options import HelpFormatter, add_verbose_argument, examples, show_library_output
 from equicsp.config import COMPILE_SETTINGS, PRECISIONS, Config
-from equicsp.data.cache import check_writable_folder
-from equicsp.data.cells import cell_formula, parse_units, reduced_counts, units_seen_in_training
+from equicsp.data.cells import cell_formula, parse_units, reduced_counts, units_seen_in_training, unseen_composition
 from equicsp.data.crystals import MAX_ATOMIC_NUMBER, DatasetError
+from equicsp.data.outputs import OutputFolder, interrupted, output_path
 from equicsp.data.splits import find_data_folder, load_split
 from equicsp.devices import resolve_device
 from equicsp.engine.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
@@ -30,12 +34,12 @@ from equicsp.evaluation.metrics import (
     CrystalArrays,
     closest_distance,
     composition_valid,
+    structural_problem,
     structure_of,
-    validity_problem,
 )
 from equicsp.model.diffusion import Diffusion
-from equicsp.platform import tracking
-from equicsp.task import TUNED_STEP_LR
+from equicsp.platform import mlflow_store, tracking
+from equicsp.task import TUNED_STEP_LR, task_of
 
 
 def composition_of(formula: str) -> torch.Tensor:
@@ -54,30 +58,42 @@ def composition_of(formula: str) -> torch.Tensor:
         if abs(amount - round(amount)) > 1e-8 or amount < 1:
             raise ValueError(f"{formula!r}: {element} has a non-integer count {amount}")
         types += [z] * int(round(amount))
+    if not types:
+        raise ValueError(f"formula {formula!r} has no atoms: give each element a count of at least 1")
     return torch.tensor(types, dtype=torch.long)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m equicsp.sample",
-                                     description=__doc__.split(":", 1)[1].strip().split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m equicsp.sample", description=__doc__.split(":", 1)[1].strip().split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog=examples("python -m equicsp.sample --run-id 26104baf --formula SrTiO3 --out cifs/",
+                        "python -m equicsp.sample --checkpoint runs/train/best.pt --formula BaTiO3 --formula KNbO3 "
+                        "--num-samples 5 --out cifs/",
+                        "python -m equicsp.sample --run-id 26104baf --formula SrTiO3 --formula-units auto --out cifs/"))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a checkpoint file (best.pt)")
     source.add_argument("--run-id", help="an MLflow training run: its best checkpoint and the step size a sweep tuned")
-    parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
+    parser.add_argument("--tracking-uri", help=mlflow_store.TRACKING_URI_HELP)
     parser.add_argument("--formula", required=True, action="append", help="e.g. SrTiO3; repeat for several")
     parser.add_argument("--formula-units",
                         help="formula units per cell, e.g. 1,2,4 (each is sampled), or auto: the cell sizes the "
                              "training set holds for such formulas (default: the formula as written)")
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--num-samples", type=int, default=1, help="structures sampled per formula (and cell size)")
+    parser.add_argument("--out", type=output_path, required=True,
+                        help="folder for the CIFs, written as a whole when the sampling is done")
+    parser.add_argument("--force", action="store_true", help="replace what --out holds (refused otherwise)")
     parser.add_argument("--step-lr", type=float,
                         help="Langevin step size (default: the step size a sweep tuned for --run-id, else the config's)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: every timestep)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="sampling precision")
     parser.add_argument("--compile", choices=COMPILE_SETTINGS, help=COMPILE_HELP)
-    return parser.parse_args(argv)
+    add_verbose_argument(parser)
+    args = parser.parse_args(argv)
+    show_library_output(args.verbose)
+    return args
 
 
 def load_source(args: argparse.Namespace) -> tuple[dict, float | None, list[Path]]:
@@ -86,8 +102,9 @@ def load_source(args: argparse.Namespace) -> tuple[dict, float | None, list[Path
         checkpoint = read_checkpoint(args.checkpoint)
         above = [folder / checkpoint["config"]["data"]["path"] for folder in args.checkpoint.resolve().parents]
         return checkpoint, checkpoint.get(TUNED_STEP_LR), above  # a sweep writes its tuned step into the checkpoint
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    tracking.check_reachable(uri)
+    uri = mlflow_store.resolve_tracking_uri(args.tracking_uri)
+    mlflow_store.check_reachable(uri)
+    args.run_id = tracking.resolve_run_id(uri, args.run_id)
     run = tracking.get_run(uri, args.run_id)
     checkpoint = tracking.read_logged_checkpoint(uri, args.run_id)
     print(f"model of {tracking.describe_run(uri, args.run_id)}")
@@ -96,22 +113,26 @@ def load_source(args: argparse.Namespace) -> tuple[dict, float | None, list[Path
 
 
 def cells_to_sample(args: argparse.Namespace, config: Config, data_folders: list[Path]) -> list[tuple[str, torch.Tensor]]:
-    """(CIF name stem, atomic numbers) of every cell asked for."""
-    if args.formula_units is None:
-        return [(formula, composition_of(formula)) for formula in args.formula]
-    units = parse_units(args.formula_units)
-    training = None
-    if units is None:
-        try:
-            root = find_data_folder(config.data.path, data_folders)
-            training = load_split(config, "train", root, False)
-        except DatasetError as error:
+    """(CIF name stem, atomic numbers) of every cell asked for; a warning for a composition unlike the training set's."""
+    units = None if args.formula_units is None else parse_units(args.formula_units)
+    try:
+        root = find_data_folder(config.data.path, data_folders)
+        training = load_split(config, "train", root, False)
+    except DatasetError as error:
+        if args.formula_units is not None and units is None:
             raise ValueError(f"--formula-units auto needs the model's training data, which is not reachable here "
                              f"({error}); give the units instead, e.g. --formula-units 1,2,4") from None
+        training = None  # only the warning below is lost
+    for formula in args.formula if training is not None else ():
+        unseen = unseen_composition(formula, training)
+        if unseen:
+            print(f"warning: {unseen}", file=sys.stderr)
+    if args.formula_units is None:
+        return [(formula, composition_of(formula)) for formula in args.formula]
     cells = []
     for formula in args.formula:
         counts = reduced_counts(formula)
-        if training is not None:
+        if units is None:
             chosen, reason = units_seen_in_training(formula, training, config.data.max_atoms)
             print(reason)
         else:
@@ -121,29 +142,43 @@ def cells_to_sample(args: argparse.Namespace, config: Config, data_folders: list
 
 
 def validity_line(crystal, structure) -> tuple[str, bool]:
-    """The shortest interatomic distance, SMACT validity and, for an invalid crystal, INVALID (why)."""
-    problem = validity_problem(CrystalArrays.of(crystal.atom_types, crystal.frac_coords, crystal.lengths, crystal.angles))
+    """The shortest interatomic distance, then the evaluation's two validity flags apart: the structure (distances,
+    volume) and the composition (SMACT: charge balance and electronegativity); valid when both are."""
+    problem = structural_problem(CrystalArrays.of(crystal.atom_types, crystal.frac_coords, crystal.lengths,
+                                                  crystal.angles))
     smact = composition_valid(tuple(sorted(site.specie.Z for site in structure)))
     closest = "n/a"  # a flat cell has no meaningful distances (and LAPACK complains about it): the reason says why
     if structure.volume > MIN_VOLUME:
-        try:
+        with contextlib.suppress(Exception):  # a lattice pymatgen cannot reduce; structural_problem says why
             closest = f"{closest_distance(structure):.2f} A"
-        except Exception:  # a lattice pymatgen cannot reduce; validity_problem says why
-            pass
-    line = f"closest atoms {closest}, SMACT {'valid' if smact else 'invalid'}"
-    return line + (f": INVALID ({problem})" if problem else ": valid"), not problem
+    structure_flag = f"INVALID ({problem})" if problem else "valid"
+    return (f"closest atoms {closest}; structure {structure_flag}; composition (SMACT) {'valid' if smact else 'INVALID'}",
+            not problem and smact)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
+    output = OutputFolder(args.out, args.force)
+    try:
+        sample_into(args, output)
+    except KeyboardInterrupt:
+        raise interrupted(f"no CIF was written to {args.out} (it keeps what it held); rerun the same command "
+                          "to sample again") from None
+    finally:
+        output.close()
+
+
+def sample_into(args: argparse.Namespace, output: OutputFolder) -> None:
+    """Check everything, sample, then write every CIF into output at once."""
     try:
         if args.num_samples < 1:
             raise ValueError("--num-samples must be >= 1")
-        check_writable_folder(args.out)  # before the sampling, whose results would be lost
         [composition_of(formula) for formula in args.formula]  # a bad formula fails before the model loads
+        output.open()  # checked and held before the sampling, whose results would be lost
         device = resolve_device(args.device)
         checkpoint, tuned_step_lr, data_folders = load_source(args)
         config, model = model_from_checkpoint(checkpoint, device, source=args.checkpoint or f"run {args.run_id}")
+        task_of(config).check_predicts_structures()
         step_lr = args.step_lr if args.step_lr is not None else tuned_step_lr
         if args.step_lr is None and tuned_step_lr is not None:
             print(f"step_lr {tuned_step_lr:.3g}: the step size a sweep tuned for this model")
@@ -155,6 +190,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from None
     sampler = Sampler(model, Diffusion(config, device), config, device, args.precision)
     crystals = sampler.sample([types for _, types in cells], args.num_samples, seed=args.seed)
+    try:
+        with output.writing() as folder:
+            unwritten, invalid = write_cifs(crystals, cells, folder)
+    except OSError as error:
+        raise SystemExit(f"error: {error}") from None
+    if invalid:
+        print(f"{invalid} of {len(crystals) - unwritten} written crystals are INVALID: they fail the evaluation's "
+              "validity checks (the reason is on each line)", file=sys.stderr)
+    if unwritten:
+        raise SystemExit(f"error: {unwritten} of {len(crystals)} sampled crystals were not finite and not written")
+
+
+def write_cifs(crystals: list, cells: list[tuple[str, torch.Tensor]], folder: Path) -> tuple[int, int]:
+    """Each finite crystal as a CIF in folder, reported on a line; (how many were not finite, how many invalid)."""
     unwritten, invalid = 0, 0
     for crystal in crystals:
         name = f"{cells[crystal.composition_index][0]}_{crystal.sample_index}.cif"
@@ -165,16 +214,12 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)
             continue
         structure = structure_of(crystal)
-        structure.to(filename=str(args.out / name))
+        structure.to(filename=str(folder / name))
         validity, valid = validity_line(crystal, structure)
         invalid += not valid
         print(f"{name}: {structure.composition.reduced_formula}, a b c = "
               f"{' '.join(f'{v:.3f}' for v in structure.lattice.abc)}, volume {structure.volume:.1f} A^3, {validity}")
-    if invalid:
-        print(f"{invalid} of {len(crystals) - unwritten} written crystals are INVALID: they fail the evaluation's "
-              "validity checks (the reason is on each line)", file=sys.stderr)
-    if unwritten:
-        raise SystemExit(f"error: {unwritten} of {len(crystals)} sampled crystals were not finite and not written")
+    return unwritten, invalid
 
 
 if __name__ == "__main__":

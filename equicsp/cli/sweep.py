@@ -6,9 +6,12 @@ import argparse
 import sys
 from dataclasses import replace
 
+from equicsp.cli.options import add_verbose_argument, show_library_output
 from equicsp.config import DATASET_PRESETS, ConfigError
+from equicsp.platform.mlflow_store import TRACKING_URI_HELP
+from equicsp.platform.ray_cluster import ADDRESS_HELP, set_ray_address
 from equicsp.platform.tracking import TrackingError, describe_run
-from equicsp.sweep.driver import run_sweep
+from equicsp.sweep.driver import SweepInterrupted, run_sweep
 from equicsp.sweep.report import table_markdown
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec
 
@@ -30,14 +33,16 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="sweep name; running the same name again resumes it")
     parser.add_argument("--storage-path",
                         help="Ray storage (default $EQUICSP_STORAGE_PATH, else ./runs/sweeps; shared on a cluster)")
-    parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
+    parser.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     parser.add_argument("--experiment", default="equicsp-sweeps", help="MLflow experiment")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per training run")
     parser.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
                         help="train on GPUs (auto: when the cluster has any)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as many as fit)")
+    parser.add_argument("--address", help=ADDRESS_HELP)
     parser.add_argument("--system-metrics", action="store_true",
                         help="log MLflow's system/* metrics (CPU, memory, GPU) in every training run")
+    add_verbose_argument(parser)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -70,19 +75,25 @@ def apply_arguments(spec: SweepSpec, args: argparse.Namespace) -> SweepSpec:
 
 
 def launch_from_arguments(args: argparse.Namespace) -> SweepLaunch:
+    """Where the sweep runs: its launch settings, and the Ray cluster it joins (--address, read by connect_ray)."""
+    set_ray_address(args.address)
     return SweepLaunch(tracking_uri=args.tracking_uri, experiment=args.experiment,
                        storage_path=args.storage_path,
                        workers_per_trial=args.workers_per_trial,
                        use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], max_concurrent=args.max_concurrent,
-                       system_metrics=args.system_metrics)
+                       system_metrics=args.system_metrics, verbose=args.verbose)
 
 
 def run_from_command_line(spec: SweepSpec, launch: SweepLaunch) -> None:
     """Run the sweep; a sweep that cannot start exits with the reason, before any trial."""
+    show_library_output(launch.verbose)
     try:
         result = run_sweep(spec, launch)
     except (SweepError, ConfigError, TrackingError) as error:
         raise SystemExit(f"error: {error}") from None
+    except (SweepInterrupted, KeyboardInterrupt):
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
     print("\n" + table_markdown(result.table, spec))
-    print(f"the sweep's parent {describe_run(result.tracking_uri, result.parent_run_id)}; "
-          "its child runs are the training runs, named by arm and seed.", file=sys.stderr)
+    print("the sweep's parent run (its child runs are the training runs, named by arm and seed): "
+          f"{describe_run(result.tracking_uri, result.parent_run_id)}", file=sys.stderr)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from equicsp.data.cache import cache_dir, cache_key, load_cached, save_atomically
+from equicsp.data.cache import cache_dir, cache_key, load_cached, store_cached
 
 if TYPE_CHECKING:
     from torch_geometric.data import Data
@@ -95,6 +96,7 @@ def parse_cif(text: str, options: PreprocessOptions) -> ParsedCrystal:
     """One CIF -> a reduced crystal; raises ValueError with the reason when it is unusable."""
     from pymatgen.core import Structure
 
+    _check_cif_text(text, options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -111,16 +113,73 @@ def parse_cif(text: str, options: PreprocessOptions) -> ParsedCrystal:
         raise ValueError(f"non-finite lattice: {structure.lattice.parameters}")
     if options.primitive:
         structure = structure.get_primitive_structure()
+    if len(structure) > options.max_atoms:  # Niggli reduction keeps the count, and takes seconds on a large cell
+        raise ValueError(f"too large: {len(structure)} atoms > max_atoms {options.max_atoms}")
     if options.niggli:
         structure = structure.get_reduced_structure(reduction_algo="niggli")
-    if len(structure) > options.max_atoms:
-        raise ValueError(f"too large: {len(structure)} atoms > max_atoms {options.max_atoms}")
     return ParsedCrystal(
         atom_types=[site.specie.Z for site in structure],
         frac_coords=(structure.frac_coords % 1.0).tolist(),
         lengths=list(structure.lattice.abc),
         angles=list(structure.lattice.angles),
     )
+
+
+_CELL_NUMBER = re.compile(r"^\s*_cell_(length_[abc]|angle_(?:alpha|beta|gamma))\s+(\S+)", re.MULTILINE | re.IGNORECASE)
+_CIF_TOKEN = re.compile(r"'[^']*'|\"[^\"]*\"|\S+")
+
+
+def _check_cif_text(text: str, options: PreprocessOptions) -> None:
+    """What the CIF text shows cheaply, before pymatgen builds anything: a cell length <= 0 (which pymatgen
+    turns into a mirrored cell), an angle outside (0, 180), or more atom sites than max_atoms (parsing a
+    10,000-atom cell takes a minute)."""
+    for name, value in _CELL_NUMBER.findall(text):
+        number = _cif_number(value)
+        if number is None:
+            continue  # pymatgen reports what it cannot read
+        if name.startswith("length") and not number > 0:
+            raise ValueError(f"bad cell: _cell_{name} is {value}, a length must be > 0")
+        if name.startswith("angle") and not 0 < number < 180:
+            raise ValueError(f"bad cell: _cell_{name} is {value}, an angle must be between 0 and 180 degrees")
+    sites = _atom_site_count(text)
+    if sites is not None and sites > options.max_atoms:
+        # The listed sites are at most the cell's atoms (symmetry only adds): a lower bound, even for the primitive cell.
+        raise ValueError(f"too large: {sites} atom sites listed > max_atoms {options.max_atoms}")
+
+
+def _cif_number(value: str) -> float | None:
+    """'3.81(2)' -> 3.81; None for '?', '.' and what is not a number."""
+    try:
+        return float(value.split("(")[0])
+    except ValueError:
+        return None
+
+
+def _atom_site_count(text: str) -> int | None:
+    """Rows of the first loop of atom positions, or None when the text is not simple enough to count cheaply."""
+    lines = [line.strip() for line in text.splitlines()]
+    at = 0
+    while at < len(lines):
+        if lines[at].startswith(";"):  # a text field may hold anything: leave the counting to pymatgen
+            return None
+        if lines[at].lower() != "loop_":
+            at += 1
+            continue
+        at += 1
+        tags = []
+        while at < len(lines) and lines[at].startswith("_"):
+            tags.append(lines[at].split()[0].lower())
+            at += 1
+        values = 0
+        while at < len(lines) and not lines[at].startswith(("_", ";")) and \
+                not lines[at].lower().startswith(("loop_", "data_")):
+            tokens = _CIF_TOKEN.findall(lines[at])
+            comment = next((i for i, token in enumerate(tokens) if token.startswith("#")), len(tokens))
+            values += comment
+            at += 1
+        if any(tag.startswith(("_atom_site_fract_", "_atom_site_cartn_")) for tag in tags):
+            return values // len(tags)
+    return None
 
 
 def _parse_chunk(texts: list[str], options: PreprocessOptions) -> list[ParsedCrystal | str]:
@@ -239,7 +298,7 @@ class CrystalDataset(torch.utils.data.Dataset):
         """A digest of the crystals themselves (not of the file they came from)."""
         return cache_key(self.atom_types, self.frac_coords, self.lengths, self.angles, self.num_atoms)
 
-    def subset(self, indices: list[int]) -> "CrystalDataset":
+    def subset(self, indices: list[int]) -> CrystalDataset:
         items = [self[i] for i in indices]
         return CrystalDataset(stack_crystals(items), [self.metadata[i] for i in indices], self.report)
 
@@ -291,6 +350,9 @@ def load_crystals(path: str | Path, options: PreprocessOptions = PreprocessOptio
             return dataset
 
     records = read_records(resolved)
+    if show_progress:  # pymatgen parses a few hundred crystals a second: minutes for MP-20
+        print(f"reading {path}: {len(records.cifs):,} crystals to parse (cached for the next run)...",
+              file=sys.stderr, flush=True)
     parsed = parse_records(records, options, workers, show_progress)
     report = DataReport(str(path), len(parsed))
     kept: list[ParsedCrystal] = []
@@ -314,7 +376,7 @@ def load_crystals(path: str | Path, options: PreprocessOptions = PreprocessOptio
         "num_atoms": torch.tensor([len(c.atom_types) for c in kept], dtype=torch.long),
     }
     if use_cache:
-        save_atomically({"tensors": tensors, "metadata": metadata, "total": report.total,
+        store_cached({"tensors": tensors, "metadata": metadata, "total": report.total,
                          "skipped": [[s.row, s.source, s.reason] for s in report.skipped]}, cached)
     return CrystalDataset(tensors, metadata, report)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from equicsp.config import Config, config_from_dict
-from equicsp.data.cache import save_atomically
+from equicsp.data.cache import save_atomically, weights_only_refusal
 from equicsp.model.denoiser import FrameAveraged, build_denoiser
 
 
@@ -43,6 +43,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         stored = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
+        refusal = weights_only_refusal(error)
+        if refusal:
+            raise CheckpointError(f"{path}: refused: {refusal}") from None
         raise CheckpointError(f"{path}: not a readable equicsp checkpoint ({error})") from None
     if not isinstance(stored, dict) or "config" not in stored or "model" not in stored:
         raise CheckpointError(f"{path}: not an equicsp checkpoint (no config or model)")

@@ -10,16 +10,16 @@ Every epoch's shuffling is seeded by (seed, epoch) and every crystal's noise is 
 (seed, epoch, dataset index), so a resumed run continues exactly as an uninterrupted one
 would, and the noise does not depend on the batch size or the number of workers.
 
-A run resumes only a run of the same config: the fields in `RESUMABLE_FIELDS` (epochs,
+A run resumes only a run of the same config and data: the fields in `RESUMABLE_FIELDS` (epochs,
 checkpoint and log intervals, device, sampler) may change, any other difference is an error
-naming the fields, raised before anything in the folder is written.
+naming the fields, and so are other crystals (every checkpoint carries the datasets' content
+keys), raised before anything in the folder is written (run_folder.py).
 
 When training diverges: a non-finite training loss in any step, or a non-finite validation
 loss, stops the run with `TrainingDiverged` naming the epoch and the first bad step. Nothing
 of that epoch is saved, so last.pt and best.pt keep the last good weights (best.pt is written
-then, when a better epoch came after the last checkpoint). The losses are
-summed on the device and read once per epoch, so the check costs no host synchronisation per
-step; a step with non-finite gradients but a finite loss (gradients are clipped by value, so
+then, when a better epoch came after the last checkpoint). The losses are summed on the device
+and read once per epoch, so the check costs no host synchronisation per step; a step with non-finite gradients but a finite loss (gradients are clipped by value, so
 infinities become finite) shows up as a non-finite loss in the next step or in validation.
 """
 
@@ -28,22 +28,30 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from equicsp.config import Config, ConfigError, flatten, resume_differences
+from equicsp.config import Config, ConfigError
 from equicsp.data.batches import DeviceCrystals
+from equicsp.data.cache import check_cache_writable, write_text_atomically
 from equicsp.data.crystals import CrystalDataset
 from equicsp.data.splits import load_splits
 from equicsp.devices import resolve_device
 from equicsp.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint, save_weights, unwrap
 from equicsp.engine.compiled import LossStep, compile_enabled, configure_precision
+from equicsp.engine.eta import EpochTimer, duration
+from equicsp.engine.run_folder import (
+    LOCAL_REMEDY,
+    check_resumable,
+    check_same_data,
+    claimed_run_folder,
+    refuse_other_data,
+)
 from equicsp.model.denoiser import build_denoiser
 from equicsp.model.diffusion import Diffusion
 from equicsp.model.num_atoms import atom_count_histogram
@@ -127,17 +135,19 @@ class TrainingLoop:
                  compile_backend: str = "inductor"):
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.train_set, self.val_set = train_set, val_set
+        # What the crystals are, stored in every checkpoint: a resume on changed data is refused.
+        self.data_keys = {"train": train_set.content_key(), "val": val_set.content_key()}
         # The data lives on the device; batches are cut there by index (batches.py).
         self.train_crystals, self.val_crystals = DeviceCrystals(train_set, device), DeviceCrystals(val_set, device)
         torch.manual_seed(config.run.seed)
-        self.diffusion = Diffusion(config, device)
+        self.diffusion = Diffusion(config, device, announce=say if show_progress and rank == 0 else None)
         for dataset in (train_set, val_set):
             self.diffusion.check_atom_counts(dataset.num_atoms)
         model = build_denoiser(config).to(device)
         self.model = wrap_model(model) if wrap_model else model
         self.objective = Objective(self.diffusion, self.model, config.run.precision)
         # Compiled steps need static shapes: batches are padded to buckets with room for one padding crystal.
-        compiled = compile_enabled(config.run.compile, device)
+        compiled = self.compiled = compile_enabled(config.run.compile, device)
         configure_precision(config.run.precision, device, compiled)
         self.losses = LossStep(self.objective, config.run.seed, device, compiled, compile_backend,
                                distributed=wrap_model is not None)
@@ -198,7 +208,7 @@ class TrainingLoop:
         self.state.history.append(metrics)
         return metrics
 
-    def _train_pass(self) -> "DevicePass":
+    def _train_pass(self) -> DevicePass:
         epoch = self.state.epoch
         self.model.train()
         done = DevicePass("train", self._zero_sums(), clock=DeviceClock(self.device),
@@ -218,7 +228,7 @@ class TrainingLoop:
         done.clock.stop()
         return done
 
-    def _validation_pass(self) -> "DevicePass":
+    def _validation_pass(self) -> DevicePass:
         self.model.eval()
         done = DevicePass("val", self._zero_sums())
         loader = self._shard(self.val_set, 0, shuffle=False)
@@ -230,16 +240,18 @@ class TrainingLoop:
     def _zero_sums(self) -> torch.Tensor:
         return torch.zeros(len(self.objective.loss_names), dtype=torch.float64, device=self.device)
 
-    def _read_back(self, *passes: "DevicePass") -> list[dict[str, float]]:
+    def _read_back(self, *passes: DevicePass) -> list[dict[str, float]]:
         """Each pass's per-crystal loss means over every worker's shard: one all-reduce, one copy to the host."""
-        totals = torch.cat([torch.cat([done.sums, done.sums.new_tensor([done.crystals])]) for done in passes])
+        # new_full fills on the device; new_tensor([n]) would be a copy from pageable host memory, which waits for
+        # the device: a sync per pass.
+        totals = torch.cat([torch.cat([done.sums, done.sums.new_full((1,), done.crystals)]) for done in passes])
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
         rows = totals.cpu().view(len(passes), -1).tolist()
         return [{f"{done.prefix}_{name}": value / max(row[-1], 1.0) for name, value in zip(self.objective.loss_names, row)}
                 for done, row in zip(passes, rows)]
 
-    def _train_metrics(self, done: "DevicePass", metrics: dict[str, float]) -> dict[str, float]:
+    def _train_metrics(self, done: DevicePass, metrics: dict[str, float]) -> dict[str, float]:
         if not all(math.isfinite(value) for value in metrics.values()):
             bad = int(done.first_bad)
             where = f"first at step {bad} of {done.steps}" if bad else "first on another worker"
@@ -278,7 +290,8 @@ class TrainingLoop:
         if self._best_weights is None:
             return
         save_weights(path, self.config, self._best_weights, epoch=self._best_epoch, best_val=self.state.best_val,
-                     tables_key=self.diffusion.tables_key or "", **generation_state(self.config, self.train_set))
+                     tables_key=self.diffusion.tables_key or "", data_keys=self.data_keys,
+                     **generation_state(self.config, self.train_set))
         self._best_weights = None
 
     def save(self, path: Path) -> None:
@@ -286,35 +299,16 @@ class TrainingLoop:
         save_checkpoint(path, self.config, self.model, optimizer=self.optimizer.state_dict(),
                         scheduler=self.scheduler.state_dict(), epoch=self.state.epoch, best_val=self.state.best_val,
                         history=self.state.history, tables_key=self.diffusion.tables_key or "",
-                        **generation_state(self.config, self.train_set))
+                        data_keys=self.data_keys, **generation_state(self.config, self.train_set))
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path, remedy: str = LOCAL_REMEDY) -> None:
+        """Continue from a checkpoint of last.pt's kind; a ConfigError when it was trained on other crystals."""
         stored = read_checkpoint(path, self.device)
+        refuse_other_data(str(path), stored.get("data_keys"), self.data_keys, remedy)
         load_weights(self.model, stored["model"], path)
         self.optimizer.load_state_dict(stored["optimizer"])
         self.scheduler.load_state_dict(stored["scheduler"])
         self.state = TrainingState(int(stored["epoch"]), float(stored["best_val"]), list(stored.get("history", [])))
-
-
-def check_resumable(config: Config, out_dir: Path) -> None:
-    """A ConfigError when out_dir holds a run (last.pt, else config.yaml) of another config."""
-    last, saved = out_dir / "last.pt", out_dir / "config.yaml"
-    if last.exists():
-        source, stored = last, read_checkpoint(last)["config"]
-    elif saved.is_file():
-        try:
-            source, stored = saved, yaml.safe_load(saved.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
-            raise ConfigError(f"{saved}: not a readable config; remove it or train into another --out") from None
-        if not isinstance(stored, dict):
-            raise ConfigError(f"{saved}: not a config; remove it or train into another --out")
-    else:
-        return
-    differences = resume_differences(flatten(stored), config)
-    if differences:
-        raise ConfigError(f"{source} belongs to a run with another config ({'; '.join(differences)}); "
-                          "train into another --out, or pass --no-resume to start this config from epoch 0 there "
-                          "(overwriting that run)")
 
 
 def generation_state(config: Config, train_set: CrystalDataset) -> dict[str, list[int]]:
@@ -324,31 +318,72 @@ def generation_state(config: Config, train_set: CrystalDataset) -> dict[str, lis
     return {"num_atoms_distribution": atom_count_histogram(train_set.num_atoms, config.data.max_atoms)}
 
 
+def say(line: str) -> None:
+    """What a run is doing while it does it (tqdm's bars go to stderr too)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def start_line(loop: TrainingLoop) -> str:
+    """The run in one line: its data, model size, device, epochs and batch."""
+    config, train_set = loop.config, loop.train_set
+    folder = Path(train_set.report.path).parent
+    parameters = sum(parameter.numel() for parameter in loop.model.parameters())
+    compiled = "; steps compiled during the first epoch" if loop.compiled else ""
+    return (f"training: data {folder} ({len(train_set):,} train, {len(loop.val_set):,} val crystals); "
+            f"model {config.model.num_layers} layers x {config.model.hidden_dim} hidden, "
+            f"{parameters / 1e6:.2f} M parameters; device {loop.device}; "
+            f"{config.optim.epochs} epochs, batch {config.optim.batch_size}{compiled}")
+
+
+def epoch_line(metrics: dict[str, float], epochs: int, timer: EpochTimer) -> str:
+    """'epoch k/N: losses, lr, speed, time left'; the time left once a second epoch is timed (the first warms up)."""
+    epoch = int(metrics["epoch"])
+    left = timer.left(epochs - epoch) if len(timer.seconds) > 1 and epoch < epochs else None
+    eta = f", about {duration(left)} left" if left is not None else ""
+    return (f"epoch {epoch}/{epochs}: train {metrics['train_total']:.4f} val {metrics['val_total']:.4f} "
+            f"lr {metrics['lr']:.2e} {metrics['crystals_per_s']:.0f} crystals/s{eta}")
+
+
+def resume_line(last: Path, epoch: int, epochs: int) -> str:
+    if epoch >= epochs:
+        return f"{last} is at epoch {epoch} of {epochs}: nothing left to train (raise --optim.epochs to go on)"
+    return f"resuming from {last} at epoch {epoch} of {epochs}"
+
+
 def train(config: Config, out_dir: Path, resume: bool = True, show_progress: bool = True) -> TrainingLoop:
     """Single-process training into out_dir/{last,best}.pt, resuming from last.pt when present.
 
-    Resuming needs the same config as the stored run (see check_resumable); every check runs
-    before anything in out_dir is written.
+    Resuming needs the same config and data as the stored run (see run_folder); every check
+    runs, and the data is read, before anything in out_dir is written. The folder is held by
+    this process for the whole run (run_folder.claimed_run_folder).
     """
-    out_dir = Path(out_dir)
     device = resolve_device(config.run.device)
-    if resume:
-        check_resumable(config, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(config.to_yaml())
-    datasets = load_splits(config, ("train", "val"), show_progress)
-    for dataset in datasets.values():
-        if dataset.report.skipped:
-            print(dataset.report.summary(), file=sys.stderr)
-    loop = TrainingLoop(config, datasets["train"], datasets["val"], device, show_progress=show_progress)
-    last = out_dir / "last.pt"
-    if resume and last.exists():
-        loop.restore(last)
-    while loop.state.epoch < config.optim.epochs:
-        metrics = run_epoch(loop, out_dir)
-        if show_progress and loop.state.epoch % config.run.log_every == 0:
-            print(f"epoch {loop.state.epoch}: train {metrics['train_total']:.4f} val {metrics['val_total']:.4f} "
-                  f"lr {metrics['lr']:.2e} {metrics['crystals_per_s']:.0f} crystals/s", flush=True)
+    with claimed_run_folder(out_dir) as out_dir:
+        if resume:
+            check_resumable(config, out_dir)
+        check_cache_writable()
+        datasets = load_splits(config, ("train", "val"), show_progress)
+        for dataset in datasets.values():
+            if dataset.report.skipped:
+                print(dataset.report.summary(), file=sys.stderr)
+        loop = TrainingLoop(config, datasets["train"], datasets["val"], device, show_progress=show_progress)
+        last = out_dir / "last.pt"
+        if resume:
+            check_same_data(out_dir, loop.data_keys)
+        write_text_atomically(config.to_yaml(), out_dir / "config.yaml")
+        if show_progress:
+            print(start_line(loop), flush=True)
+        if resume and last.exists():
+            loop.restore(last)
+            if show_progress:
+                print(resume_line(last, loop.state.epoch, config.optim.epochs), flush=True)
+        timer = EpochTimer()
+        while loop.state.epoch < config.optim.epochs:
+            began = time.perf_counter()
+            metrics = run_epoch(loop, out_dir)
+            timer.add(time.perf_counter() - began)
+            if show_progress and loop.state.epoch % config.run.log_every == 0:
+                print(epoch_line(metrics, config.optim.epochs, timer), flush=True)
     return loop
 
 

@@ -14,29 +14,18 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from math import gcd
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
-from equicsp.data.cache import cache_dir, cache_key, write_text_atomically
+from equicsp.data.cache import cache_dir, cache_key, store_cached_text
+from equicsp.data.cells import reduced_composition
 from equicsp.data.crystals import CrystalDataset
 from equicsp.evaluation.metrics import MATCH_TIMEOUT_S, MATCHER_TOLERANCES, CrystalArrays, CrystalResult, parallel_map, time_limit
 
 LEAKAGE_VERSION = 2  # 2: a match is get_rms_dist's answer, as in the CSP score (1 asked fit, which is stricter)
 
 LeakJob = tuple[CrystalArrays, list[CrystalArrays]]  # (test crystal, training crystals of its reduced composition)
-
-
-def reduced_composition(atom_types: list[int]) -> tuple[tuple[int, int], ...]:
-    """((Z, count / gcd), ...) sorted by Z: the same for SrTiO3 and Sr2Ti2O6."""
-    counts: dict[int, int] = {}
-    for z in atom_types:
-        counts[z] = counts.get(z, 0) + 1
-    divisor = 0
-    for count in counts.values():
-        divisor = gcd(divisor, count)
-    return tuple(sorted((z, count // divisor) for z, count in counts.items()))
 
 
 def crystal_arrays(dataset: CrystalDataset, index: int) -> CrystalArrays:
@@ -83,7 +72,7 @@ def leaked_test_crystals(train: CrystalDataset, test: CrystalDataset, processes:
         candidates = by_composition.get(reduced_composition(test[index].atom_types.tolist()), [])
         jobs.append((crystal_arrays(test, index), [crystal_arrays(train, i) for i in candidates]))
     flags = parallel_map(is_leaked, jobs, processes, "leakage", show_progress)
-    write_text_atomically(json.dumps(flags), path)
+    store_cached_text(json.dumps(flags), path)
     return flags
 
 

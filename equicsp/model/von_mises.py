@@ -10,13 +10,14 @@ and a table for N <= M is a prefix of the one for N <= M' > M.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.special import i0e, i1e
 
-from equicsp.data.cache import cache_dir, cache_key, load_cached, save_atomically
+from equicsp.data.cache import cache_dir, cache_key, load_cached, store_cached
 from equicsp.model.periodic import TWO_PI, circular_mean_last_axis
 from equicsp.model.schedules import images_needed, wrap, wrap_centered, wrapped_normal_score
 
@@ -69,7 +70,7 @@ class VonMisesTables:
     def max_atoms(self) -> int:
         return self.kappa.shape[0] - 1
 
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "VonMisesTables":
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> VonMisesTables:
         tensors = {name: getattr(self, name).to(device=device, dtype=dtype)
                    for name in ("kappa", "von_mises_score_norm", "wrapped_normal_score_norm", "noise_norm")}
         return VonMisesTables(**tensors, key=self.key)
@@ -134,13 +135,18 @@ def _tables_from_cache(stored: dict, key: str, max_atoms: int, steps: int) -> Vo
     return tables
 
 
-def load_or_build_tables(max_atoms: int, sigmas: torch.Tensor, num_samples: int = 10_000, seed: int = 0) -> VonMisesTables:
-    """The tables for these inputs from the cache, computing and caching them on a miss."""
+def load_or_build_tables(max_atoms: int, sigmas: torch.Tensor, num_samples: int = 10_000, seed: int = 0,
+                         announce: Callable[[str], None] | None = None) -> VonMisesTables:
+    """The tables for these inputs from the cache, computing and caching them on a miss (announced first: with the
+    paper's 1000 steps they take minutes on a CPU)."""
     key = table_key(max_atoms, sigmas, num_samples, seed)
     path = cache_dir() / "von_mises" / f"{key}.pt"
     cached = load_cached(path, lambda stored: _tables_from_cache(stored, key, max_atoms, sigmas.shape[0]))
     if cached is not None:
         return cached
+    if announce is not None:
+        announce(f"building von Mises tables (atom counts up to {max_atoms} x {sigmas.shape[0]} noise levels, "
+                 f"{num_samples:,} draws each; cached for the next run)...")
     tables = build_tables(max_atoms, sigmas, num_samples, seed)
-    save_atomically({name: getattr(tables, name) for name in TABLE_NAMES}, path)
+    store_cached({name: getattr(tables, name) for name in TABLE_NAMES}, path)
     return tables

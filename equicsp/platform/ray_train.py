@@ -15,21 +15,27 @@ Ray Train (and Tune, inside a sweep) hears of the run at each checkpoint; MLflow
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from equicsp.config import Config, ConfigError, config_from_dict, resume_differences
-from equicsp.data.cache import cache_key
+from equicsp.config import Config, ConfigError, config_from_dict
+from equicsp.data.cache import cache_key, check_cache_writable, check_writable_folder
 from equicsp.data.splits import load_splits
 from equicsp.engine.checkpoint import read_checkpoint
+from equicsp.engine.run_folder import refuse_other_data, resume_differences
 from equicsp.engine.training import DDP_SETTINGS, TrainingDiverged, TrainingLoop
 from equicsp.evaluation.plots import learning_curve
-from equicsp.platform import tracking
+from equicsp.platform import mlflow_store, tracking
+from equicsp.platform.ray_cluster import check_workers_fit, connect_ray
 
 
 @dataclass(frozen=True)
@@ -70,21 +76,6 @@ def resolve_storage(storage_path: str | None, default_folder: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def connect_ray(dashboard: bool = False) -> None:
-    """Join a running cluster (`ray submit`, `ray start`) when there is one, else start Ray here; with its
-    dashboard only when asked (a sweep with early stopping needs its state API: sweep.cluster), since on a
-    laptop its processes take CPU from the training."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    try:
-        ray.init(address="auto", logging_level="ERROR")
-    except ConnectionError:
-        ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=dashboard)
-
-
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker function: the library's TrainingLoop under DDP, reporting to Ray and MLflow."""
     import ray.train
@@ -102,7 +93,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as restored:
-            loop.restore(Path(restored) / "last.pt")
+            loop.restore(Path(restored) / "last.pt", remedy="choose another --run-name")
+        if rank == 0:  # reaches the driver's console where Ray forwards worker output (a joined cluster)
+            print(f"resuming from Ray Train's checkpoint at epoch {loop.state.epoch} of {config.optim.epochs}",
+                  flush=True)
             if (Path(restored) / "best.pt").exists():
                 shutil.copy(Path(restored) / "best.pt", local / "best.pt")
     uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
@@ -162,38 +156,123 @@ def _injected_failure(epoch: int, rank: int) -> None:
         os._exit(1)
 
 
-def validate_launch(config: Config, options: LaunchOptions) -> tuple[str, str]:
-    """Every check that can fail before a worker starts; returns the tracking URI and the data report (JSON)."""
+def check_run_name(run_name: str | None) -> None:
+    """A ValueError for a run name that is not one plain folder name (Ray makes a folder of it under the storage)."""
+    if run_name is None:
+        return
+    if not run_name.strip() or any(separator in run_name for separator in "/\\") or run_name in (".", ".."):
+        raise ValueError(f"--run-name {run_name!r} must be a plain name, without path separators or '..': "
+                         "it names the run's folder under the storage path")
 
+
+def validate_launch(config: Config, options: LaunchOptions) -> tuple[str, str, dict[str, str]]:
+    """Every check that can fail before a worker starts, the places the run will write first (the data takes
+    longest); returns the tracking URI, the data report (JSON) and the datasets' content keys."""
     if options.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, not {options.num_workers}")
     if config.optim.batch_size % options.num_workers:
         raise ValueError(f"optim.batch_size {config.optim.batch_size} is not divisible by {options.num_workers} workers")
+    check_run_name(options.run_name)
+    uri = mlflow_store.resolve_tracking_uri(options.tracking_uri)
+    mlflow_store.check_reachable(uri)
+    mlflow_store.check_writable_store(uri)
+    storage = resolve_storage(options.storage_path, "ray")
+    if "://" not in storage:
+        check_writable_folder(Path(storage), "Ray storage folder")
+    check_cache_writable()
     datasets = load_splits(config, ("train", "val"))  # the data exists and parses; warms the cache for the workers
-    uri = tracking.resolve_tracking_uri(options.tracking_uri)
-    tracking.check_reachable(uri)
     report = "[" + ",\n".join(dataset.report.to_json() for dataset in datasets.values()) + "]"
-    return uri, report
+    return uri, report, {split: dataset.content_key() for split, dataset in datasets.items()}
 
 
-def refuse_another_config(uri: str, experiment_id: str, run_key: str, config: Config) -> None:
-    """A ConfigError when run_key names an MLflow run trained with another config (its params)."""
+def refuse_another_config(uri: str, experiment_id: str, run_key: str, config: Config,
+                          data_keys: dict[str, str] | None = None) -> None:
+    """A ConfigError when run_key names an MLflow run trained with another config (its params) or other data."""
     existing = tracking.find_run(uri, experiment_id, run_key)
     if existing is None:
         return
+    source = f"MLflow run {existing.info.run_id} ({existing.info.run_name})"
     differences = resume_differences(existing.data.params, config)
     if differences:
-        raise ConfigError(f"MLflow run {existing.info.run_id} ({existing.info.run_name}) was trained with another "
-                          f"config ({'; '.join(differences)}); choose another --run-name, or relaunch with its config")
+        raise ConfigError(f"{source} was trained with another config ({'; '.join(differences)}); "
+                          "choose another --run-name, or relaunch with its config")
+    stored_keys = existing.data.tags.get(tracking.DATA_KEYS_TAG)
+    if data_keys is not None and stored_keys:
+        refuse_other_data(source, json.loads(stored_keys), data_keys, "choose another --run-name")
 
 
-def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> TrainingResult:
-    """Train with Ray Train (DDP) and record the run in MLflow; continues the run when relaunched."""
+def resume_note(uri: str, run_id: str, run_name: str) -> str:
+    """'resuming ...' when the run has trained epochs already (a relaunch), else ''."""
+    logged = [step for step, _ in tracking.metric_history(uri, run_id, "train_total")]
+    if not logged:
+        return ""
+    return (f"resuming MLflow run {run_id[:8]} ({run_name}) from its last checkpoint; "
+            f"it has logged epochs up to {max(logged)}")
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during a Ray training run; its MLflow run is KILLED, and the same command resumes it."""
+
+    def __init__(self, run_id: str, checkpoints: str):
+        super().__init__(f"interrupted: MLflow run {run_id} is marked KILLED; Ray Train keeps its checkpoints in "
+                         f"{checkpoints}: run the same command again to resume")
+        self.run_id = run_id
+
+
+def fit_interruptibly(trainer: Any) -> Any:
+    """trainer.fit(), which Ctrl-C stops at once.
+
+    In the main thread Ray Train swaps Python's Ctrl-C handler for one that waits until its
+    controller aborts, and a controller waiting for its workers' resources does not answer
+    (seen: Ctrl-C did nothing for 13 minutes). Fitting in a helper thread leaves Python's
+    handler in place: KeyboardInterrupt reaches the caller, and the controller and its workers
+    end with this driver's Ray job when the process exits. A Tune trial (not the main thread)
+    fits directly: Tune stops its trials itself.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread below
+            outcome["error"] = error
+
+    helper = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def fit_closing_the_run(trainer: Any, uri: str, run_id: str, checkpoints: str) -> Any:
+    """The fit's result; a fit that fails leaves its MLflow run FAILED, a Ctrl-C leaves it KILLED (never RUNNING)."""
+    try:
+        return fit_interruptibly(trainer)
+    except KeyboardInterrupt:
+        tracking.client(uri).set_terminated(run_id, "KILLED")
+        raise TrainingInterrupted(run_id, checkpoints) from None
+    except Exception:
+        tracking.client(uri).set_terminated(run_id, "FAILED")
+        raise
+
+
+def run_training(config: Config, options: LaunchOptions = LaunchOptions(),
+                 check_data: Callable[[dict[str, str]], None] | None = None) -> TrainingResult:
+    """Train with Ray Train (DDP) and record the run in MLflow; continues the run when relaunched.
+
+    check_data: called with the datasets' content keys before anything is written (`train --out`'s own check).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
 
-    uri, data_report = validate_launch(config, options)
+    uri, data_report, data_keys = validate_launch(config, options)
+    if check_data is not None:
+        check_data(data_keys)
     callbacks = None
     if options.report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -202,16 +281,22 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
     run_name = options.run_name or default_run_name(config)
     storage = resolve_storage(options.storage_path, "ray")
     experiment_id = tracking.ensure_experiment(uri, options.experiment)
-    refuse_another_config(uri, experiment_id, f"{storage}/{run_name}", config)
+    refuse_another_config(uri, experiment_id, f"{storage}/{run_name}", config, data_keys)
+    connect_ray()
+    check_workers_fit(options.num_workers, options.use_gpu)  # before the run opens: Ray Train would wait for ever
     run_id = tracking.start_training_run(uri, experiment_id, config, run_key=f"{storage}/{run_name}",
                                          run_name=run_name, parent_run_id=options.parent_run_id,
                                          extra_tags={"num_workers": str(options.num_workers),
                                                      "use_gpu": str(options.use_gpu), **options.extra_tags})
+    if not options.report_to_tune:  # a sweep's trials say what they do through its progress lines
+        resuming = resume_note(uri, run_id, run_name)
+        if resuming:
+            print(resuming, file=sys.stderr, flush=True)
+    tracking.client(uri).set_tag(run_id, tracking.DATA_KEYS_TAG, json.dumps(data_keys, sort_keys=True))
     tracking.log_text(uri, run_id, config.to_yaml(), "config.yaml")
     tracking.log_text(uri, run_id, data_report, "data_report.json")
     if tracking.DIVERGED_TAG in tracking.get_run(uri, run_id).data.tags:  # from an earlier launch
         tracking.client(uri).delete_tag(run_id, tracking.DIVERGED_TAG)
-    connect_ray()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "tracking_uri": uri, "run_id": run_id,
@@ -224,9 +309,7 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions()) -> Tr
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = fit_closing_the_run(trainer, uri, run_id, f"{storage}/{run_name}")
     diverged = tracking.get_run(uri, run_id).data.tags.get(tracking.DIVERGED_TAG)
     if diverged:
         tracking.client(uri).set_terminated(run_id, "FAILED")

@@ -2,7 +2,8 @@
 
 The one module that knows the run layout:
 - params: every config field under its `section.field` name;
-- tags: preset, objective preset, dataset (and `equicsp.data_dir`, its absolute folder at launch),
+- tags: preset, objective preset, dataset (and `equicsp.data_dir`, its absolute folder at launch,
+  and `equicsp.data_keys`, the content keys of its training and validation crystals),
   git commit, `equicsp.run_key` (a stable key that lets a relaunched run continue its MLflow run
   instead of opening a new one) and `equicsp.run_key_hash` (the key's SHA-256, what runs are
   searched by: a key holds user text such as a run name or a folder, which may hold quotes);
@@ -20,71 +21,39 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from equicsp.config import Config
 from equicsp.data.crystals import BUNDLED_PREFIX
 from equicsp.engine.checkpoint import model_from_checkpoint, read_checkpoint
+from equicsp.platform.mlflow_store import (
+    MODEL_TRAINING_VIEW,
+    TrackingError,
+    artifact_location,
+    check_reachable,
+    client,
+    resolve_tracking_uri,
+    store_line,
+    ui_address,
+)
 
 RUN_KEY_TAG = "equicsp.run_key"
 DIVERGED_TAG = "equicsp.diverged"  # why a training run stopped on a non-finite loss
 RUN_KEY_HASH_TAG = "equicsp.run_key_hash"
 DATA_DIR_TAG = "equicsp.data_dir"
+DATA_KEYS_TAG = "equicsp.data_keys"  # a training run's datasets' content keys (JSON): a relaunch on other data is refused
 KIND_TAG = "equicsp.kind"  # training | evaluation | sweep
 # An evaluation run carries these tags of its training run, so the UI lines it up with the arm it scores.
 INHERITED_TAGS = ("preset", "objective_preset", "dataset", "arm", "seed", "equicsp.sweep")
 # MLflow 3 opens an experiment on its GenAI pages (traces) unless told it holds model training:
 # older 3.x UIs read this experiment tag; 3.17's reads the `workflowType` of the page's URL (run_url).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-UI_PORT = 5000  # where `bash mlflow/serve.sh` serves the default store
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
-
-
-class TrackingError(RuntimeError):
-    pass
-
-
-def default_store() -> Path:
-    """./mlflow under the working directory: the SQLite database and the artifacts beside it."""
-    return Path.cwd().resolve() / "mlflow"
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow/mlflow.db (absolute: Ray workers move)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    store = default_store()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
-
-
-def artifact_location(uri: str) -> str | None:
-    """Artifacts beside a local SQLite store; a server decides for itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
-    return None
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail early and clearly when a tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
-    except (urllib.error.URLError, OSError) as error:
-        raise TrackingError(f"cannot reach the MLflow tracking server at {uri}: {error}") from None
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -99,42 +68,21 @@ def ensure_experiment(uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
-def ui_address(uri: str) -> str | None:
-    """The MLflow UI showing uri's runs: the server itself, or `bash mlflow/serve.sh`'s address for a local store."""
-    if uri.startswith(("http://", "https://")):
-        return uri.rstrip("/")
-    if uri.startswith("sqlite:///"):
-        return f"http://127.0.0.1:{UI_PORT}"
-    return None
-
-
-def serve_hint(uri: str) -> str:
-    """How to start the UI that run_url points at ("" for a tracking server, which serves it already)."""
-    if not uri.startswith("sqlite:///"):
-        return ""
-    database = Path(uri[len("sqlite:///"):])
-    if database == Path(__file__).resolve().parents[2] / "mlflow" / "mlflow.db" or database == default_store() / "mlflow.db":
-        return "bash mlflow/serve.sh"
-    return (f"mlflow server --port {UI_PORT} --backend-store-uri {uri} "
-            f"--artifacts-destination {database.parent / 'artifacts'}")
-
-
 def run_url(uri: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI, opened on model training (not GenAI); None when uri has no UI we know."""
     address = ui_address(uri)
     if address is None:
         return None
     experiment_id = get_run(uri, run_id).info.experiment_id
-    return f"{address}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"{address}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def describe_run(uri: str, run_id: str) -> str:
-    """'MLflow run <id>: <url>' (and how to serve the UI for a local store), for a command's last lines."""
+    """A command's last lines: 'MLflow run <id>: <url>', then store_line (the store, its runs table, how to serve)."""
     url = run_url(uri, run_id)
     if url is None:
         return f"MLflow run {run_id} at {uri}"
-    hint = serve_hint(uri)
-    return f"MLflow run {run_id}: {url}" + (f" (start the UI with `{hint}`)" if hint else "")
+    return f"MLflow run {run_id}: {url}\n  {store_line(uri, get_run(uri, run_id).info.experiment_id)}"
 
 
 def git_commit() -> str:
@@ -231,6 +179,49 @@ def get_run(uri: str, run_id: str):
         raise TrackingError(f"no MLflow run {run_id!r} at {uri}: {error.message}") from None
 
 
+RUN_ID_LENGTH = 32  # MLflow run ids are 32 hex digits
+
+
+def resolve_run_id(uri: str, given: str, say: Callable[[str], None] | None = None) -> str:
+    """The full id of the run `given` names: a whole id, or a prefix only one run's id starts with (as git takes a
+    short commit id: the sweep table prints 8 digits). say (default: stderr) gets one line naming the run a prefix
+    meant; an ambiguous prefix lists its candidates in the error."""
+    prefix = given.strip().lower()
+    if not prefix or any(digit not in "0123456789abcdef" for digit in prefix):
+        raise TrackingError(f"{given!r} is not an MLflow run id (hex digits, or the first few of them)")
+    check_reachable(uri)
+    if len(prefix) >= RUN_ID_LENGTH:
+        return get_run(uri, prefix).info.run_id
+    candidates = runs_starting_with(uri, prefix)
+    if not candidates:
+        raise TrackingError(f"no run starts with {given} at {uri}")
+    if len(candidates) > 1:
+        shown = "\n".join(f"  {run_line(run)}" for run in candidates[:10])
+        more = f"\n  ... and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+        raise TrackingError(f"run id {given} is ambiguous: {len(candidates)} runs start with it; give more digits:\n"
+                            f"{shown}{more}")
+    (say or (lambda line: print(line, file=sys.stderr)))(f"run {given}: {run_line(candidates[0])}")
+    return candidates[0].info.run_id
+
+
+def runs_starting_with(uri: str, prefix: str) -> list:
+    """Every active run, in any experiment, whose id starts with prefix (hex digits only: no LIKE wildcards)."""
+    from mlflow.entities import ViewType
+
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ALL)]
+    found = []
+    for start in range(0, len(experiments), 100):  # servers cap the experiments of one search
+        found += mlflow_client.search_runs(experiments[start:start + 100],
+                                           filter_string=f"attributes.run_id LIKE '{prefix}%'", max_results=1000)
+    return found
+
+
+def run_line(run) -> str:
+    """'<full id> (<run name>, <status>)': which run a short id picked."""
+    return f"{run.info.run_id} ({run.info.run_name}, {run.info.status})"
+
+
 def find_finished_run(uri: str, parent_run_id: str, run_key: str):
     """A FINISHED run under parent_run_id's experiment recorded with run_key, or None."""
     run = find_run(uri, get_run(uri, parent_run_id).info.experiment_id, run_key)
@@ -324,6 +315,8 @@ def download_checkpoint(uri: str, run_id: str, folder: Path, artifact: str = CHE
     from mlflow.exceptions import MlflowException
 
     get_run(uri, run_id)
+    # MLflow draws a progress bar for each download (nine sets in one smoke sweep); `--verbose` sets this to true.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri,
                                                    dst_path=str(folder))

@@ -11,6 +11,7 @@ import ray
 
 from equicsp.data.crystals import DatasetError, resolve_path
 from equicsp.data.splits import load_splits
+from equicsp.platform.ray_cluster import cluster_capacity, worker_unit
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec
 
 
@@ -77,9 +78,19 @@ def with_gpu_decided(launch: SweepLaunch) -> SweepLaunch:
 
 
 def concurrent_trials(launch: SweepLaunch) -> int:
-    """Trials that can train at once; a trial function holds almost nothing, its Train workers hold the cores."""
-    if launch.max_concurrent:
-        return launch.max_concurrent
-    resources = ray.cluster_resources()
-    unit = "GPU" if launch.use_gpu else "CPU"
-    return max(1, int(resources.get(unit, 1)) // launch.workers_per_trial)
+    """Trials that run at once: as many as the cluster holds of their shares, at most launch.max_concurrent.
+
+    A trial holds its workers' CPUs (GPUs) while it trains, then as many for the sampling workers
+    of its step-size search (step_size.search_step_lr); the trial function itself holds none
+    (driver.TRIAL_RESOURCES). Tune starts no more trials than this, so no trial waits on another's
+    share: more would leave a worker group retrying its start every minute, for as long as
+    another trial's step-size search runs. A trial that can never fit is refused here.
+    """
+    unit = worker_unit(bool(launch.use_gpu))
+    capacity = int(cluster_capacity().get(unit, 0))
+    if launch.workers_per_trial > capacity:
+        raise SweepError(f"each trial trains on {launch.workers_per_trial} worker(s), one {unit} each, but the Ray "
+                         f"cluster has {capacity or 'no'} {unit}{'s' if capacity != 1 else ''}: use fewer "
+                         "--workers-per-trial" + (", or --gpu no" if launch.use_gpu else ""))
+    fit = capacity // launch.workers_per_trial
+    return min(launch.max_concurrent, fit) if launch.max_concurrent else fit

@@ -80,6 +80,7 @@ class SweepLaunch:
     max_failures: int = 2
     eval_workers: int = 0  # final evaluation sampling workers (0: one per GPU, else one per CPU)
     system_metrics: bool = False  # MLflow system/* metrics of every training run (they crowd the runs' charts)
+    verbose: bool = False  # Ray Tune's status tables and Optuna's study lines too (our progress lines always)
 
 
 def validate_spec(spec: SweepSpec) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -14,8 +15,8 @@ from equicsp.data.cache import save_atomically
 from equicsp.data.splits import load_splits
 from equicsp.evaluation.csp import EvaluationSettings
 from equicsp.platform import tracking
+from equicsp.platform.ray_cluster import connect_ray
 from equicsp.platform.ray_evaluation import SamplingPool, evaluate_checkpoint
-from equicsp.platform.ray_train import connect_ray
 from equicsp.sweep.spec import SweepSpec
 from equicsp.task import TUNED_STEP_LR, VAL_DENOISE, VAL_MATCH_RATE, task_of
 
@@ -37,13 +38,42 @@ def search_metric(spec: SweepSpec) -> tuple[str, str]:
     return task.trial_metric, task.trial_mode
 
 
-def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: bool,
-                   sampling_arm: str | None = None) -> dict[str, float]:
+@dataclass(frozen=True)
+class SearchProgress:
+    """One step size tried: the j-th of a search's trials, and the best so far."""
+
+    done: int
+    trials: int
+    step_lr: float
+    match_rate: float
+    best_step_lr: float
+    best_match_rate: float
+    sampling_arm: str | None = None
+
+
+SEARCH_PROGRESS = "step_lr_search/"  # the prefix of what a trial reports to Tune while it searches
+
+
+def progress_metrics(progress: SearchProgress, offset: int, total: int) -> dict[str, float | str]:
+    """A search's progress as a Tune result: the j-th of a trial's `total` step sizes (its searches one after the
+    other, offset tried before this one), and this search's best so far. Without an epoch or the search metric, so
+    the scheduler and the searcher pass it by (search.FinalResultOptunaSearch)."""
+    return {f"{SEARCH_PROGRESS}done": offset + progress.done, f"{SEARCH_PROGRESS}trials": total,
+            f"{SEARCH_PROGRESS}best_match_rate": progress.best_match_rate,
+            f"{SEARCH_PROGRESS}best_step_lr": progress.best_step_lr, f"{SEARCH_PROGRESS}arm": progress.sampling_arm or ""}
+
+
+def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, workers: int,
+                   sampling_arm: str | None = None,
+                   on_progress: Callable[[SearchProgress], None] | None = None) -> dict[str, float]:
     """Optuna over the Langevin step size (log scale): match rate on validation crystals, most wins.
 
     Logged to the training run (one step per Optuna trial); a run that holds the search
     already (a trial resumed after its driver died) answers from it. With sampling_arm, the
     model is sampled with that arm's sampling-only switches and every name gets its prefix.
+    workers: sampling workers of one CPU (GPU) each, the share the trial trained on
+    (sweep.cluster.concurrent_trials counts on it: more would take another trial's share).
+    on_progress: told of every step size tried (with the paper's profile a search runs for minutes).
     """
     uri = tracking_uri
     prefix = f"{sampling_arm}/" if sampling_arm else ""
@@ -56,7 +86,7 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: boo
     validation = load_splits(config, ("val",), show_progress=False)["val"]
     connect_ray()
     settings = EvaluationSettings(num_samples=1, seed=0, limit=spec.step_lr_crystals,
-                                  workers=0 if use_gpu else 1, threads=1, sampling_arm=sampling_arm)
+                                  workers=workers, threads=1, sampling_arm=sampling_arm)
 
     def objective(trial: optuna.Trial) -> float:
         step_lr = trial.suggest_float("step_lr", spec.step_lr.low, spec.step_lr.high, log=spec.step_lr.log)
@@ -67,6 +97,11 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, use_gpu: boo
         tracking.log_metrics(uri, run_id, {f"{prefix}step_lr_search/step_lr": step_lr,
                                            f"{prefix}step_lr_search/match_rate": evaluation.summary.match_rate},
                              step=trial.number)
+        if on_progress is not None:
+            tried = [(done.value, done.params["step_lr"]) for done in study.trials if done.value is not None]
+            best_rate, best_step_lr = max(tried + [(evaluation.summary.match_rate, step_lr)], key=lambda pair: pair[0])
+            on_progress(SearchProgress(trial.number + 1, spec.step_lr_trials, step_lr, evaluation.summary.match_rate,
+                                       best_step_lr, best_rate, sampling_arm))
         return evaluation.summary.match_rate
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

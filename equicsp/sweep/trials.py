@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import ray.tune
 
 from equicsp.platform.ray_train import LaunchOptions, run_training
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
-from equicsp.sweep.step_size import search_step_lr
+from equicsp.sweep.step_size import SearchProgress, progress_metrics, search_step_lr
 from equicsp.task import task_of
 
 
@@ -28,6 +29,12 @@ class TrialContext:
 def trial_run_name(spec: SweepSpec, arm: str, seed: int, trial_id: str) -> str:
     """Arm and seed first: the MLflow UI cuts long names, and a sweep's runs differ there, not in the sweep's name."""
     return f"{arm}-s{seed}-{spec.name}-{trial_id}"
+
+
+def reporter(offset: int, total: int) -> Callable[[SearchProgress], None]:
+    """Each step size tried, reported to Tune: the driver's progress lines show it. A print here would not reach
+    the driver's console, where a private Ray keeps worker output (log_to_driver=False, the quiet default)."""
+    return lambda progress: ray.tune.report(progress_metrics(progress, offset, total))
 
 
 def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
@@ -53,10 +60,12 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
     search = {}
     task = task_of(spec.task)
     if task.searches_step_size:  # generation samples at the config's step_lr (step_size.search_metric says why)
-        search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu)
-        for other in spec.sharing_arms(arm):
-            search.update(search_step_lr(result.run_id, spec, context.tracking_uri, launch.use_gpu,
-                                         sampling_arm=other))
+        total = spec.step_lr_trials * (1 + len(spec.sharing_arms(arm)))
+        search = search_step_lr(result.run_id, spec, context.tracking_uri, launch.workers_per_trial,
+                                on_progress=reporter(0, total))
+        for number, other in enumerate(spec.sharing_arms(arm), start=1):
+            search.update(search_step_lr(result.run_id, spec, context.tracking_uri, launch.workers_per_trial,
+                                         sampling_arm=other, on_progress=reporter(number * spec.step_lr_trials, total)))
     final = {**result.history[-1], **search, "training_run_id": result.run_id}
     if not task.searches_step_size:  # the logged model is the best epoch's: compare trials by that epoch
         final[task.trial_metric] = min(row[task.trial_metric] for row in result.history)
