@@ -1,6 +1,7 @@
 """Throughput benchmark: training, sampling, von Mises tables and matching, side by side in one run.
 
     python benchmarks/throughput.py [--out benchmarks/results/cpu.md] [--quick]
+    python benchmarks/throughput.py --under-load [--quick]     # -> benchmarks/results/throughput.md
 
 Prints a Markdown report and writes it to --out. Training and sampling run on real Perov-5
 batches (the bundled sample, or --data) with the full EquiCSP objective, at the paper's
@@ -8,13 +9,20 @@ Perov-5 size (4 x 256, K = 128) and at 6 x 512, in float32 and with bf16 autocas
 is timed over real predictor-corrector steps and reported per step and as crystals/s for a
 1000-step run. The reference figures are the public EquiCSP code on this class of machine
 (2 cores, torch 2.13 CPU), as given in the project's issue.
+
+--under-load times a training, a sampling and a generation step (the perov_5 model) on a
+quiet machine and beside a busy-loop process per core, for each OpenMP wait policy: torch's
+own (idle threads spin a while), PASSIVE (what `import equicsp` sets) and ACTIVE. libgomp
+reads the policy once, when torch loads it, so each cell runs in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -23,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from torch_geometric.loader import DataLoader
 
 from equicsp.config import make_config
-from equicsp.data.crystals import PreprocessOptions, load_crystals
+from equicsp.data.batches import CrystalBatch, DeviceCrystals
+from equicsp.data.crystals import CrystalDataset, PreprocessOptions, load_crystals
 from equicsp.devices import resolve_device
 from equicsp.engine.sampler import Sampler
 from equicsp.evaluation.csp import ground_truth
@@ -126,18 +134,120 @@ def matching_throughput(dataset, pairs: int, processes: int) -> float:
     return pairs / (time.perf_counter() - start)
 
 
+WAIT_POLICIES = {"torch's default (spin)": None, "PASSIVE (equicsp's)": "PASSIVE", "ACTIVE": "ACTIVE"}
+WORKLOADS = ("train", "sample", "generate")
+
+
+def first_batch(dataset: CrystalDataset, size: int, device: torch.device) -> CrystalBatch:
+    """The dataset's first `size` crystals as one batch on the device, cut as training cuts them."""
+    return DeviceCrystals(dataset, device).batch(list(range(min(size, len(dataset)))))
+
+
+def workload_rate(kind: str, steps: int) -> float:
+    """Steps a second of one workload at the perov_5 model size (4 x 256), after a warm-up step: a training step on
+    64 bundled crystals, a sampling step of 50 of their compositions, or a generation step of 50 crystals."""
+    from equicsp.evaluation.generation import generate
+
+    task = {"diffusion.task": "generation"} if kind == "generate" else {}
+    config = make_config("perov_5", "equicsp", {"sampler.num_steps": steps, **task})
+    device = torch.device("cpu")
+    if kind == "train":
+        batch = first_batch(load_crystals("bundled:perov_5/train.csv", show_progress=False), 64, device)
+        return 1 / training_throughput(config, batch, device, steps)["seconds"]
+    model = build_denoiser(config)
+    if kind == "sample":
+        batch = first_batch(load_crystals("bundled:perov_5/test.csv", show_progress=False), 50, device)
+        keys = torch.arange(batch.num_atoms.shape[0])
+        sampler = Sampler(model, Diffusion(config, device), config, device)
+        run = lambda: sampler.sample_batch(batch.atom_types, batch.num_atoms, keys, seed=0)  # noqa: E731
+    else:
+        run = lambda: generate(model, config, [0] * 5 + [1], 50, show_progress=False)  # noqa: E731  5-atom cells
+    run()
+    start = time.perf_counter()
+    run()
+    return steps / (time.perf_counter() - start)
+
+
+def busy_loops(count: int) -> list[subprocess.Popen]:
+    """count processes that each keep a core busy: the competing load of a machine running other work."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def rate_in_process(kind: str, steps: int, policy: str | None) -> float:
+    """workload_rate in a fresh interpreter with this OMP_WAIT_POLICY (None: unset, torch's default)."""
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if policy:
+        environment["OMP_WAIT_POLICY"] = policy
+    done = subprocess.run([sys.executable, __file__, "--rate", kind, "--steps", str(steps)], env=environment,
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} with OMP_WAIT_POLICY={policy} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def wait_policy_report(quick: bool, workloads: tuple[str, ...] = WORKLOADS) -> str:
+    """Markdown: steps/s per workload, wait policy and load, with what passive waiting costs and gains."""
+    steps = {"train": 2, "sample": 5, "generate": 5} if quick else {"train": 5, "sample": 20, "generate": 20}
+    policies = dict(list(WAIT_POLICIES.items())[:2]) if quick else WAIT_POLICIES
+    cores = os.cpu_count() or 1
+    rates: dict[tuple[str, str, bool], float] = {}
+    for loaded in (False, True):
+        competitors = busy_loops(cores) if loaded else []
+        try:
+            for kind in workloads:
+                for label, policy in policies.items():
+                    rates[kind, label, loaded] = rate_in_process(kind, steps[kind], policy)
+                    print(f"{kind}, {label}, {'loaded' if loaded else 'quiet'}: "
+                          f"{rates[kind, label, loaded]:.2f} steps/s", file=sys.stderr, flush=True)
+        finally:
+            for process in competitors:
+                process.kill()
+                process.wait()
+    default, passive = list(policies)[:2]
+    lines = [f"# OpenMP wait policy under load: {platform.processor() or platform.machine()}, {cores} cores, "
+             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}{' (--quick)' if quick else ''}", "",
+             f"Steps/s of the perov_5 model (4 x 256), each cell in a fresh process; loaded: {cores} busy-loop "
+             "processes beside it (one per core). The second table compares PASSIVE with torch's default.", "",
+             "| workload | wait policy | quiet steps/s | loaded steps/s |", "|---|---|---|---|"]
+    for kind in workloads:
+        lines += [f"| {kind} ({steps[kind]} steps) | {label} | {rates[kind, label, False]:.2f} | "
+                  f"{rates[kind, label, True]:.2f} |" for label in policies]
+    lines += ["", "| workload | PASSIVE's quiet-machine cost | PASSIVE's loaded-machine gain |", "|---|---|---|"]
+    lines += [f"| {kind} | {100 * (1 - rates[kind, passive, False] / rates[kind, default, False]):+.0f} % | "
+              f"x{rates[kind, passive, True] / rates[kind, default, True]:.1f} |" for kind in workloads]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="bundled:perov_5/train.csv")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.md"))
+    parser.add_argument("--out", type=Path,
+                        help="default: benchmarks/results/cpu.md, or throughput.md with --under-load")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke check)")
+    parser.add_argument("--under-load", action="store_true",
+                        help="only the wait-policy table: quiet and loaded, per policy (out: benchmarks/results/throughput.md)")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
+                        help="--under-load: which steps to time")
+    parser.add_argument("--rate", choices=WORKLOADS, help=argparse.SUPPRESS)  # one cell of --under-load, in its process
+    parser.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rate:
+        print(json.dumps(workload_rate(args.rate, args.steps)))
+        return
+    if args.under_load:
+        report = wait_policy_report(args.quick, tuple(args.workloads))
+        out = args.out or Path("benchmarks/results/throughput.md")
+        print(report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+        print(f"written to {out}", file=sys.stderr)
+        return
     device = resolve_device(args.device)
     repeats, sample_steps = (2, 3) if args.quick else (5, 10)
     dataset = load_crystals(args.data, PreprocessOptions(max_atoms=20), show_progress=False)
-    batch = next(iter(DataLoader(dataset, batch_size=args.batch_size, shuffle=False))).to(device)
+    batch = first_batch(dataset, args.batch_size, device)
     lines = [f"# Throughput on {device.type}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads",
              "", f"Batch {batch.num_atoms.shape[0]} Perov-5 crystals from {args.data}; full EquiCSP objective "
@@ -175,9 +285,10 @@ def main(argv: list[str] | None = None) -> None:
               profile_training(config, batch, device), "```"]
     report = "\n".join(lines) + "\n"
     print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"written to {args.out}", file=sys.stderr)
+    out = args.out or Path("benchmarks/results/cpu.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"written to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,9 @@
+"""EquiCSP: an equivariant diffusion model for crystal structure prediction."""
+
+import os
+
+# torch's OpenMP runtime (libgomp) reads OMP_WAIT_POLICY once, when torch loads it. Its default has idle threads
+# spin, which on a busy machine takes the cores from the threads doing work (generate ran 35x slower beside a test
+# suite); passive waiting costs little on an idle one (benchmarks/throughput.py). Every command and every Ray
+# worker that unpickles our functions imports this package before torch, so it is set here; a user's choice stays.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -6,7 +6,6 @@ A field is named `section.field` everywhere: in YAML (nested), on the command li
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import types
@@ -34,10 +33,10 @@ COMPILE_SETTINGS: tuple[CompileSetting, ...] = typing.get_args(CompileSetting)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_layers: int = 4
-    hidden_dim: int = 256
+    num_layers: int = 4  # message-passing layers of CSPNet
+    hidden_dim: int = 256  # width of every layer
     num_freqs: int = 128  # Fourier features sin/cos(2 pi k d), k = 0 .. K-1, per axis
-    time_dim: int = 256
+    time_dim: int = 256  # width of the sinusoidal timestep embedding
     # Add each crystal's mean of the n~ and score heads' outputs to every atom's (the EquiCSP code's MPTS-52 network).
     context_mean: bool = False
 
@@ -45,12 +44,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     task: TaskName = "csp"  # csp: structure from a composition | generation: atom types diffused too (docs/method.md#generation)
-    timesteps: int = 1000
-    cosine_offset: float = 0.008
-    sigma_begin: float = 0.005
-    sigma_end: float = 0.5
+    timesteps: int = 1000  # diffusion steps T
+    cosine_offset: float = 0.008  # s of the lattice's cosine noise schedule
+    sigma_begin: float = 0.005  # smallest noise scale of the coordinates' geometric schedule (t = 1)
+    sigma_end: float = 0.5  # largest noise scale of the coordinates' geometric schedule (t = T)
     von_mises_samples: int = 10_000  # Monte Carlo draws per (N, t) cell of the von Mises tables
-    von_mises_seed: int = 0
+    von_mises_seed: int = 0  # seed of those Monte Carlo draws
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,12 @@ class ObjectiveConfig:
     """
 
     lattice: LatticeKind = "projected"  # projected (EquiCSP) | matrix (DiffCSP)
-    com_free_noise: bool = True
-    von_mises: bool = True
-    prob_model: bool = True
-    perm_loss: bool = True
-    perm_loss_weight: float = 1.0
-    frame_average: bool = False
+    com_free_noise: bool = True  # periodic CoM-free noising of the coordinates
+    von_mises: bool = True  # the von Mises target for the coordinate score (else the wrapped normal's)
+    prob_model: bool = True  # the probabilistic model's correction in the sampler (acts in sampling only)
+    perm_loss: bool = True  # the lattice permutation loss
+    perm_loss_weight: float = 1.0  # weight of the permutation loss
+    frame_average: bool = False  # frame averaging over lattice permutations (instead of the permutation loss)
     coord_noise_weight: float = 1.0  # weight of the n~ head's loss (DiffCSP's cost_coord); 0 leaves the head untrained
     type_noise_weight: float = 20.0  # weight of the atom-type noise loss (generation only; DiffCSP's cost_type)
 
@@ -76,38 +75,38 @@ class ObjectiveConfig:
 class SamplerConfig:
     step_lr: float = 5e-6  # the public EquiCSP code's default; the dataset presets set DiffCSP's (see README, Step sizes)
     num_steps: int = 0  # 0: every timestep; fewer: evenly spaced ones
-    batch_size: int = 256
+    batch_size: int = 256  # crystals per sampling batch
     clip_lattice: bool = True  # clamp the implied clean lattice to physical cells (see Sampler.lattice_step)
     clip_types: bool = True  # clamp the implied clean atom types into [0, 1] (generation; see AtomTypeDiffusion.step)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
-    plateau_factor: float = 0.6
-    plateau_patience: int = 30
-    min_lr: float = 1e-4
+    lr: float = 1e-3  # Adam's learning rate
+    plateau_factor: float = 0.6  # the learning rate is multiplied by this on a plateau
+    plateau_patience: int = 30  # epochs without a better validation loss before the rate drops
+    min_lr: float = 1e-4  # the rate drops no lower
     grad_clip: float = 0.5  # by value
-    batch_size: int = 256
-    epochs: int = 3500
+    batch_size: int = 256  # crystals per training step (split across workers)
+    epochs: int = 3500  # training epochs
 
 
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "bundled:perov_5"  # a folder with train.csv, val.csv, test.csv (CSV files or CIF folders)
-    max_atoms: int = 20
-    niggli: bool = True
-    primitive: bool = False
+    max_atoms: int = 20  # crystals with more atoms are skipped
+    niggli: bool = True  # Niggli-reduce each cell on loading
+    primitive: bool = False  # reduce each cell to its primitive cell on loading
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = 0
+    seed: int = 0  # seed of the weights, the data order and the noise
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = "fp32"  # fp32 | tf32 (fp32 with TF32 matmuls on a GPU) | bf16 (autocast for the network's matmuls)
     compile: CompileSetting = "auto"  # auto (compiled steps on CUDA, eager elsewhere) | on | off: see compiled.py
     checkpoint_every: int = 10  # epochs
-    log_every: int = 1
+    log_every: int = 1  # epochs between logged metrics
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         validate(self)
         return self
 
@@ -222,7 +221,7 @@ def make_config(preset: str = "perov_5", objective_preset: str = "equicsp",
     return config.validate()
 
 
-def _field_types(section_cls: type) -> dict[str, Any]:
+def field_types(section_cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(section_cls)
     return {f.name: hints[f.name] for f in fields(section_cls)}
 
@@ -277,7 +276,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
         section, _, field_name = name.partition(".")
         if section not in SECTIONS or not field_name:
             raise ConfigError(f"unknown config field {name!r}; sections are {sorted(SECTIONS)}")
-        known = _field_types(section_types[section])
+        known = field_types(section_types[section])
         if field_name not in known:
             raise ConfigError(f"unknown config field {name!r}; {section} has {sorted(known)}")
         changes.setdefault(section, {})[field_name] = _coerce(value, known[field_name], name)
@@ -379,31 +378,6 @@ def validate(config: Config) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
-# What a resumed run may change: how long it trains, how often it checkpoints and logs, where it
-# runs and whether its steps are compiled, and the sampler (used after training only). Anything
-# else would continue another run.
-RESUMABLE_FIELDS = ("optim.epochs", "run.checkpoint_every", "run.log_every", "run.device", "run.compile",
-                    "sampler.step_lr", "sampler.num_steps", "sampler.batch_size", "sampler.clip_lattice",
-                    "sampler.clip_types")
-
-
-def resume_differences(stored: dict[str, Any], config: Config) -> list[str]:
-    """"name old -> new" for each field of config that a run stored with these flat values may not change.
-
-    stored is `Config.flat()` of the stored run, or its MLflow params (the same values as strings).
-    """
-    differences = []
-    defaults = Config().flat()  # a field added since the run was stored had its default then
-    for name, value in config.flat().items():
-        if name in RESUMABLE_FIELDS:
-            continue
-        renamed = {RENAMED_FIELDS.get(key, key): value for key, value in stored.items()}
-        old = renamed.get(name, defaults.get(name, "<absent>"))
-        if str(old) != str(value):
-            differences.append(f"{name} {old} -> {value}")
-    return differences
-
-
 def flatten(raw: dict[str, Any]) -> dict[str, Any]:
     """A nested config dict (as stored in a checkpoint or config.yaml) as `section.field` names."""
     out: dict[str, Any] = {}
@@ -413,25 +387,3 @@ def flatten(raw: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config, --preset, --objective-preset and one --section.field option per config field."""
-    parser.add_argument("--config", type=Path, help="a YAML config (as saved with every run)")
-    parser.add_argument("--preset", choices=sorted(DATASET_PRESETS), help="dataset preset")
-    parser.add_argument("--objective-preset", choices=sorted(OBJECTIVE_PRESETS), help="a Table 2 row")
-    group = parser.add_argument_group("config fields (section.field VALUE)")
-    for section, section_cls in typing.get_type_hints(Config).items():
-        if section in SECTIONS:
-            for name in _field_types(section_cls):
-                group.add_argument(f"--{section}.{name}", dest=f"cfg:{section}.{name}", metavar="VALUE", default=None)
-
-
-def config_from_arguments(args: argparse.Namespace) -> Config:
-    overrides = {key[4:]: value for key, value in vars(args).items() if key.startswith("cfg:") and value is not None}
-    if args.config:
-        base = load_config(args.config)
-        if args.preset or args.objective_preset:
-            raise ConfigError("give either --config or --preset/--objective-preset, not both")
-        return apply_overrides(base, overrides).validate()
-    return make_config(args.preset or "perov_5", args.objective_preset or "equicsp", overrides)

@@ -2,7 +2,7 @@
 
     python sweeps/ablation.py --profile smoke          # the bundled sample, whole pipeline in minutes on a CPU
     python sweeps/ablation.py --profile smoke --task generation   # the same arms, ab initio generation
-    python sweeps/ablation.py -- --profile paper --preset mp_20 --data /data/mp_20
+    python sweeps/ablation.py --profile paper --preset mp_20     # after `python -m equicsp.data fetch mp_20`
     ray submit cluster/gpu.yaml sweeps/ablation.py -- --profile paper --preset mp_20 --data /shared/mp_20
 
 Each arm's permutation-loss weight is searched by Optuna where the arm has the loss, each
@@ -16,8 +16,10 @@ crystals, and the table shows validity, coverage and Wasserstein distances.
 import argparse
 from dataclasses import replace
 
+from equicsp.cli.options import HelpFormatter, examples
 from equicsp.cli.sweep import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 from equicsp.config import ARMS
+from equicsp.data.fetch import DATASETS, default_data_dir, fetch_hint
 from equicsp.sweep.space import FloatRange
 from equicsp.sweep.spec import SweepSpec
 
@@ -39,14 +41,20 @@ PROFILES = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sweeps/ablation.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"from {list(ARMS)}")
+    parser = argparse.ArgumentParser(
+        prog="sweeps/ablation.py", description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
+        epilog=examples("python sweeps/ablation.py --profile smoke",
+                        "python sweeps/ablation.py --profile smoke --arms equicsp diffcsp --task generation",
+                        "python sweeps/ablation.py --profile paper --preset mp_20 --data data/mp_20"))
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke",
+                        help="smoke: the bundled sample on a CPU | paper: a real dataset, three seeds")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"the Table 2 rows to run, from {list(ARMS)}")
     add_launch_arguments(parser)
     args = parser.parse_args(argv)
     spec = apply_arguments(PROFILES[args.profile], args)
-    if args.profile == "paper" and not args.data:
-        parser.error("--profile paper trains on a real dataset: give --data PATH (a folder with train/val/test)")
+    if args.profile == "paper" and not args.data and not (default_data_dir(spec.preset) / "train.csv").is_file():
+        fetch = f"{fetch_hint(spec.preset)}, or " if spec.preset in DATASETS else ""
+        parser.error(f"--profile paper trains on a real dataset: {fetch}give --data PATH (a folder with train/val/test)")
     run_from_command_line(replace(spec, arms=tuple(args.arms)), launch_from_arguments(args))
 
 

@@ -1,7 +1,7 @@
 """A general hyperparameter sweep of one arm: learning rate, batch size, model size, sigma range, timesteps.
 
-    python sweeps/hyperparams.py --arm equicsp --profile smoke
-    ray submit cluster/gpu.yaml sweeps/hyperparams.py -- --arm equicsp --profile paper --preset mp_20 --data /shared/mp_20
+    python sweeps/hyperparams.py --arms equicsp --profile smoke
+    ray submit cluster/gpu.yaml sweeps/hyperparams.py -- --arms equicsp --profile paper --preset mp_20 --data /shared/mp_20
 
 The same machinery as the ablation sweep (equicsp.sweep): Optuna picks each trial's values,
 every trained model gets its step size searched on validation crystals, the best model
@@ -12,6 +12,7 @@ per seed is evaluated on the test split, and everything lands in one MLflow pare
 import argparse
 from dataclasses import replace
 
+from equicsp.cli.options import HelpFormatter, deprecated, examples
 from equicsp.cli.sweep import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 from equicsp.config import ARMS
 from equicsp.sweep.space import Choice, FloatRange, IntRange
@@ -41,15 +42,23 @@ PROFILES = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sweeps/hyperparams.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    parser.add_argument("--arm", default="equicsp", help=f"the objective preset to tune, from {list(ARMS)}")
+    parser = argparse.ArgumentParser(
+        prog="sweeps/hyperparams.py", description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
+        epilog=examples("python sweeps/hyperparams.py --profile smoke",
+                        "python sweeps/hyperparams.py --arms equicsp diffcsp --profile smoke --trials 8",
+                        "python sweeps/hyperparams.py --profile paper --preset mp_20 --data data/mp_20"))
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke",
+                        help="smoke: the bundled sample on a CPU | paper: a real dataset")
+    parser.add_argument("--arms", nargs="+", default=["equicsp"],
+                        help=f"the objective presets to tune, each on its own, from {list(ARMS)}")
+    parser.add_argument("--arm", dest="arms", nargs=1, action=deprecated("--arms"), help=argparse.SUPPRESS)
     add_launch_arguments(parser)
     args = parser.parse_args(argv)
     if args.profile == "paper" and not args.data:
         parser.error("--profile paper trains on a real dataset: give --data PATH (a folder with train/val/test)")
-    spec = replace(apply_arguments(PROFILES[args.profile], args), arms=(args.arm,))
-    run_from_command_line(replace(spec, name=args.name or f"{spec.name}-{args.arm}"), launch_from_arguments(args))
+    spec = replace(apply_arguments(PROFILES[args.profile], args), arms=tuple(args.arms))
+    run_from_command_line(replace(spec, name=args.name or f"{spec.name}-{'-'.join(args.arms)}"),
+                          launch_from_arguments(args))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from equicsp.config import (
     flatten,
     load_config,
     make_config,
-    resume_differences,
 )
+from equicsp.engine.run_folder import resume_differences
 
 
 def test_presets_follow_the_paper():
@@ -145,3 +145,22 @@ def test_generation_samples_at_the_generation_step_sizes_unless_one_is_given():
     assert make_config("perov_5", "equicsp", {**generation, "sampler.step_lr": 3e-6}).sampler.step_lr == 3e-6
     stored = make_config("perov_5", "equicsp", {**generation, "sampler.step_lr": 3e-6})
     assert config_from_dict(stored.to_dict()) == stored
+
+
+def test_every_config_field_option_is_described_by_its_comment_in_the_dataclass():
+    import argparse
+
+    from equicsp.cli.config_arguments import add_config_arguments
+    from equicsp.config import make_config
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    options = {action.option_strings[0]: action.help for action in parser._actions
+               if action.option_strings and "." in action.option_strings[0]}
+    assert len(options) == len(make_config().flat()) - 2  # all but preset and objective_preset
+    undescribed = [name for name, text in options.items() if text.startswith("(default")]
+    assert undescribed == []
+    assert options["--model.num_freqs"].startswith("Fourier features") and options["--model.num_freqs"].endswith(
+        "(default: 128)")
+    assert options["--optim.batch_size"].endswith("(default: 1024)")  # the perov_5 preset's, not the dataclass's
+    assert "MPTS-52" in options["--model.context_mean"]  # a comment on the lines above the field

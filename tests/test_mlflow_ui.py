@@ -62,7 +62,7 @@ def served(tmp_path):
     uri, experiment, parent, names = sweep_store(tmp_path)
     port = free_port()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  the server writes to it until the test ends
     server = subprocess.Popen([str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", uri, "--artifacts-destination", str(tmp_path / "artifacts")],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -208,3 +208,22 @@ def test_the_parent_run_lists_its_report_and_the_runs_view_shows_the_children_by
     text = devtools.evaluate("document.body.innerText")
     for arm, name in names.items():
         assert name.startswith(f"{arm}-s0-") and name in text
+
+
+@pytest.mark.slow
+def test_serve_sh_prints_the_address_once_the_server_answers_and_takes_a_port(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "mlflow" / "serve.sh"
+    bad = subprocess.run(["bash", str(script), "--port", "x"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--port needs a number" in bad.stderr
+    port = free_port()
+    environment = {**os.environ, "EQUICSP_MLFLOW_DIR": str(tmp_path / "store")}
+    server = subprocess.Popen(["bash", str(script), "--port", str(port)], stdout=subprocess.PIPE, text=True,
+                              env=environment, start_new_session=True)
+    try:
+        line = server.stdout.readline()  # blocks until the script says the UI is up
+        assert line.startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"), line
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)  # it answers already
+        assert (tmp_path / "store" / "mlflow.db").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -73,7 +73,8 @@ def generate(model: nn.Module, config: Config, histogram: list[int], num: int, s
             types, x, lattice = sampler.generate_batch(counts[start:stop], keys[start:stop], seed, progress)
             lengths, angles = sampler.lattice.decode(lattice.float().cpu())
             sizes = counts[start:stop].tolist()
-            crystals += [SampledCrystal(GENERATION_COMPOSITION_INDEX, start + offset, atom_types, coords, length, angle)
+            crystals += [SampledCrystal(composition_index=GENERATION_COMPOSITION_INDEX, sample_index=start + offset,
+                                        atom_types=atom_types, frac_coords=coords, lengths=length, angles=angle)
                          for offset, (atom_types, coords, length, angle)
                          in enumerate(zip(types.cpu().split(sizes), x.cpu().split(sizes), lengths, angles))]
     return crystals

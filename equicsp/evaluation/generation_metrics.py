@@ -187,7 +187,7 @@ class CompositionScaler:
 
     @classmethod
     @lru_cache(maxsize=1)
-    def published(cls) -> "CompositionScaler":
+    def published(cls) -> CompositionScaler:
         """CDVAE's fixed statistics, with which DiffCSP and EquiCSP score every dataset: the composition cut-offs
         (4, 10) are distances on this scale. Statistics of the reference set would give another scale (on Perov-5,
         test crystals against the others, composition recall at 4 fell from 0.62 to 0.28)."""
