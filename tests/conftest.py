@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from equicsp.data.batches import CrystalBatch, GraphSizes
+
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -28,15 +30,15 @@ def tiny_dataset(tiny_csv):
     return load_crystals(tiny_csv, show_progress=False)
 
 
-def random_batch(num_atoms: list[int], seed: int = 0, dtype=torch.float64):
-    """A random batch of crystals with the given atom counts (PyG-like attributes)."""
-    from types import SimpleNamespace
-
+def random_batch(num_atoms: list[int], seed: int = 0, dtype=torch.float64) -> CrystalBatch:
+    """A random batch of crystals with the given atom counts."""
     generator = torch.Generator().manual_seed(seed)
     counts = torch.tensor(num_atoms)
     total = int(counts.sum())
-    return SimpleNamespace(
+    return CrystalBatch(
         num_atoms=counts,
+        crystal_id=torch.arange(len(num_atoms)),
+        sizes=GraphSizes.of(num_atoms),
         batch=torch.repeat_interleave(torch.arange(len(num_atoms)), counts),
         atom_types=torch.randint(1, 90, (total,), generator=generator),
         frac_coords=torch.rand(total, 3, generator=generator, dtype=dtype),

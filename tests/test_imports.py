@@ -1,6 +1,7 @@
 """Imports point one way: folders are layers, and the GPU path needs neither pymatgen, Ray nor MLflow."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +67,14 @@ def test_shared_modules_import_no_layer():
 
 
 def test_the_training_and_sampling_modules_import_without_pymatgen_ray_or_mlflow():
-    # benchmarks/gpu.py is what runs on the GPU machine, which has none of them.
+    # benchmarks/gpu.py, gpu_session.py and what it runs (`train --local`, gpu_sample.py) are what runs on the GPU
+    # machine, which has none of them, nor pooch (`data fetch`'s downloader).
     code = ("import runpy; import equicsp.engine.training, equicsp.engine.sampler, equicsp.model.denoiser, "
-            "equicsp.model.diffusion, equicsp.data.batches, equicsp.engine.compiled; "
-            "runpy.run_path('benchmarks/gpu.py', run_name='imported')")
-    assert loaded_after(code, ("ray", "mlflow", "pymatgen", "optuna", "smact", "matminer")) == []
+            "equicsp.model.diffusion, equicsp.data.batches, equicsp.engine.compiled, equicsp.cli.train; "
+            "runpy.run_path('benchmarks/gpu.py', run_name='imported'); "
+            "runpy.run_path('benchmarks/gpu_session.py', run_name='imported'); "
+            "runpy.run_path('benchmarks/gpu_sample.py', run_name='imported')")
+    assert loaded_after(code, ("ray", "mlflow", "pymatgen", "optuna", "smact", "matminer", "pooch")) == []
 
 
 def test_what_every_ray_worker_imports_leaves_out_torch_geometric_and_dynamo():
@@ -79,3 +83,19 @@ def test_what_every_ray_worker_imports_leaves_out_torch_geometric_and_dynamo():
     code = ("import equicsp.platform.ray_train, equicsp.platform.ray_evaluation, equicsp.sweep.trials, "
             "equicsp.cli.sample, equicsp.cli.evaluate")
     assert loaded_after(code, ("torch_geometric", "torch._dynamo")) == []
+
+
+def omp_spin_count(code: str, **environment: str) -> str:
+    """libgomp's spin count (0: idle threads sleep at once) in a fresh interpreter that runs code, then torch."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    probe = f"{code}; import torch; torch.ones(64, 64).sum()"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True,
+                            cwd=ROOT, env={**env, "OMP_DISPLAY_ENV": "VERBOSE", **environment})
+    return next(line.split("=")[1].strip(" '") for line in result.stderr.splitlines() if "GOMP_SPINCOUNT" in line)
+
+
+def test_torchs_openmp_threads_wait_passively_unless_the_user_chose_otherwise():
+    # Spinning idle threads take the cores of a busy machine from the threads doing the work (benchmarks/throughput.py).
+    assert omp_spin_count("pass") != "0"  # torch alone spins
+    assert omp_spin_count("import equicsp.config") == "0"
+    assert omp_spin_count("import equicsp.config", OMP_WAIT_POLICY="ACTIVE") not in ("0", "300000")

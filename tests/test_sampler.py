@@ -3,9 +3,9 @@ import math
 import torch
 from conftest import FAST
 from oracle import OracleDenoiser
-from torch_geometric.loader import DataLoader
 
 from equicsp.config import make_config
+from equicsp.data.batches import DeviceCrystals
 from equicsp.engine.sampler import Sampler, timestep_sequence
 from equicsp.engine.training import train
 from equicsp.evaluation.csp import score
@@ -26,7 +26,7 @@ def test_timestep_sequences():
 
 def test_an_oracle_denoiser_is_sampled_back_to_the_crystals(tiny_dataset):
     """The sampler's arithmetic alone: with exact targets every crystal is recovered."""
-    batch = next(iter(DataLoader(tiny_dataset, batch_size=len(tiny_dataset))))
+    batch = DeviceCrystals(tiny_dataset, "cpu").batch(list(range(len(tiny_dataset))))
     for preset in ("equicsp", "diffcsp"):
         config = make_config("smoke", preset, {"sampler.step_lr": 1e-5})
         diffusion = Diffusion(config)

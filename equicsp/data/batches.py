@@ -34,13 +34,13 @@ class GraphSizes:
     pairs: int  # sum n (n - 1) / 2: unordered pairs i < j
 
     @classmethod
-    def of(cls, num_atoms: torch.Tensor | list[int]) -> "GraphSizes":
+    def of(cls, num_atoms: torch.Tensor | list[int]) -> GraphSizes:
         """From the crystals' atom counts held on the host (a list, or a CPU tensor)."""
         counts = num_atoms.tolist() if isinstance(num_atoms, torch.Tensor) else list(num_atoms)
         return cls(len(counts), sum(counts), sum(n * n for n in counts), sum(n * (n - 1) // 2 for n in counts))
 
     @classmethod
-    def bucket(cls, num_atoms: list[int], crystals: int) -> "GraphSizes":
+    def bucket(cls, num_atoms: list[int], crystals: int) -> GraphSizes:
         """Static shapes for a padded batch of these crystals with room for `crystals` crystals (> len(num_atoms)).
 
         Edges are rounded up to the next m * 2^k with m in 8..15 (at most 12.5 % of padding),
@@ -56,7 +56,7 @@ class GraphSizes:
         # Every batch in this atoms bucket has at least round_down(atoms - 1) atoms, hence at most this many pairs.
         return cls(crystals, atoms, edges, (edges - round_down(atoms - 1, ATOM_BITS)) // 2)
 
-    def repeated(self, copies: int) -> "GraphSizes":
+    def repeated(self, copies: int) -> GraphSizes:
         """The sizes of `copies` stacked copies of this batch (the permutation loss, Frame Average)."""
         return GraphSizes(self.crystals * copies, self.atoms * copies, self.edges * copies, self.pairs * copies)
 
@@ -186,7 +186,7 @@ class Layout:
     real_atoms: torch.Tensor | None = None  # (N,)
 
     @classmethod
-    def of(cls, num_atoms: list[int], device: torch.device, capacity: int | None = None) -> "Layout":
+    def of(cls, num_atoms: list[int], device: torch.device, capacity: int | None = None) -> Layout:
         """The layout of crystals with these atom counts (from the host); padded to a bucket of `capacity` crystals
         when given."""
         sizes = GraphSizes.of(num_atoms)

@@ -229,7 +229,8 @@ class Sampler:
                            torch.tensor([sample for _, sample, _ in jobs], dtype=torch.long))
         x, lattice = self.sample_batch(torch.cat(types), num_atoms, keys, seed, progress)
         lengths, angles = self.lattice.decode(lattice.float().cpu())
-        return [SampledCrystal(index, sample, atoms, coords, length, angle)
+        return [SampledCrystal(composition_index=index, sample_index=sample, atom_types=atoms, frac_coords=coords,
+                               lengths=length, angles=angle)
                 for (index, sample, atoms), coords, length, angle
                 in zip(jobs, x.cpu().split(num_atoms.tolist()), lengths, angles)]
 

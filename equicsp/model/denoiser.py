@@ -64,7 +64,7 @@ class CrystalGraph:
 
     @classmethod
     def fully_connected(cls, num_atoms: torch.Tensor, sizes: GraphSizes | None = None,
-                        real: torch.Tensor | None = None) -> "CrystalGraph":
+                        real: torch.Tensor | None = None) -> CrystalGraph:
         """num_atoms (B,) on the model's device; sizes: the tensors' shapes, from the host (else read back from the
         device); real (B,) bool marks the real crystals of a padded batch (batches.py): padding crystals get no
         edges, and the edges and pairs left over join the last atom, a padding one, to itself."""

@@ -3,12 +3,13 @@ target, von Mises tables when the target needs them), and noising a batch with t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from equicsp.config import Config
-from equicsp.data.batches import atom_counts
+from equicsp.data.batches import CrystalBatch, atom_counts
 from equicsp.model.atom_types import NUM_TYPE_CLASSES, AtomTypeDiffusion
 from equicsp.model.lattice import LATTICE_REPRESENTATIONS, NUM_PERMUTATIONS, LatticeRepresentation
 from equicsp.model.noise import Step, atom_keys, keyed_normal, keyed_uniform
@@ -35,7 +36,9 @@ class NoisedBatch:
 class Diffusion:
     """Schedules, von Mises tables (when the target needs them), the coordinate target and the lattice representation."""
 
-    def __init__(self, config: Config, device: torch.device | str = "cpu"):
+    def __init__(self, config: Config, device: torch.device | str = "cpu",
+                 announce: Callable[[str], None] | None = None):
+        """announce: told what takes long while it happens (building the von Mises tables on a cache miss)."""
         d = config.diffusion
         self.config = config
         schedule = NoiseSchedule.build(d.timesteps, d.sigma_begin, d.sigma_end, d.cosine_offset)
@@ -43,7 +46,7 @@ class Diffusion:
         tables = None
         if target_class(config.objective).needs_tables:
             tables = load_or_build_tables(config.data.max_atoms, schedule.sigmas[1:], d.von_mises_samples,
-                                          d.von_mises_seed).to(device)
+                                          d.von_mises_seed, announce).to(device)
         self.tables: VonMisesTables | None = tables
         self.schedule = schedule.to(device)
         self.target = build_target(config.objective, self.schedule, tables)
@@ -64,7 +67,7 @@ class Diffusion:
         if self.tables is not None and largest > self.tables.max_atoms:
             raise ValueError(f"a crystal has {largest} atoms but data.max_atoms is {self.tables.max_atoms}")
 
-    def noise(self, batch, seed: int, step: Step) -> NoisedBatch:
+    def noise(self, batch: CrystalBatch, seed: int, step: Step) -> NoisedBatch:
         """Sample t per crystal and noise lattice and coordinates (docs/method.md#lattice, docs/method.md#coordinates).
 
         The draws are keyed by each crystal's dataset index (batch.crystal_id), the seed and the
@@ -82,7 +85,7 @@ class Diffusion:
         per_atom = atom_keys(keys, batch.batch, batch.num_atoms)
         eps = keyed_normal(per_atom, 3, seed, step, _COORD_NOISE, batch.frac_coords.dtype)
         noise = self.schedule.sigmas[t_atom][:, None] * eps
-        counts = atom_counts(batch.num_atoms, batch.batch, getattr(batch, "real_atoms", None))
+        counts = atom_counts(batch.num_atoms, batch.batch, batch.real_atoms)
         targets = self.target.targets(noise, batch.batch, num_crystals, counts, t_atom)
         noised = NoisedBatch(t, lattice_t, lattice_noise, wrap(batch.frac_coords + noise), targets, batch.atom_types)
         if self.types is not None:
@@ -91,18 +94,12 @@ class Diffusion:
         return noised
 
 
-def crystal_keys(batch) -> torch.Tensor:
-    """(B,) the crystals' dataset indices when the batch carries them, else their positions.
-
-    (Not named `index`: PyG offsets any attribute with "index" in its name when batching.)
-    """
-    index = getattr(batch, "crystal_id", None)
-    if isinstance(index, torch.Tensor) and index.shape == batch.num_atoms.shape:
-        return index.long()
-    return torch.arange(batch.num_atoms.shape[0], device=batch.num_atoms.device)
+def crystal_keys(batch: CrystalBatch) -> torch.Tensor:
+    """(B,) the crystals' dataset indices, which key their noise."""
+    return batch.crystal_id.long()
 
 
-def keyed_permutations(batch, seed: int, step: Step) -> torch.Tensor:
+def keyed_permutations(batch: CrystalBatch, seed: int, step: Step) -> torch.Tensor:
     """(B,) one of the five non-identity axis permutations per crystal, keyed like the noise."""
     u = keyed_uniform(crystal_keys(batch), 1, seed, step, _PERMUTATION)[:, 0]
     return (u * (NUM_PERMUTATIONS - 1)).long().clamp(max=NUM_PERMUTATIONS - 2) + 1

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from equicsp.config import ObjectiveConfig
+from equicsp.data.batches import CrystalBatch
 from equicsp.devices import autocast
 from equicsp.model.diffusion import Diffusion, NoisedBatch, keyed_permutations
 from equicsp.model.lattice import permute_columns, permute_lattice
@@ -53,7 +54,7 @@ CSP_LOSS_NAMES = ("total", "lattice_noise", "coord_noise", "coord_score", "perm"
 GENERATION_LOSS_NAMES = CSP_LOSS_NAMES + ("type_noise",)
 
 
-def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Tensor, noised: NoisedBatch):
+def _stack_two(batch: CrystalBatch, permuted_coords: torch.Tensor, permuted_lattice: torch.Tensor, noised: NoisedBatch):
     """The batch and its permuted copy as one 2B-crystal input, so both passes share one forward."""
     num_crystals = batch.num_atoms.shape[0]
     types = noised.atom_types
@@ -63,16 +64,8 @@ def _stack_two(batch, permuted_coords: torch.Tensor, permuted_lattice: torch.Ten
                 timesteps=noised.timesteps.repeat(2),
                 batch=torch.cat([batch.batch, batch.batch + num_crystals]),
                 num_atoms=batch.num_atoms.repeat(2),
-                sizes=None if getattr(batch, "sizes", None) is None else batch.sizes.repeated(2),
-                real=None if _real(batch) is None else _real(batch).repeat(2))
-
-
-def _real(batch) -> torch.Tensor | None:
-    return getattr(batch, "real", None)
-
-
-def _real_atoms(batch) -> torch.Tensor | None:
-    return getattr(batch, "real_atoms", None)
+                sizes=batch.sizes.repeated(2),
+                real=None if batch.real is None else batch.real.repeat(2))
 
 
 class PermutationLoss:
@@ -88,7 +81,7 @@ class PermutationLoss:
     def __init__(self, type_weight: float = 1.0):
         self.type_weight = type_weight
 
-    def forward_with_loss(self, denoiser: nn.Module, batch, noised: NoisedBatch, seed: int, step: Step):
+    def forward_with_loss(self, denoiser: nn.Module, batch: CrystalBatch, noised: NoisedBatch, seed: int, step: Step):
         """(the plain pass's DenoiserOutput fields, L_perm)."""
         num_crystals, total_atoms = batch.num_atoms.shape[0], batch.atom_types.shape[0]
         permutation = keyed_permutations(batch, seed, step)
@@ -98,7 +91,7 @@ class PermutationLoss:
         plain_lattice, perm_lattice = both.lattice_noise.split(num_crystals)
         plain_coord, perm_coord = both.coord_noise.split(total_atoms)
         plain_score, perm_score = both.coord_score.split(total_atoms)
-        crystals, atoms = _real(batch), _real_atoms(batch)
+        crystals, atoms = batch.real, batch.real_atoms
         loss = (mse(perm_lattice, permute_lattice(plain_lattice, permutation), crystals)
                 + mse(perm_coord, permute_columns(plain_coord, permutation, batch.batch), atoms)
                 + mse(perm_score, permute_columns(plain_score, permutation, batch.batch), atoms))
@@ -122,7 +115,7 @@ class Objective:
                                  if weights.perm_loss and weights.perm_loss_weight > 0 else None)
         self.loss_names = GENERATION_LOSS_NAMES if diffusion.types is not None else CSP_LOSS_NAMES
 
-    def __call__(self, batch, seed: int = 0, step: Step = 0) -> LossTerms:
+    def __call__(self, batch: CrystalBatch, seed: int = 0, step: Step = 0) -> LossTerms:
         """The loss terms for one batch; its noise is keyed by (seed, step, crystal index)."""
         noised = self.diffusion.noise(batch, seed, step)
         with autocast(noised.lattice.device, self.precision):
@@ -130,10 +123,10 @@ class Objective:
                 outputs, perm_loss = self.permutation_loss.forward_with_loss(self.denoiser, batch, noised, seed, step)
             else:
                 out = self.denoiser(noised.atom_types, noised.frac_coords, noised.lattice, noised.timesteps,
-                                    batch.batch, batch.num_atoms, getattr(batch, "sizes", None), _real(batch))
+                                    batch.batch, batch.num_atoms, batch.sizes, batch.real)
                 outputs, perm_loss = (out.lattice_noise, out.coord_noise, out.coord_score, out.type_noise), None
         lattice_out, coord_out, score_out, type_out = outputs
-        crystals, atoms = _real(batch), _real_atoms(batch)
+        crystals, atoms = batch.real, batch.real_atoms
         lattice_loss = mse(lattice_out, noised.lattice_noise, crystals)
         coord_loss = mse(coord_out, noised.targets.coord_noise, atoms)
         score_loss = mse(score_out, noised.targets.coord_score, atoms)

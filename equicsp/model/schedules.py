@@ -98,7 +98,7 @@ class NoiseSchedule:
         return self.betas.shape[0] - 1
 
     @classmethod
-    def build(cls, timesteps: int, sigma_begin: float, sigma_end: float, cosine_offset: float = 0.008) -> "NoiseSchedule":
+    def build(cls, timesteps: int, sigma_begin: float, sigma_end: float, cosine_offset: float = 0.008) -> NoiseSchedule:
         zero = torch.zeros(1, dtype=torch.float64)
         betas = torch.cat([zero, cosine_betas(timesteps, cosine_offset)])
         alphas = 1 - betas
@@ -113,7 +113,7 @@ class NoiseSchedule:
             noise_norms=torch.cat([one, wrapped_noise_norm(sigmas)]),
         )
 
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "NoiseSchedule":
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
         return NoiseSchedule(**{name: getattr(self, name).to(device=device, dtype=dtype)
                                 for name in self.__dataclass_fields__})
 
