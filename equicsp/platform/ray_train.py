@@ -248,15 +248,19 @@ def fit_interruptibly(trainer: Any) -> Any:
     return outcome["result"]
 
 
-def fit_closing_the_run(trainer: Any, uri: str, run_id: str, checkpoints: str) -> Any:
-    """The fit's result; a fit that fails leaves its MLflow run FAILED, a Ctrl-C leaves it KILLED (never RUNNING)."""
+def fit_closing_the_run(trainer: Any, uri: str, run_id: str, checkpoints: str, in_sweep: bool) -> Any:
+    """The fit's result; a fit that fails leaves its MLflow run FAILED, a Ctrl-C leaves it KILLED (never RUNNING).
+
+    In a sweep's trial the sweep closes its runs: a trial that early stopping ends raises here too,
+    and its run is KILLED, not FAILED, when the sweep finishes."""
     try:
         return fit_interruptibly(trainer)
     except KeyboardInterrupt:
         tracking.client(uri).set_terminated(run_id, "KILLED")
         raise TrainingInterrupted(run_id, checkpoints) from None
     except Exception:
-        tracking.client(uri).set_terminated(run_id, "FAILED")
+        if not in_sweep:
+            tracking.client(uri).set_terminated(run_id, "FAILED")
         raise
 
 
@@ -309,7 +313,7 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks),
     )
-    result = fit_closing_the_run(trainer, uri, run_id, f"{storage}/{run_name}")
+    result = fit_closing_the_run(trainer, uri, run_id, f"{storage}/{run_name}", in_sweep=options.report_to_tune)
     diverged = tracking.get_run(uri, run_id).data.tags.get(tracking.DIVERGED_TAG)
     if diverged:
         tracking.client(uri).set_terminated(run_id, "FAILED")
