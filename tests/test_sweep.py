@@ -190,6 +190,9 @@ def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_tab
     assert done.returncode == 0, done.stderr[-3000:]
     progress = log.read_text() + done.stdout
     assert f"trial 1 of {len(trained)} (" in progress and "epoch 4/4" in progress and " left" in progress
+    quiet = progress + done.stderr  # quiet by default: the libraries' own chatter only with --verbose
+    assert "Configuration for experiment" not in quiet and "A new study created" not in quiet, quiet[-3000:]
+    assert "Creating initial MLflow database tables" not in quiet
     assert "| EquiCSP |" in done.stdout and "| DiffCSP |" in done.stdout
     assert "A smoke run tests the machinery, not the method" in done.stdout and "One seed: no spread" in done.stdout
     [parent] = runs_of_kind(uri, "sweep")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -46,6 +47,13 @@ def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def show_library_output(verbose: bool) -> None:
-    """With --verbose, MLflow draws its download bars again (the environment reaches Ray workers started after)."""
+    """With --verbose, MLflow draws its download bars again (the environment reaches Ray workers started after).
+
+    Without it, Ray Tune's legacy reporter, which prints nothing at verbose 0 (its new one prints its
+    configuration box whatever the verbosity), and MLflow's warnings only (not its store's INFO lines)."""
     if verbose:
         os.environ[PROGRESS_BAR_ENV] = "true"
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported, here or in a worker
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # and where it is imported already

@@ -136,6 +136,9 @@ def _new_tuner(spec: SweepSpec, launch: SweepLaunch, trainable, storage: str, sh
     """A fresh Tuner: Optuna seeded with every cell's first points, ASHA on the validation loss when asked."""
     points = initial_points(spec)
     metric, mode = search_metric(spec)
+    # Our own progress lines (trial k of N, arm, epochs, time left) instead of Optuna's "A new study created"
+    # lines (the searcher creates its study here), unless asked for (--verbose).
+    optuna.logging.set_verbosity(optuna.logging.INFO if launch.verbose else optuna.logging.WARNING)
     searcher = FinalResultOptunaSearch(SearchSpace(spec), metric=metric, mode=mode,
                                        points_to_evaluate=points, seed=spec.search_seed)
     epochs = spec.config_for(spec.arms[0], {}).optim.epochs
@@ -143,9 +146,7 @@ def _new_tuner(spec: SweepSpec, launch: SweepLaunch, trainable, storage: str, sh
     # last epoch, or ASHA would stop every trial at its last checkpoint, before the step-size search.
     scheduler = (ASHAScheduler(metric="val_denoise", mode="min", time_attr="epoch", max_t=epochs + 1,
                                grace_period=max(1, epochs // 4)) if spec.asha else None)
-    # Our own progress lines (trial k of N, arm, epochs, time left) instead of Tune's status box of losses and
-    # Optuna's "A new study created" lines, unless asked for (--verbose).
-    optuna.logging.set_verbosity(optuna.logging.INFO if launch.verbose else optuna.logging.WARNING)
+    # Tune's status tables only with --verbose (cli.options.show_library_output quiets the rest of its output).
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=len(points),
