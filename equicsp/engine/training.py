@@ -3,9 +3,8 @@
 Adam, ReduceLROnPlateau on the validation loss, gradient clipping by value, a
 checkpoint every `run.checkpoint_every` epochs (last.pt) with the best epoch's weights
 (best.pt), and resume from the last. The best weights are copied on the device when an epoch
-improves and written with the next checkpoint: a write waits for the device and copies every
-tensor to the host (27-55 ms at Perov-5's size on a CPU, where a GPU epoch is meant to take
-under 0.1 s), and most early epochs improve.
+improves and written with the next checkpoint: a write waits for the device and copies every tensor
+to the host (27-55 ms at Perov-5's size on a CPU; a GPU epoch should take under 0.1 s).
 Every epoch's shuffling is seeded by (seed, epoch) and every crystal's noise is keyed by
 (seed, epoch, dataset index), so a resumed run continues exactly as an uninterrupted one
 would, and the noise does not depend on the batch size or the number of workers.
@@ -19,8 +18,9 @@ When training diverges: a non-finite training loss in any step, or a non-finite 
 loss, stops the run with `TrainingDiverged` naming the epoch and the first bad step. Nothing
 of that epoch is saved, so last.pt and best.pt keep the last good weights (best.pt is written
 then, when a better epoch came after the last checkpoint). The losses are summed on the device
-and read once per epoch, so the check costs no host synchronisation per step; a step with non-finite gradients but a finite loss (gradients are clipped by value, so
-infinities become finite) shows up as a non-finite loss in the next step or in validation.
+and read once per epoch, so the check costs no host synchronisation per step; a step with
+non-finite gradients but a finite loss (gradients are clipped by value, so infinities become
+finite) shows up as a non-finite loss in the next step or in validation.
 """
 
 from __future__ import annotations
