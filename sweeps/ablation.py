@@ -19,7 +19,7 @@ from dataclasses import replace
 from equicsp.cli.options import HelpFormatter, examples
 from equicsp.cli.sweep import add_launch_arguments, apply_arguments, launch_from_arguments, run_from_command_line
 from equicsp.config import ARMS
-from equicsp.data.fetch import DATASETS, default_data_dir, fetch_hint
+from equicsp.data.fetch import DATASETS, fetch_hint, fetched_data
 from equicsp.sweep.space import FloatRange
 from equicsp.sweep.spec import SweepSpec
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     add_launch_arguments(parser)
     args = parser.parse_args(argv)
     spec = apply_arguments(PROFILES[args.profile], args)
-    if args.profile == "paper" and not args.data and not (default_data_dir(spec.preset) / "train.csv").is_file():
+    if args.profile == "paper" and not args.data and fetched_data(spec.preset) is None:
         fetch = f"{fetch_hint(spec.preset)}, or " if spec.preset in DATASETS else ""
         parser.error(f"--profile paper trains on a real dataset: {fetch}give --data PATH (a folder with train/val/test)")
     run_from_command_line(replace(spec, arms=tuple(args.arms)), launch_from_arguments(args))

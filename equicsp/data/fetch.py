@@ -83,6 +83,12 @@ def default_data_dir(name: str) -> Path:
     return data_root() / name
 
 
+def fetched_data(name: str) -> Path | None:
+    """The folder of a benchmark `fetch(name)` has put in place, None when there is none (or no such benchmark)."""
+    folder = default_data_dir(name)
+    return folder if name in DATASETS and (folder / "train.csv").is_file() else None
+
+
 def fetch_hint(name: str) -> str:
     """The sentence to print when a preset finds no data."""
     return (f"no data for {name}: run `python -m equicsp.data fetch {name}` "

@@ -24,7 +24,7 @@ from equicsp.data.crystals import (
     read_records,
     resolve_path,
 )
-from equicsp.data.fetch import DATASETS, default_data_dir, fetch_hint
+from equicsp.data.fetch import DATASETS, fetch_hint, fetched_data
 
 
 def preprocess_options(config: Config) -> PreprocessOptions:
@@ -74,8 +74,8 @@ def split_size(config: Config, split: str) -> int:
 def data_root(config: Config) -> Path:
     """The folder data.path names (the fetched benchmark's when empty); a DatasetError saying what is missing."""
     if not config.data.path:
-        fetched = default_data_dir(config.preset)
-        if config.preset not in DATASETS or not (fetched / "train.csv").is_file():
+        fetched = fetched_data(config.preset)
+        if fetched is None:
             raise DatasetError(fetch_hint(config.preset) + ", or pass --data FOLDER" if config.preset in DATASETS
                                else f"no data.path for preset {config.preset!r}: pass --data FOLDER")
         config = replace(config, data=replace(config.data, path=str(fetched)))
