@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast for the network's matmuls when precision is bf16; a no-op for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 

@@ -54,7 +54,7 @@ def field_docs(section_cls: type) -> dict[str, str]:
         name = line.strip().split(":", 1)[0]
         if not name.isidentifier() or line.lstrip().startswith("#") or ":" not in line:
             continue
-        above = []
+        above: list[str] = []
         while number - len(above) - 1 in comments and lines[number - len(above) - 2].lstrip().startswith("#"):
             above.insert(0, comments[number - len(above) - 1])
         docs[name] = comments.get(number) or " ".join(above)

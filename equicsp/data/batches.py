@@ -170,7 +170,7 @@ def pad(batch: CrystalBatch, shape: GraphSizes) -> CrystalBatch:
                         real=layout.real, real_atoms=layout.real_atoms)
 
 
-def filled(tensor: torch.Tensor, rows: int, value) -> torch.Tensor:
+def filled(tensor: torch.Tensor, rows: int, value: float) -> torch.Tensor:
     """The tensor with `rows` more rows of `value`."""
     return torch.cat([tensor, tensor.new_full((rows, *tensor.shape[1:]), value)])
 

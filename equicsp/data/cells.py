@@ -10,12 +10,14 @@ unit, within the model's `data.max_atoms`.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from math import gcd
+from typing import SupportsInt
 
 from equicsp.data.crystals import CrystalDataset
 
 
-def reduced_composition(atom_types) -> tuple[tuple[int, int], ...]:
+def reduced_composition(atom_types: Iterable[SupportsInt]) -> tuple[tuple[int, int], ...]:
     """((Z, count / gcd), ...) sorted by Z, of a crystal's atomic numbers: the same for SrTiO3 and Sr2Ti2O6."""
     counts = Counter(int(z) for z in atom_types)
     divisor = gcd(*counts.values()) if counts else 1

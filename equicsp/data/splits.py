@@ -6,6 +6,7 @@ import csv
 import math
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def preprocess_options(config: Config) -> PreprocessOptions:
     return PreprocessOptions(config.data.max_atoms, config.data.niggli, config.data.primitive)
 
 
-def find_data_folder(path: str, fallbacks: list[Path] = ()) -> str:
+def find_data_folder(path: str, fallbacks: Sequence[Path] = ()) -> str:
     """A model's data.path, or where it is from here when it does not name a folder from this working folder.
 
     A relative data.path means the folder it was trained from; evaluating elsewhere, the

@@ -21,7 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from equicsp.data.batches import CrystalBatch
+from equicsp.data.batches import CrystalBatch, GraphSizes
+from equicsp.model.diffusion import Diffusion
+from equicsp.model.noise import Step
 from equicsp.model.objective import Objective
 
 # Graphs per compiled function: one per batch shape (GraphSizes.bucket) and grad mode. A dataset of 1 to 20 atoms
@@ -93,7 +95,7 @@ class LossStep:
         self._step.fill_(step)
         return self._function(batch, self._step)
 
-    def _terms(self, batch: CrystalBatch, step) -> tuple[torch.Tensor, torch.Tensor]:
+    def _terms(self, batch: CrystalBatch, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         loss = self.objective(batch, self.seed, step)
         terms = torch.stack([getattr(loss, name).detach() for name in loss.names]).double()
         return loss.total, terms
@@ -103,9 +105,10 @@ class ShapeLog:
     """Says on stderr when a compiled step meets a new shape: its first call compiles (a while, once per shape)."""
 
     def __init__(self, what: str):
-        self.what, self.seen = what, set()
+        self.what = what
+        self.seen: set[tuple[object, ...]] = set()
 
-    def see(self, sizes, *mode) -> None:
+    def see(self, sizes: GraphSizes, *mode: bool) -> None:
         key = (sizes, *mode)
         if key not in self.seen:
             self.seen.add(key)
@@ -113,7 +116,7 @@ class ShapeLog:
                   f"{'' if not mode or mode[0] else ' (no grad)'}: shape {len(self.seen)}", file=sys.stderr, flush=True)
 
 
-def keep_tables_in_place(diffusion) -> None:
+def keep_tables_in_place(diffusion: Diffusion) -> None:
     """Mark the schedule and von Mises tables as fixed-address graph inputs, so no CUDA-graph replay copies them."""
     holders = [diffusion.schedule] + ([diffusion.tables] if diffusion.tables is not None else [])
     for holder in holders:

@@ -8,12 +8,13 @@ the lattice DDPM runs on and how to read lengths and angles back.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from equicsp.config import Config
+from equicsp.config import CompileSetting, Config
 from equicsp.data.batches import GraphSizes, Layout, atom_counts, filled, upload
 from equicsp.devices import autocast
 from equicsp.engine.compiled import (
@@ -55,10 +56,12 @@ class SampledCrystal:
 def with_sampler_options(config: Config, step_lr: float | None = None, num_steps: int | None = None,
                          batch_size: int | None = None, compile: str | None = None) -> Config:
     """The config with the sampler settings that are given (None keeps the config's own), and run.compile."""
-    changes = {k: v for k, v in dict(step_lr=step_lr, num_steps=num_steps, batch_size=batch_size).items()
-               if v is not None}
-    run = config.run if compile is None else replace(config.run, compile=compile)
-    return replace(config, sampler=replace(config.sampler, **changes), run=run).validate()
+    sampler = replace(config.sampler, step_lr=config.sampler.step_lr if step_lr is None else step_lr,
+                      num_steps=config.sampler.num_steps if num_steps is None else num_steps,
+                      batch_size=config.sampler.batch_size if batch_size is None else batch_size)
+    # Any other string than auto, on or off is refused by validate() below.
+    run = config.run if compile is None else replace(config.run, compile=cast(CompileSetting, compile))
+    return replace(config, sampler=sampler, run=run).validate()
 
 
 COMPILE_HELP = ("compile the sampling step: auto (on CUDA), on, off; default: the model's run.compile. Compiling "
@@ -95,12 +98,14 @@ class Sampler:
         if self.compiled:
             keep_tables_in_place(diffusion)
 
-    def score(self, atom_types, frac_coords, lattice, t, layout: Layout):
+    def score(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor, t: int | torch.Tensor,
+              layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """eps_hat_l and the coordinate score in X (unnormalised; PM-corrected when the target has it)."""
         lattice_noise, score, _ = self.predict(atom_types, frac_coords, lattice, t, layout)
         return lattice_noise, score
 
-    def predict(self, atom_types, frac_coords, lattice, t: int | torch.Tensor, layout: Layout):
+    def predict(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor, t: int | torch.Tensor,
+                layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """score's outputs and the atom types' eps_hat ((N, 100) for generation, else None)."""
         num_crystals = layout.sizes.crystals
         timesteps = (t.expand(num_crystals) if isinstance(t, torch.Tensor)
@@ -113,7 +118,8 @@ class Sampler:
                                                        counts, timesteps[layout.batch])
         return out.lattice_noise, score, out.type_noise
 
-    def lattice_step(self, lattice, lattice_noise, t: int | torch.Tensor, s: int | torch.Tensor, z):
+    def lattice_step(self, lattice: torch.Tensor, lattice_noise: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor,
+                     z: torch.Tensor) -> torch.Tensor:
         """DDPM from t to s < t: the step of docs/method.md#lattice-step for s = t - 1, its strided form otherwise.
 
         Written through the implied clean lattice l0_hat = (l_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
@@ -197,7 +203,8 @@ class Sampler:
         return atom_types, x, lattice
 
     def _pc_step(self, atom_types: torch.Tensor, x: torch.Tensor, lattice: torch.Tensor, t: torch.Tensor,
-                 s: torch.Tensor, layout: Layout, per_atom: torch.Tensor, keys: torch.Tensor, seed: int):
+                 s: torch.Tensor, layout: Layout, per_atom: torch.Tensor, keys: torch.Tensor,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One predictor-corrector step from t to s (0-d device tensors) -> (types, x, lattice)."""
         dtype = torch.float32
         sigmas = self.schedule.sigmas
@@ -217,6 +224,7 @@ class Sampler:
         lattice = self.lattice_step(lattice, lattice_noise, t, s, z)
         if self.diffusion.types is not None:  # generation: the types follow their DDPM too
             z = keyed_normal(per_atom, NUM_TYPE_CLASSES, seed, t, _TYPES, dtype)
+            assert type_noise is not None  # a diffusion of the atom types goes with a denoiser that has a type head
             atom_types = self.diffusion.types.step(atom_types, type_noise.to(dtype), t, s, z,
                                                     self.config.sampler.clip_types)
         return atom_types, x, lattice

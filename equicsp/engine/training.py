@@ -1,13 +1,12 @@
 """The per-process training loop: used as is by the Ray workers and by `python -m equicsp.train --local`.
 
-Adam, ReduceLROnPlateau on the validation loss, gradient clipping by value, a
-checkpoint every `run.checkpoint_every` epochs (last.pt) with the best epoch's weights
-(best.pt), and resume from the last. The best weights are copied on the device when an epoch
-improves and written with the next checkpoint: a write waits for the device and copies every tensor
-to the host (27-55 ms at Perov-5's size on a CPU; a GPU epoch should take under 0.1 s), and most early epochs improve.
-Every epoch's shuffling is seeded by (seed, epoch) and every crystal's noise is keyed by
-(seed, epoch, dataset index), so a resumed run continues exactly as an uninterrupted one
-would, and the noise does not depend on the batch size or the number of workers.
+Adam, ReduceLROnPlateau on the validation loss, gradient clipping by value, a checkpoint every `run.checkpoint_every`
+epochs (last.pt) with the best epoch's weights (best.pt), and resume from the last. The best weights are copied on the
+device when an epoch improves and written with the next checkpoint: a write waits for the device and copies every
+tensor to the host (27-55 ms at Perov-5's size on a CPU; a GPU epoch should take under 0.1 s), and most early epochs
+improve. Every epoch's shuffling is seeded by (seed, epoch) and every crystal's noise is keyed by (seed, epoch,
+dataset index), so a resumed run continues exactly as an uninterrupted one would, and the noise does not depend on the
+batch size or the number of workers.
 
 A run resumes only a run of the same config and data: the fields in `RESUMABLE_FIELDS` (epochs,
 checkpoint and log intervals, device, sampler) may change, any other difference is an error
@@ -211,8 +210,8 @@ class TrainingLoop:
     def _train_pass(self) -> DevicePass:
         epoch = self.state.epoch
         self.model.train()
-        done = DevicePass("train", self._zero_sums(), clock=DeviceClock(self.device),
-                          first_bad=torch.zeros((), dtype=torch.long, device=self.device))
+        clock, first_bad = DeviceClock(self.device), torch.zeros((), dtype=torch.long, device=self.device)
+        done = DevicePass("train", self._zero_sums(), clock=clock, first_bad=first_bad)
         loader = self._shard(self.train_set, epoch, shuffle=True)
         batches = self.train_crystals.batches(loader, self.capacity)
         progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.show_progress)
@@ -224,8 +223,8 @@ class TrainingLoop:
             self.optimizer.step()
             done.add(terms, len(indices))
             # 1-based step of the first nan/inf loss, kept on the device.
-            done.first_bad = torch.where((done.first_bad == 0) & ~torch.isfinite(terms[0]), step, done.first_bad)
-        done.clock.stop()
+            done.first_bad = first_bad = torch.where((first_bad == 0) & ~torch.isfinite(terms[0]), step, first_bad)
+        clock.stop()
         return done
 
     def _validation_pass(self) -> DevicePass:
@@ -252,6 +251,7 @@ class TrainingLoop:
                 for done, row in zip(passes, rows)]
 
     def _train_metrics(self, done: DevicePass, metrics: dict[str, float]) -> dict[str, float]:
+        assert done.clock is not None and done.first_bad is not None  # _train_pass gives a training pass both
         if not all(math.isfinite(value) for value in metrics.values()):
             bad = int(done.first_bad)
             where = f"first at step {bad} of {done.steps}" if bad else "first on another worker"

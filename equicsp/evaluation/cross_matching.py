@@ -22,6 +22,7 @@ import math
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -97,7 +98,7 @@ def match_tile(tile: MetreTile) -> list[tuple[int, float]]:
     return [(reference.index, _best_rms(matcher, reference, samples)) for reference in tile.references]
 
 
-def _guarded(work, *args) -> Any:
+def _guarded(work: Callable[..., Any], *args: object) -> Any:
     """work(*args) within the matching time limit, warnings silenced; None when it raises."""
     try:
         with warnings.catch_warnings(), time_limit(MATCH_TIMEOUT_S):

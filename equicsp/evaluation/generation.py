@@ -80,7 +80,7 @@ def generate(model: nn.Module, config: Config, histogram: list[int], num: int, s
     return crystals
 
 
-def as_arrays(crystal) -> CrystalArrays:
+def as_arrays(crystal: SampledCrystal) -> CrystalArrays:
     return CrystalArrays.of(crystal.atom_types, crystal.frac_coords, crystal.lengths, crystal.angles)
 
 
@@ -132,7 +132,7 @@ def write_generated(crystals: list[SampledCrystal], report: GenerationReport | N
     return files
 
 
-def _json_number(value):
+def _json_number(value: object) -> str | None:
     return None if isinstance(value, float) and math.isnan(value) else str(value)
 
 

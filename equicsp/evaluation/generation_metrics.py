@@ -240,10 +240,11 @@ def validity_rates(generated: list[CrystalProperties]) -> dict[str, float]:
 
 
 def _fingerprint_arrays(crystals: list[CrystalProperties]) -> tuple[np.ndarray, np.ndarray]:
-    usable = [c for c in crystals if c.structure_fp is not None and c.composition_fp is not None]
+    usable = [(structure, composition) for structure, composition in ((c.structure_fp, c.composition_fp) for c in crystals)
+              if structure is not None and composition is not None]
     if not usable:
         return np.zeros((0, 61)), np.zeros((0, 132))
-    return np.stack([c.structure_fp for c in usable]), np.stack([c.composition_fp for c in usable])
+    return np.stack([structure for structure, _ in usable]), np.stack([composition for _, composition in usable])
 
 
 def generation_metrics(generated: list[CrystalProperties], reference: list[CrystalProperties] | None,

@@ -65,8 +65,8 @@ def leaked_test_crystals(train: CrystalDataset, test: CrystalDataset, processes:
             pass  # unreadable: computed again and rewritten below
     by_composition: dict[tuple, list[int]] = {}
     for index in range(len(train)):
-        key = reduced_composition(train[index].atom_types.tolist())
-        by_composition.setdefault(key, []).append(index)
+        composition = reduced_composition(train[index].atom_types.tolist())
+        by_composition.setdefault(composition, []).append(index)
     jobs = []
     for index in range(len(test)):
         candidates = by_composition.get(reduced_composition(test[index].atom_types.tolist()), [])

@@ -59,7 +59,8 @@ def rms_dist(matcher: StructureMatcher, generated: ReducedStructure,
     match = matcher._match(struct1, struct2, fu, s1_supercell, use_rms=True, break_on_match=False)
     if match is None:
         return None
-    return match[0], max(match[1])
+    # pymatgen annotates _match's second item as a float; it is the array of site distances (get_rms_dist takes its max too).
+    return match[0], max(match[1])  # type: ignore[call-overload]
 
 
 def best_of_k(matcher: StructureMatcher, reference: Structure,

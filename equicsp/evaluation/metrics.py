@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -31,9 +32,18 @@ from tqdm.auto import tqdm
 from equicsp.evaluation.matching import ReducedStructure, reduce_for_matching, rms_dist
 from equicsp.evaluation.scores import corrected_rmse
 
+
+class MatcherTolerances(TypedDict):
+    """StructureMatcher's tolerance keyword arguments."""
+
+    stol: float
+    angle_tol: float
+    ltol: float
+
+
 MIN_DISTANCE = 0.5  # Angstrom
 MIN_VOLUME = 0.1  # Angstrom^3
-MATCHER_TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)
+MATCHER_TOLERANCES = MatcherTolerances(stol=0.5, angle_tol=10, ltol=0.3)
 # Raised whenever a change to the scoring rules can change a score: evaluations logged under an earlier version
 # are not reused (2: the published evaluation's SMACT test and cut-offs, best of k without the ground truth's validity;
 # generation: CDVAE's Magpie statistics, CrystalNN failures invalid; 3: corrected RMSE and METRe added).
@@ -90,7 +100,8 @@ class CrystalArrays:
                    tuple(as_list(lengths)), tuple(as_list(angles)))
 
     def to_structure(self) -> Structure:
-        return Structure(Lattice.from_parameters(*self.lengths, *self.angles), list(self.atom_types),
+        # pymatgen takes atomic numbers as species; its annotation (CompositionLike) leaves int out.
+        return Structure(Lattice.from_parameters(*self.lengths, *self.angles), list(self.atom_types),  # type: ignore[arg-type]
                          list(self.frac_coords), coords_are_cartesian=False)
 
 

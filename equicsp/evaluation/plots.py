@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
@@ -62,9 +64,10 @@ def evaluation_figure(results, path: Path, title: str = "") -> Path:
         ("number of atoms", lambda r: r.num_atoms), ("number of elements", lambda r: len(Composition(r.formula).elements)))}
     groups = {label: matched for label, matched in groups.items() if len(matched) > 1}
     outcomes = _outcome_counts(results)
-    draw = {"rms": lambda axis: _rms_histogram(axis, [r.rms for r in usable if r.matched], outcomes),
-            **({"outcomes": lambda axis: _outcome_bars(axis, outcomes)} if len(outcomes) > 1 else {}),
-            **{label: partial(_match_rate_bars, label=label, matched=matched) for label, matched in groups.items()}}
+    draw: dict[str, Callable[[Axes], None]] = {
+        "rms": lambda axis: _rms_histogram(axis, [r.rms for r in usable if r.matched], outcomes),
+        **({"outcomes": lambda axis: _outcome_bars(axis, outcomes)} if len(outcomes) > 1 else {}),
+        **{label: partial(_match_rate_bars, label=label, matched=matched) for label, matched in groups.items()}}
     width = {name: max(1.0, len(groups[name]) / 7) if name in groups else 1.0 for name in draw}  # 20 sizes: wider
     # The two summaries in one row, the groupings beside them, or in a row below when both have a panel (MP-20).
     rows = [list(draw)] if len(groups) < 2 else [[n for n in draw if n not in groups], list(groups)]
@@ -249,7 +252,8 @@ def _plain_log_ticks(axis) -> None:
     low, high = axis.get_ylim()
     span = high / low if low > 0 else np.inf
     subs = np.arange(1.0, 10.0) if span < 3 else (1.0, 2.0, 5.0) if span < 100 else (1.0,)
-    axis.yaxis.set_major_locator(LogLocator(subs=subs))
+    # matplotlib's stub says Sequence[float]; LogLocator takes any 1-d array of floats (np.asarray(subs, dtype=float)).
+    axis.yaxis.set_major_locator(LogLocator(subs=subs))  # type: ignore[arg-type]
     axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.yaxis.set_minor_formatter(NullFormatter())
 

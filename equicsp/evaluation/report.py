@@ -6,12 +6,14 @@ import csv
 import json
 import math
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any, cast
 
 from pymatgen.io.cif import CifWriter
 
-from equicsp.config import ARMS
+from equicsp.config import ARMS, ObjectiveConfig
 from equicsp.data.crystals import CrystalDataset
 from equicsp.engine.sampler import SampledCrystal
 from equicsp.evaluation.csp import Evaluation
@@ -58,7 +60,7 @@ def figure_title(evaluation: Evaluation, model: str = "") -> str:
                                         f"step_lr {evaluation.config.sampler.step_lr:g}") if part)
 
 
-def _switches(objective) -> dict:
+def _switches(objective: ObjectiveConfig) -> dict[str, object]:
     """An objective's switches: its loss weights left out (a sweep may search them), but for a weight of 0, which
     drops a loss term (the none and DiffCSP arms)."""
     return {name: value for name, value in asdict(objective).items() if not name.endswith("_weight") or value == 0}
@@ -77,14 +79,17 @@ def summary_record(evaluation: Evaluation) -> dict[str, float]:
 
 
 # How each type of CrystalResult's fields is read back from per_crystal.csv ("" is None where None is allowed).
-_READERS = {"int": int, "str": str, "float": float, "bool": lambda text: text == "True",
-            "bool | None": lambda text: None if text == "" else text == "True",
-            "float | None": lambda text: None if text == "" else float(text)}
+# Any: what a reader returns is the type its key names.
+_READERS: dict[str, Callable[[str], Any]] = {
+    "int": int, "str": str, "float": float, "bool": lambda text: text == "True",
+    "bool | None": lambda text: None if text == "" else text == "True",
+    "float | None": lambda text: None if text == "" else float(text)}
 
 
 def read_results_csv(path: str | Path) -> list[CrystalResult]:
     """per_crystal.csv (write_results_csv) read back, in its order: the per-crystal results of a logged evaluation."""
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    known = {field.name: _READERS[field.type] for field in fields(CrystalResult)}
+    # metrics.py has `from __future__ import annotations`: each field's type is the text of its annotation.
+    known = {field.name: _READERS[cast(str, field.type)] for field in fields(CrystalResult)}
     return [CrystalResult(**{name: known[name](text) for name, text in row.items() if name in known}) for row in rows]

@@ -80,13 +80,17 @@ def metre(references: Sequence[Structure | None], generated: Sequence[Structure 
     reduced: dict[int, ReducedStructure] = {}
     rms, best = [math.nan] * len(references), [-1] * len(references)
     for i, reference in enumerate(references):
-        same_composition = candidates.get(composition_key(reference), []) if reference is not None else []
+        if reference is None:
+            continue
+        same_composition = candidates.get(composition_key(reference), [])
         if not same_composition:
             continue
         target = reduce_for_matching(matcher, reference)
         for j in same_composition:
             if j not in reduced:
-                reduced[j] = reduce_for_matching(matcher, generated[j])
+                sample = generated[j]
+                assert sample is not None  # candidates holds the indices of generated crystals only
+                reduced[j] = reduce_for_matching(matcher, sample)
             found = rms_dist(matcher, reduced[j], target)
             if found is not None and (best[i] < 0 or found[0] < rms[i]):
                 rms[i], best[i] = float(found[0]), j

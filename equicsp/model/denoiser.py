@@ -17,7 +17,9 @@ Two exact rewrites make it cheaper than the reference code without changing the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -169,6 +171,8 @@ class CSPLayer(nn.Module):
 
 
 class CSPNet(nn.Module):
+    frequencies: torch.Tensor  # the buffer registered in __init__
+
     def __init__(self, config: ModelConfig, lattice: LatticeRepresentation = LATTICE_REPRESENTATIONS["projected"],
                  diffuse_types: bool = False):
         super().__init__()
@@ -198,7 +202,8 @@ class CSPNet(nn.Module):
         angles = (distance.unsqueeze(-1) * self.frequencies).flatten(1)  # (P, 3K), axis-major
         sines, cosines = angles.sin(), angles.cos()
         tables = []
-        for layer in self.layers:
+        # nn.ModuleList is not generic: its items are the CSPLayers __init__ built.
+        for layer in cast("Sequence[CSPLayer]", self.layers):
             sin_weight, cos_weight = layer.edge_fourier.weight[:, :k3], layer.edge_fourier.weight[:, k3:]
             sin_part = sines @ sin_weight.T.to(angles.dtype)
             cos_part = cosines @ cos_weight.T.to(angles.dtype)
@@ -248,8 +253,9 @@ class FrameAveraged(nn.Module):
     def config(self) -> ModelConfig:
         return self.network.config
 
-    def forward(self, atom_types, frac_coords, lattice, timesteps, batch, num_atoms,
-                sizes: GraphSizes | None = None, real: torch.Tensor | None = None) -> DenoiserOutput:
+    def forward(self, atom_types: torch.Tensor, frac_coords: torch.Tensor, lattice: torch.Tensor, timesteps: torch.Tensor,
+                batch: torch.Tensor, num_atoms: torch.Tensor, sizes: GraphSizes | None = None,
+                real: torch.Tensor | None = None) -> DenoiserOutput:
         num_crystals, total_atoms = num_atoms.shape[0], atom_types.shape[0]
         device = lattice.device
         perms = torch.arange(NUM_PERMUTATIONS, device=device).repeat_interleave(num_crystals)  # (6B,)

@@ -142,19 +142,19 @@ class ProjectedLattice(LatticeRepresentation):
 
     name, dim, feature_dim, permutable = "projected", 6, 6, True
 
-    def encode(self, lengths, angles):
+    def encode(self, lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         return project_lattice(lengths, angles)
 
-    def decode(self, lattice):
+    def decode(self, lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return unproject_lattice(lattice)
 
-    def features(self, lattice):
+    def features(self, lattice: torch.Tensor) -> torch.Tensor:
         return lattice
 
-    def network_noise(self, output, lattice):
+    def network_noise(self, output: torch.Tensor, lattice: torch.Tensor) -> torch.Tensor:
         return output
 
-    def clamp_physical(self, lattice):
+    def clamp_physical(self, lattice: torch.Tensor) -> torch.Tensor:
         # Scalar bounds per half (the projection is monotonic): no bound tensor is built per step.
         lengths = lattice[:, :3].clamp(math.log(MIN_LENGTH), math.log(MAX_LENGTH))
         angles = lattice[:, 3:].clamp(_projected_angle(MIN_ANGLE), _projected_angle(MAX_ANGLE))
@@ -171,20 +171,20 @@ class MatrixLattice(LatticeRepresentation):
 
     name, dim, feature_dim, permutable = "matrix", 9, 9, False
 
-    def encode(self, lengths, angles):
+    def encode(self, lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         return lattice_matrix(lengths, angles).flatten(1)
 
-    def decode(self, lattice):
+    def decode(self, lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return matrix_lengths_angles(lattice.view(-1, 3, 3))
 
-    def features(self, lattice):
+    def features(self, lattice: torch.Tensor) -> torch.Tensor:
         matrix = lattice.view(-1, 3, 3)
         return (matrix @ matrix.transpose(1, 2)).flatten(1)
 
-    def network_noise(self, output, lattice):
+    def network_noise(self, output: torch.Tensor, lattice: torch.Tensor) -> torch.Tensor:
         return (output.view(-1, 3, 3) @ lattice.view(-1, 3, 3).to(output.dtype)).flatten(1)
 
-    def clamp_physical(self, lattice):
+    def clamp_physical(self, lattice: torch.Tensor) -> torch.Tensor:
         # Each cell vector rescaled into the length range; angles are left to the matcher's degenerate-cell guard.
         matrix = lattice.view(-1, 3, 3)
         lengths = matrix.norm(dim=-1, keepdim=True)

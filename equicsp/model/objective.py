@@ -54,7 +54,12 @@ CSP_LOSS_NAMES = ("total", "lattice_noise", "coord_noise", "coord_score", "perm"
 GENERATION_LOSS_NAMES = CSP_LOSS_NAMES + ("type_noise",)
 
 
-def _stack_two(batch: CrystalBatch, permuted_coords: torch.Tensor, permuted_lattice: torch.Tensor, noised: NoisedBatch):
+# The denoiser's four outputs (DenoiserOutput's fields): lattice noise, coordinate noise, coordinate score, type noise.
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _stack_two(batch: CrystalBatch, permuted_coords: torch.Tensor, permuted_lattice: torch.Tensor,
+               noised: NoisedBatch) -> dict[str, object]:
     """The batch and its permuted copy as one 2B-crystal input, so both passes share one forward."""
     num_crystals = batch.num_atoms.shape[0]
     types = noised.atom_types
@@ -81,7 +86,8 @@ class PermutationLoss:
     def __init__(self, type_weight: float = 1.0):
         self.type_weight = type_weight
 
-    def forward_with_loss(self, denoiser: nn.Module, batch: CrystalBatch, noised: NoisedBatch, seed: int, step: Step):
+    def forward_with_loss(self, denoiser: nn.Module, batch: CrystalBatch, noised: NoisedBatch, seed: int,
+                          step: Step) -> tuple[Outputs, torch.Tensor]:
         """(the plain pass's DenoiserOutput fields, L_perm)."""
         num_crystals, total_atoms = batch.num_atoms.shape[0], batch.atom_types.shape[0]
         permutation = keyed_permutations(batch, seed, step)
@@ -134,5 +140,6 @@ class Objective:
         total = lattice_loss + self.coord_noise_weight * coord_loss + score_loss + self.perm_weight * perm_loss
         if noised.type_noise is None:
             return LossTerms(total, lattice_loss, coord_loss, score_loss, perm_loss)
+        assert type_out is not None  # a diffusion of the atom types goes with a denoiser that has a type head
         type_loss = mse(type_out, noised.type_noise, atoms)
         return LossTerms(total + self.type_noise_weight * type_loss, lattice_loss, coord_loss, score_loss, perm_loss, type_loss)

@@ -6,6 +6,7 @@ Every table is indexed by the timestep t = 0 .. T, entry 0 being the clean data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,8 @@ def wrapped_normal_score(x: torch.Tensor, sigma: torch.Tensor, images: int = WRA
     return (x + numerator / denominator) * (2 * scale)
 
 
-def _gaussian_expectation(function, sigmas: torch.Tensor, points: int = 2001) -> torch.Tensor:
+def _gaussian_expectation(function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sigmas: torch.Tensor,
+                          points: int = 2001) -> torch.Tensor:
     """E[f(sigma z)] for z ~ N(0, 1), per sigma, by the trapezoid rule on z in [-8, 8] (float64)."""
     z = torch.linspace(-8.0, 8.0, points, dtype=torch.float64)
     density = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)

@@ -32,11 +32,13 @@ class RawNoiseTarget:
     def __init__(self, schedule: NoiseSchedule):
         self.schedule = schedule
 
-    def coordinate_score(self, score_output, noise_output, batch, num_crystals, atom_counts, timesteps):
+    def coordinate_score(self, score_output: torch.Tensor, noise_output: torch.Tensor, batch: torch.Tensor,
+                         num_crystals: int, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """(N, 3) the score in X from the score head's normalised output."""
         return score_output * self.score_scale(atom_counts, timesteps)[:, None]
 
-    def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
+    def targets(self, noise: torch.Tensor, batch: torch.Tensor, num_crystals: int, atom_counts: torch.Tensor,
+                timesteps: torch.Tensor) -> CoordinateTargets:
         sigma = self.schedule.sigmas[timesteps][:, None]
         return CoordinateTargets(
             coord_score=wrapped_normal_score(noise, sigma) / self.score_scale(atom_counts, timesteps)[:, None],
@@ -66,7 +68,8 @@ class ComFreeTarget:
         self.prob_model = prob_model
         self.score_norms = tables.von_mises_score_norm if von_mises else tables.wrapped_normal_score_norm
 
-    def coordinate_score(self, score_output, noise_output, batch, num_crystals, atom_counts, timesteps):
+    def coordinate_score(self, score_output: torch.Tensor, noise_output: torch.Tensor, batch: torch.Tensor,
+                         num_crystals: int, atom_counts: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """(N, 3) the score in X from the heads' normalised outputs."""
         score = score_output * self.score_scale(atom_counts, timesteps)[:, None]
         if not self.prob_model:
@@ -74,7 +77,8 @@ class ComFreeTarget:
         predicted_noise = noise_output * self.noise_scale(atom_counts, timesteps)[:, None]
         return pm_corrected_score(score, predicted_noise, batch, num_crystals, atom_counts)
 
-    def targets(self, noise, batch, num_crystals, atom_counts, timesteps) -> CoordinateTargets:
+    def targets(self, noise: torch.Tensor, batch: torch.Tensor, num_crystals: int, atom_counts: torch.Tensor,
+                timesteps: torch.Tensor) -> CoordinateTargets:
         centred = wrap_centered(com_free_noise(noise, batch, num_crystals, atom_counts))  # (N, 3) in [-0.5, 0.5)
         if self.von_mises:
             kappa = self.tables.kappa[atom_counts, timesteps][:, None]
@@ -95,7 +99,8 @@ def target_class(objective: ObjectiveConfig) -> type[RawNoiseTarget] | type[ComF
     return ComFreeTarget if objective.com_free_noise else RawNoiseTarget
 
 
-def build_target(objective: ObjectiveConfig, schedule: NoiseSchedule, tables: VonMisesTables | None):
+def build_target(objective: ObjectiveConfig, schedule: NoiseSchedule,
+                 tables: VonMisesTables | None) -> RawNoiseTarget | ComFreeTarget:
     if target_class(objective) is RawNoiseTarget:
         return RawNoiseTarget(schedule)
     if tables is None:

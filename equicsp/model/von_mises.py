@@ -82,7 +82,7 @@ def _statistics_for(num_atoms: int, sigmas: torch.Tensor, num_samples: int, seed
     crystals = math.ceil(num_samples / num_atoms)
     chunk = max(1, chunk_elements // (crystals * num_atoms))
     generator_state = generator.get_state()
-    stats = {"one_minus_cos": [], "sin_sq": [], "noise_sq": [], "wn_score_sq": []}
+    stats: dict[str, list[torch.Tensor]] = {"one_minus_cos": [], "sin_sq": [], "noise_sq": [], "wn_score_sq": []}
     for start in range(0, sigmas.shape[0], chunk):
         generator.set_state(generator_state)  # the same standard normals for every sigma
         # float32 draws; the means below accumulate in float64.
