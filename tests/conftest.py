@@ -13,8 +13,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Every test session gets its own preprocessing / von Mises cache."""
+    """Every test session gets its own preprocessing / von Mises cache, and its own MLflow store: a test that names
+    no store made the checkout's mlflow/artifacts (and would log into a server $MLFLOW_TRACKING_URI names)."""
     os.environ["EQUICSP_CACHE_DIR"] = str(tmp_path_factory.mktemp("equicsp-cache"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     yield
 
 

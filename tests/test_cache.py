@@ -8,7 +8,8 @@ import pytest
 import torch
 from filesystems import full_disk, read_only_disk
 
-from equicsp.data.cache import check_writable_folder, remove_orphaned_temporaries, save_atomically
+from equicsp.data.cache import remove_orphaned_temporaries, save_atomically
+from equicsp.data.outputs import check_writable
 
 
 def test_a_full_disk_leaves_no_temporary_file_and_says_so(tmp_path):
@@ -42,10 +43,10 @@ def test_the_temporary_files_of_a_killed_writer_are_found_and_nothing_else(tmp_p
 def test_an_output_folder_that_cannot_be_made_is_a_sentence(tmp_path):
     (tmp_path / "file.txt").write_text("")
     with pytest.raises(OSError, match="cannot write to output folder .*file.txt/sub: Not a directory"):
-        check_writable_folder(tmp_path / "file.txt" / "sub")
-    with pytest.raises(OSError, match="it is a file, not a folder"):
-        check_writable_folder(tmp_path / "file.txt")
-    made = check_writable_folder(tmp_path / "a" / "b")
+        check_writable(tmp_path / "file.txt" / "sub")
+    with pytest.raises(OSError, match="file.txt is a file, not a folder"):
+        check_writable(tmp_path / "file.txt")
+    made = check_writable(tmp_path / "a" / "b")
     assert made.is_dir() and list(made.iterdir()) == []
 
 

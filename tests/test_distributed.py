@@ -186,7 +186,7 @@ def test_ray_mode_checks_its_out_folder_run_name_and_stores_before_any_work(tmp_
         train_main(ray_arguments(tiny_data_dir, tmp_path / "file" / "sub"))
     with pytest.raises(SystemExit, match=r"^error: cannot write to the MLflow store .*file is a file, not a folder"):
         train_main(ray_arguments(tiny_data_dir, tmp_path / "other", "--tracking-uri", f"sqlite:///{tmp_path}/file/m.db"))
-    with pytest.raises(SystemExit, match=r"^error: cannot write to Ray storage folder .*file: it is a file"):
+    with pytest.raises(SystemExit, match=r"^error: cannot write to Ray storage folder .*file: .*file is a file, not a folder"):
         train_main(ray_arguments(tiny_data_dir, tmp_path / "other", "--storage-path", str(tmp_path / "file")))
     for name in ("../../escaped", "a/b", ".."):
         with pytest.raises(SystemExit, match=rf"^error: --run-name '{re.escape(name)}' must be a plain name"):

@@ -220,7 +220,7 @@ def test_out_folders_that_cannot_hold_the_run_are_one_sentence_before_any_work(t
         train_main(fast_arguments(tiny_data_dir, ""))
     assert "--out: an empty path" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match=r"^error: cannot write to output folder .*file: it is a file, not a folder$"):
+    with pytest.raises(SystemExit, match=r"^error: cannot write to output folder .*file: .*file is a file, not a folder$"):
         train_main(fast_arguments(tiny_data_dir, tmp_path / "file"))
     with pytest.raises(SystemExit, match=r"^error: cannot write to output folder .*file/run: Not a directory$"):
         train_main(fast_arguments(tiny_data_dir, tmp_path / "file" / "run"))
@@ -244,9 +244,12 @@ def test_a_read_only_or_full_out_is_one_sentence(tiny_data_dir, tmp_path):
     with read_only_disk(tmp_path / "ro") as folder, \
             pytest.raises(SystemExit, match=rf"^error: cannot write to output folder {folder}/run: Read-only file system$"):
         train_main(fast_arguments(tiny_data_dir, folder / "run"))
-    with full_disk(tmp_path / "full", "16k") as folder:
+    with full_disk(tmp_path / "small", "16k") as folder, \
+            pytest.raises(SystemExit, match=rf"^error: cannot write to output folder {folder}: no space left on {folder}$"):
+        train_main(fast_arguments(tiny_data_dir, folder))  # refused before the work
+    with full_disk(tmp_path / "full", "2m") as folder:  # room for the first check's probe, not for this model's checkpoint
         with pytest.raises(SystemExit, match=rf"^error: no space left on {folder} \(writing (best|last)\.pt\)$"):
-            train_main(fast_arguments(tiny_data_dir, folder, **{"optim.epochs": 2}))
+            train_main(fast_arguments(tiny_data_dir, folder, **{"optim.epochs": 2, "model.hidden_dim": 512}))
         assert not list(folder.glob("*.tmp"))
 
 

@@ -16,13 +16,14 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from equicsp.data.outputs import check_writable
 
 T = TypeVar("T")
 
@@ -49,7 +50,7 @@ def _cache_root() -> Path:
 def check_cache_writable() -> None:
     """Warn once, before a command's work, when the cache folder cannot be written: the work goes on uncached."""
     try:
-        check_writable_folder(_cache_root(), "cache folder")
+        check_writable(_cache_root(), "cache folder")
     except OSError as error:
         _warn_cache_unwritable(error)
 
@@ -131,7 +132,7 @@ def store_cached_text(text: str, path: Path) -> None:
     _store_in_cache(path, lambda temporary: temporary.write_text(text))
 
 
-def _store_in_cache(path: Path, write: Callable[[Path], None]) -> None:
+def _store_in_cache(path: Path, write: Callable[[Path], object]) -> None:
     try:
         _write_atomically(path, write)
     except OSError as error:
@@ -166,7 +167,7 @@ def copy_atomically(source: Path, path: Path) -> None:
 TEMPORARY_NAME = re.compile(r".+\.\d+\.tmp$")
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """write(temporary), then rename it to path.
 
     When the write fails (a full disk, say) the temporary file is removed, not left to keep
@@ -200,17 +201,3 @@ def remove_orphaned_temporaries(folder: Path) -> list[Path]:
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
-
-
-def check_writable_folder(folder: Path, what: str = "output folder") -> Path:
-    """Create folder (with its parents) and write a probe file in it, so that a command fails before its work."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OSError(f"cannot write to {what} {folder}: it is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".equicsp-probe-"):
-            pass
-    except OSError as error:
-        raise OSError(f"cannot write to {what} {folder}: {error.strerror or error}") from None
-    return folder

@@ -77,7 +77,7 @@ class OutputFolder:
         self.open()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def open(self) -> OutputFolder:

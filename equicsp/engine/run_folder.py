@@ -16,7 +16,8 @@ import yaml
 from filelock import FileLock, Timeout
 
 from equicsp.config import RENAMED_FIELDS, Config, ConfigError, flatten
-from equicsp.data.cache import check_writable_folder, remove_orphaned_temporaries
+from equicsp.data.cache import remove_orphaned_temporaries
+from equicsp.data.outputs import check_writable
 from equicsp.engine.checkpoint import read_checkpoint
 
 # What a resumed run may change: how long it trains, how often it checkpoints and logs, where it
@@ -57,7 +58,7 @@ class RunFolderBusy(RuntimeError):
 def claimed_run_folder(folder: Path) -> Iterator[Path]:
     """The folder, made and checked writable, held for this process alone, and cleared of the temporary files a
     killed writer left; a RunFolderBusy when another process holds it, an OSError when it cannot be written."""
-    folder = check_writable_folder(Path(folder))
+    folder = check_writable(Path(folder))
     lock = FileLock(folder / LOCK_NAME, timeout=0)
     try:
         lock.acquire()

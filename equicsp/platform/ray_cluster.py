@@ -10,8 +10,11 @@ suite's), and it says in one line which it did.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,28 @@ def set_ray_address(address: str | None) -> None:
     """`--address`: every later `connect_ray` in this process (and the processes it starts) joins that cluster."""
     if address:
         os.environ["RAY_ADDRESS"] = address
+
+
+@contextmanager
+def state_api_of_this_cluster() -> Iterator[None]:
+    """Ray's state API (`ray.util.state`) asks the cluster this process is connected to.
+
+    By itself it takes $RAY_ADDRESS before any address it is given, and `local` there (or no
+    address at all) makes it look for a Ray running on this machine: beside another user's Ray
+    it failed ("found multiple active Ray instances") or asked the other one. Its own variable,
+    RAY_API_SERVER_ADDRESS, comes first; it is set to this cluster's GCS for the block.
+    """
+    import ray
+
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
 
 
 def registered_cluster() -> tuple[str | None, str]:
@@ -86,14 +111,14 @@ def connect_ray(address: str | None = None, dashboard: bool = False) -> None:
     choice = choose_ray(address)
     if choice.address is None:
         # "local": a new Ray even where RAY_ADDRESS or a registered cluster would point elsewhere.
-        ray.init(address="local", logging_level="ERROR", log_to_driver=False, include_dashboard=dashboard)
+        ray.init(address="local", logging_level=logging.ERROR, log_to_driver=False, include_dashboard=dashboard)
         note = f" ({choice.reason})" if choice.reason else ""
         print(f"equicsp: started a private Ray on this machine ({describe_resources()}){note}; "
               "join a cluster with --address or RAY_ADDRESS", file=sys.stderr, flush=True)
         return
     try:
         # Ray enables token auth by itself only for the cluster it finds (no address given), not for one named.
-        ray.init(address=None if choice.registered else choice.address, logging_level="ERROR")
+        ray.init(address=None if choice.registered else choice.address, logging_level=logging.ERROR)
     except ConnectionError as error:
         raise ConnectionError(f"cannot join the Ray cluster at {choice.address} ({choice.reason}): "
                               f"{str(error).splitlines()[0]}") from None

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from equicsp.config import Config, ConfigError, config_from_dict
-from equicsp.data.cache import cache_key, check_cache_writable, check_writable_folder
+from equicsp.data.cache import cache_key, check_cache_writable
+from equicsp.data.outputs import check_writable
 from equicsp.data.splits import load_splits
 from equicsp.engine.checkpoint import read_checkpoint
 from equicsp.engine.run_folder import refuse_other_data, resume_differences
@@ -178,7 +179,7 @@ def validate_launch(config: Config, options: LaunchOptions) -> tuple[str, str, d
     mlflow_store.check_writable_store(uri)
     storage = resolve_storage(options.storage_path, "ray")
     if "://" not in storage:
-        check_writable_folder(Path(storage), "Ray storage folder")
+        check_writable(Path(storage), "Ray storage folder")
     check_cache_writable()
     datasets = load_splits(config, ("train", "val"))  # the data exists and parses; warms the cache for the workers
     report = "[" + ",\n".join(dataset.report.to_json() for dataset in datasets.values()) + "]"

@@ -11,7 +11,7 @@ import ray
 
 from equicsp.data.crystals import DatasetError, resolve_path
 from equicsp.data.splits import load_splits
-from equicsp.platform.ray_cluster import cluster_capacity, worker_unit
+from equicsp.platform.ray_cluster import cluster_capacity, state_api_of_this_cluster, worker_unit
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec
 
 
@@ -57,7 +57,8 @@ def check_stopped_trials_are_freed(spec: SweepSpec, wait_s: float = 20.0) -> Non
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+            with state_api_of_this_cluster():
+                list_actors(limit=1, timeout=10, raise_on_missing_output=False)
             return
         except RayStateApiException as error:
             if time.monotonic() > deadline:
