@@ -6,7 +6,7 @@ from equicsp.config import make_config
 from equicsp.data.splits import load_splits
 from equicsp.engine.checkpoint import load_model
 from equicsp.engine.training import train
-from equicsp.evaluation.csp import run_csp
+from equicsp.evaluation.csp import EvaluationSettings, Evaluator
 
 
 @pytest.mark.slow
@@ -18,8 +18,9 @@ def test_a_tiny_model_reproduces_its_training_crystals(memorised_model, tmp_path
                                                          "optim.epochs": 1}),
                       tmp_path / "untrained", show_progress=False)
     crystals = load_splits(config, ("test",), show_progress=False)["test"]
-    trained = run_csp(model, config, crystals, num_samples=8, seed=0, show_progress=False)
-    baseline = run_csp(untrained.model, config, crystals, num_samples=8, seed=0, show_progress=False)
+    settings = EvaluationSettings(num_samples=8, seed=0)
+    trained = Evaluator.here(model).evaluate(config, crystals, settings, show_progress=False)
+    baseline = Evaluator.here(untrained.model).evaluate(config, crystals, settings, show_progress=False)
     assert trained.summary.match_rate >= 0.6, trained.per_crystal
     assert baseline.summary.match_rate <= 0.25
     assert trained.summary.match_rate > baseline.summary.match_rate

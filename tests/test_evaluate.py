@@ -11,13 +11,13 @@ from conftest import FAST
 
 from equicsp.cli.evaluate import main as evaluate_main
 from equicsp.config import make_config
-from equicsp.engine.checkpoint import read_checkpoint, save_checkpoint
-from equicsp.evaluation.csp import EvaluationSettings
+from equicsp.engine.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from equicsp.evaluation.csp import EvaluationSettings, Evaluator
 from equicsp.evaluation.metrics import SCORE_VERSION
 from equicsp.model.denoiser import build_denoiser
 from equicsp.platform import tracking
 from equicsp.platform.logged_evaluation import evaluate_logged_run
-from equicsp.platform.ray_evaluation import evaluate_checkpoint
+from equicsp.platform.ray_evaluation import evaluate_checkpoint, torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,25 @@ def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus
         assert torch.equal(a.angles, b.angles)
     assert repr(one.summary) == repr(two.summary) and repr(one.per_crystal) == repr(two.per_crystal)  # nan-aware
     other_seed = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=6, workers=2),
+    model_config, model = model_from_checkpoint(checkpoint)
+    with torch_threads(1):  # a Ray worker's thread count
+        here = Evaluator.here(model, processes=1).evaluate(model_config, tiny_dataset,
+                                                           EvaluationSettings(num_samples=2, seed=5), show_progress=False)
+    for a, b in zip(sorted(one.predictions, key=key), sorted(here.predictions, key=key)):
+        assert key(a) == key(b) and torch.equal(a.frac_coords, b.frac_coords) and torch.equal(a.lengths, b.lengths)
+    assert repr(one.summary) == repr(here.summary) and repr(one.per_crystal) == repr(here.per_crystal)
                                      show_progress=False)
     assert not torch.equal(other_seed.predictions[0].frac_coords, one.predictions[0].frac_coords)
 
 
 def test_a_pool_handed_another_model_samples_with_it(ray_two_cpus, tiny_dataset, tmp_path):
+def test_an_evaluator_sampling_in_another_precision_than_asked_is_refused_before_sampling(tiny_dataset):
+    config = make_config("smoke", "equicsp", FAST)
+    evaluator = Evaluator.here(build_denoiser(config), precision="bf16")
+    with pytest.raises(ValueError, match="samples in bf16, the evaluation asks for fp32"):
+        evaluator.evaluate(config, tiny_dataset, EvaluationSettings(), show_progress=False)
+
+
     """A sweep's final stage hands one pool each cell's model in turn: it samples what a pool of that model's own
     does (a pool made for one model went on sampling that model whatever checkpoint came with it)."""
     from equicsp.platform.ray_evaluation import SamplingPool
@@ -397,11 +411,9 @@ def test_an_automatic_sampling_pool_takes_the_free_cpus_not_the_reserved_ones(mo
 
 def evaluated_here(checkpoint, dataset, settings, *args, **kwargs):
     """evaluate_checkpoint without Ray: the same pipeline in this process."""
-    from equicsp.engine.checkpoint import model_from_checkpoint
-    from equicsp.evaluation.csp import evaluate_in_process
-
     config, model = model_from_checkpoint(checkpoint)
-    return evaluate_in_process(model, config, dataset, settings, processes=1, show_progress=False)
+    return Evaluator.here(model, precision=settings.precision, processes=1).evaluate(config, dataset, settings,
+                                                                                      show_progress=False)
 
 
 def test_the_store_and_out_are_checked_before_any_work_and_a_report_mlflow_refuses_is_kept(tiny_csv, tmp_path,

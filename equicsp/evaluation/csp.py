@@ -1,10 +1,10 @@
 """Crystal structure prediction on a dataset: sample each composition k times, match, summarise.
 
-One pipeline with two places to run: here, in this process (`run_csp`, `evaluate_in_process`),
-or on a Ray cluster (`ray_evaluation.evaluate_checkpoint`). Both take the same settings, cut
-the same sampling batches (`sampler.sampling_batches`), key every sample's noise by (seed,
-composition index, sample number), build the same matching jobs and finish the same way,
-so the two give the same predictions and scores.
+One pipeline, the `Evaluator`, with two parts chosen by where it runs: a sampling backend (a model
+in this process, `SamplingHere`, or Ray's sampling actors) and a matching backend (worker processes
+of this machine, `MatchingHere`, or Ray). Every backend takes the same settings, cuts the same
+sampling batches (`sampler.sampling_batches`), keys every sample's noise by (seed, composition
+index, sample number) and gets the same matching jobs, so all give the same predictions and scores.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -104,22 +105,94 @@ def unusable_rows(report: DataReport, num_samples: int) -> list[CrystalResult]:
             for row in report.skipped]
 
 
+class SamplingBackend(Protocol):
+    """Where the samples are drawn: k of each composition, with the config's sampler settings."""
+
+    workers: int  # how many sample at once (reported with the timings)
+    precision: str
+
+    def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
+               seed: int, show_progress: bool = True, label: str = "") -> list[SampledCrystal]: ...
+
+
+class MatchingBackend(Protocol):
+    """Where StructureMatcher runs: one answer per job, in job order."""
+
+    def match(self, jobs: list, show_progress: bool = True, label: str = "") -> list: ...
+
+
+@dataclass
+class SamplingHere:
+    """A model in this process, sampling on `device`."""
+
+    model: nn.Module
+    device: torch.device | str = "cpu"
+    precision: str = "fp32"
+    workers: int = 1
+
+    def sample(self, config: Config, compositions: list[torch.Tensor], indices: list[int], num_samples: int,
+               seed: int, show_progress: bool = True, label: str = "") -> list[SampledCrystal]:
+        sampler = Sampler(self.model, Diffusion(config, self.device), config, self.device, self.precision)
+        return sampler.sample(compositions, num_samples, seed, indices=indices, show_progress=show_progress)
+
+
+@dataclass
+class MatchingHere:
+    """Worker processes of this machine (None: one per CPU)."""
+
+    processes: int | None = None
+
+    def match(self, jobs: list, show_progress: bool = True, label: str = "") -> list:
+        return parallel_map(match_work, jobs, self.processes, f"{label}: matching" if label else "matching",
+                            show_progress)
+
+
+@dataclass
+class Evaluator:
+    """Sample a dataset's compositions, match the samples to the dataset's structures, summarise."""
+
+    sampling: SamplingBackend
+    matching: MatchingBackend
+
+    @classmethod
+    def here(cls, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+             processes: int | None = None) -> Evaluator:
+        """Sampling and matching in this process (matching in `processes` worker processes)."""
+        return cls(SamplingHere(model, device, precision), MatchingHere(processes))
+
+    def evaluate(self, model_config: Config, dataset: CrystalDataset, settings: EvaluationSettings,
+                 show_progress: bool = True, label: str = "") -> Evaluation:
+        """k samples of each of dataset's compositions (the first settings.limit), matched and summarised.
+
+        Rows of the test file that could not be read count as not matched (when no limit is set).
+        label names the progress bars (e.g. the arm)."""
+        settings.check()
+        if self.sampling.precision != settings.precision:
+            raise ValueError(f"the sampling pool samples in {self.sampling.precision}, the evaluation asks for "
+                             f"{settings.precision}")
+        config = settings.sampling_config(model_config)
+        indices = settings.indices(dataset)
+        start = time.perf_counter()
+        predictions = self.sampling.sample(config, [dataset[i].atom_types for i in indices], indices,
+                                           settings.num_samples, settings.seed, show_progress, label)
+        sampled = time.perf_counter()
+        work = matching_work(matching_jobs(dataset, indices, predictions), settings.metre_pairs)
+        per_crystal = work.results(self.matching.match(work.jobs, show_progress, label))
+        if settings.limit is None:
+            per_crystal += unusable_rows(dataset.report, settings.num_samples)
+        return Evaluation(summary=summarise(per_crystal), per_crystal=per_crystal, predictions=predictions,
+                          sampling_s=sampled - start, matching_s=time.perf_counter() - sampled,
+                          workers=self.sampling.workers, config=config)
+
+
 def score(dataset: CrystalDataset, indices: list[int], predictions: list[SampledCrystal], num_samples: int,
           processes: int | None = None, show_progress: bool = True,
           metre_pairs: int = METRE_PAIRS) -> tuple[MatchSummary, list[CrystalResult]]:
-    """Match predictions of dataset[indices] in worker processes (e.g. predictions sampled elsewhere), METRe's
-    cross pairs among them when there are at most metre_pairs."""
+    """Match predictions of dataset[indices] sampled elsewhere (e.g. on a GPU machine without pymatgen), in
+    worker processes, METRe's cross pairs among them when there are at most metre_pairs."""
     work = matching_work(matching_jobs(dataset, indices, predictions), metre_pairs)
-    results = work.results(parallel_map(match_work, work.jobs, processes, "matching", show_progress))
+    results = work.results(MatchingHere(processes).match(work.jobs, show_progress))
     return summarise(results), results
-
-
-def finish(per_crystal: list[CrystalResult], dataset: CrystalDataset, settings: EvaluationSettings,
-           **timing_and_context) -> Evaluation:
-    """The evaluation of matched predictions: unreadable test rows added (when no limit is set), summarised."""
-    if settings.limit is None:
-        per_crystal = per_crystal + unusable_rows(dataset.report, settings.num_samples)
-    return Evaluation(summary=summarise(per_crystal), per_crystal=per_crystal, **timing_and_context)
 
 
 def add_leakage(evaluation: Evaluation, train: CrystalDataset, test: CrystalDataset, processes: int | None = None,
@@ -131,30 +204,3 @@ def add_leakage(evaluation: Evaluation, train: CrystalDataset, test: CrystalData
             result.leaked = leaked[result.index]
     evaluation.leakage = summarise_leakage(evaluation.per_crystal, leaked)
     return evaluation
-
-
-def evaluate_in_process(model: nn.Module, model_config: Config, dataset: CrystalDataset, settings: EvaluationSettings,
-                        device: torch.device | str = "cpu", processes: int | None = None,
-                        show_progress: bool = True) -> Evaluation:
-    """The pipeline in this process: sampling on `device`, matching in `processes` worker processes."""
-    settings.check()
-    config = settings.sampling_config(model_config)
-    indices = settings.indices(dataset)
-    start = time.perf_counter()
-    sampler = Sampler(model, Diffusion(config, device), config, device, settings.precision)
-    predictions = sampler.sample([dataset[i].atom_types for i in indices], settings.num_samples, settings.seed,
-                                 indices=indices, show_progress=show_progress)
-    sampled = time.perf_counter()
-    _, per_crystal = score(dataset, indices, predictions, settings.num_samples, processes, show_progress,
-                           settings.metre_pairs)
-    return finish(per_crystal, dataset, settings, predictions=predictions, sampling_s=sampled - start,
-                  matching_s=time.perf_counter() - sampled, workers=1, config=config)
-
-
-def run_csp(model: nn.Module, config: Config, dataset: CrystalDataset, num_samples: int = 1, seed: int = 0,
-            limit: int | None = None, device: torch.device | str = "cpu", precision: str = "fp32",
-            processes: int | None = None, show_progress: bool = True) -> Evaluation:
-    """k samples of each of dataset's compositions with a model in memory, matched and summarised here."""
-    settings = EvaluationSettings(num_samples=num_samples, seed=seed, limit=limit, precision=precision)
-    return evaluate_in_process(model, config, dataset, settings, device, processes, show_progress)
-

@@ -4,7 +4,7 @@ Sampling runs on one actor per GPU (or on CPU workers, one core each by default)
 matching runs in one-CPU Ray tasks over the whole cluster. The sampling batches are cut
 from the whole test set by `sampler.batch_size` alone and every crystal's noise is keyed by
 (seed, composition index, sample number), so the predictions are the same whichever worker
-samples which batch, whatever the number of workers, and as `csp.evaluate_in_process` gives.
+samples which batch, whatever the number of workers, and as `csp.Evaluator.here` gives.
 A pool none of whose actors can start within `WORKER_START_TIMEOUT_S` samples and matches in
 the calling process instead, with the same model, batches and threads (so the same predictions).
 """
@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,8 +27,8 @@ from equicsp.devices import resolve_device
 from equicsp.engine.checkpoint import model_from_checkpoint
 from equicsp.engine.compiled import forget_compiled_steps
 from equicsp.engine.sampler import SampledCrystal, Sampler, SamplingJob, sampling_batches
-from equicsp.evaluation.cross_matching import match_work, matching_work
-from equicsp.evaluation.csp import Evaluation, EvaluationSettings, finish, matching_jobs
+from equicsp.evaluation.cross_matching import match_work
+from equicsp.evaluation.csp import Evaluation, EvaluationSettings, Evaluator
 from equicsp.evaluation.metrics import matching_chunk_size
 from equicsp.model.diffusion import Diffusion
 from equicsp.platform.ray_cluster import connect_ray
@@ -58,6 +59,8 @@ class SamplingWorker:
         _, self.model = model_from_checkpoint(checkpoint, self.device)
 
     def sample(self, config: dict[str, Any], jobs: list[SamplingJob], seed: int) -> list[SampledCrystal]:
+        if self.model is None:
+            raise RuntimeError("this sampling worker holds no model yet: SamplingPool.use names one first")
         sampling_config = config_from_dict(config)
         key = repr(sampling_config.diffusion) + repr(sampling_config.objective)
         if key not in self.diffusions:
@@ -247,7 +250,7 @@ class SamplingPool:
     def __enter__(self) -> SamplingPool:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -283,47 +286,50 @@ def in_job_order(parts: list[tuple[int, list]]) -> list:
     return [answer for _, answers in sorted(parts, key=lambda part: part[0]) for answer in answers]
 
 
+@dataclass
+class MatchingOnRay:
+    """StructureMatcher beside a sampling pool: on Ray tasks spread over the cluster, or on the pool's own workers.
+
+    The pool's actors hold their CPUs, and Ray tasks might wait on them forever; so a pool of
+    one evaluation (`pool_is_ours`) is closed first and its CPUs go to the tasks. A pool kept
+    for later evaluations matches on its actors, unless they are GPU workers and more CPUs than
+    actors are free: then Ray tasks match there. A pool that samples in this process (no actor
+    could start) matches here too: Ray tasks would wait for the same CPUs.
+    """
+
+    pool: SamplingPool
+    pool_is_ours: bool
+
+    def match(self, jobs: list, show_progress: bool = True, label: str = "") -> list:
+        if self.pool.in_process:
+            return self.pool.match(jobs, show_progress, label)
+        if self.pool_is_ours:
+            self.pool.close()
+            return match_on_ray(jobs, show_progress, label)
+        if self.pool.use_gpu and free_cpus() > self.pool.workers:
+            return match_on_ray(jobs, show_progress, label)
+        return self.pool.match(jobs, show_progress, label)
+
+
 def evaluate_checkpoint(checkpoint: dict[str, Any], dataset: CrystalDataset, settings: EvaluationSettings,
                         show_progress: bool = True, pool: SamplingPool | None = None, label: str = "") -> Evaluation:
-    """Sample and score dataset (the first settings.limit crystals) on Ray, with a checkpoint read into memory.
+    """The evaluator on Ray, with a checkpoint read into memory: sampling actors, matching in Ray tasks.
 
-    Rows of the test file that could not be read count as not matched (when no limit is set).
     A pool can be passed in to keep its actors between evaluations (it is handed this checkpoint's
-    model); it then matches too, since its actors hold their CPUs and Ray tasks might wait on them
-    forever, unless its actors are GPU workers and more CPUs than actors are free: then Ray tasks
-    match there. Without a pool, one samples and goes, and matching spreads over the cluster in
-    Ray tasks. A pool that samples in this process (no actor could
-    start) matches here too: Ray tasks would wait for the same CPUs.
+    model); without one, a pool samples and goes (see `MatchingOnRay` for where matching runs).
     """
     settings.check()
-    config = settings.sampling_config(config_from_dict(checkpoint["config"]))
     connect_ray()
-    own_pool = pool is None
-    if pool is not None and pool.precision != settings.precision:
-        raise ValueError(f"the sampling pool samples in {pool.precision}, the evaluation asks for {settings.precision}")
-    indices = settings.indices(dataset)
     begin = time.perf_counter()
+    own_pool = pool is None
     pool = pool or SamplingPool(checkpoint, settings.workers, settings.threads, settings.precision)
     try:
         pool.use(checkpoint)
-        start = time.perf_counter()
-        predictions = pool.sample(config, [dataset[i].atom_types for i in indices], indices, settings.num_samples,
-                                  settings.seed, show_progress, label)
-        sampled = time.perf_counter()
-        work = matching_work(matching_jobs(dataset, indices, predictions), settings.metre_pairs)
-        if pool.in_process:
-            outputs = pool.match(work.jobs, show_progress, label)
-        elif own_pool:
-            pool.close()  # its actors' CPUs go to the matching tasks
-            outputs = match_on_ray(work.jobs, show_progress, label)
-        elif pool.use_gpu and free_cpus() > pool.workers:
-            outputs = match_on_ray(work.jobs, show_progress, label)
-        else:
-            outputs = pool.match(work.jobs, show_progress, label)
-        per_crystal = work.results(outputs)
+        startup_s = time.perf_counter() - begin
+        evaluation = Evaluator(pool, MatchingOnRay(pool, own_pool)).evaluate(
+            config_from_dict(checkpoint["config"]), dataset, settings, show_progress, label)
     finally:
         if own_pool:
             pool.close()
-    return finish(per_crystal, dataset, settings, predictions=predictions, sampling_s=sampled - start,
-                  matching_s=time.perf_counter() - sampled, workers=pool.workers, config=config,
-                  startup_s=start - begin)
+    evaluation.startup_s = startup_s
+    return evaluation
