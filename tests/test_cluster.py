@@ -158,8 +158,8 @@ def test_ray_submit_runs_the_smoke_sweep_on_a_real_cluster(ssh_to_this_machine, 
         [parent] = runs_of_kind(uri, "sweep")
         assert parent.info.status == "FINISHED"
         assert sorted(run.data.tags["arm"] for run in runs_of_kind(uri, "evaluation")) == ["diffcsp", "equicsp"]
-        assert tracking.get_run(uri, parent.info.run_id).data.metrics.keys() >= {"equicsp/match_rate",
-                                                                                 "diffcsp/match_rate"}
+        assert tracking.Tracker(uri).get_run(parent.info.run_id).data.metrics.keys() >= {"equicsp/match_rate",
+                                                                                         "diffcsp/match_rate"}
     finally:
         subprocess.run([ray_cli, "down", "-y", "--no-config-cache", str(cluster)], capture_output=True, timeout=300,
                        env=env)

@@ -31,10 +31,11 @@ def ray_two_cpus():
 
 def log_as_training_run(uri, checkpoint_path, config, name="memorised"):
     """An MLflow training run holding checkpoint_path as its best checkpoint (what Ray Train logs)."""
-    experiment = tracking.ensure_experiment(uri, "equicsp")
-    run_id = tracking.start_training_run(uri, experiment, config, run_key=name, run_name=name)
-    tracking.log_artifact(uri, run_id, checkpoint_path, "checkpoints")
-    tracking.client(uri).set_terminated(run_id, "FINISHED")
+    tracker = tracking.Tracker(uri)
+    experiment = tracker.ensure_experiment("equicsp")
+    run_id = tracker.start_training_run(experiment, config, run_key=name, run_name=name)
+    tracker.log_artifact(run_id, checkpoint_path, "checkpoints")
+    tracker.client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
@@ -58,7 +59,6 @@ def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus
         assert torch.equal(a.frac_coords, b.frac_coords) and torch.equal(a.lengths, b.lengths)
         assert torch.equal(a.angles, b.angles)
     assert repr(one.summary) == repr(two.summary) and repr(one.per_crystal) == repr(two.per_crystal)  # nan-aware
-    other_seed = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=6, workers=2),
     model_config, model = model_from_checkpoint(checkpoint)
     with torch_threads(1):  # a Ray worker's thread count
         here = Evaluator.here(model, processes=1).evaluate(model_config, tiny_dataset,
@@ -66,11 +66,11 @@ def test_one_and_two_workers_give_identical_predictions_and_metrics(ray_two_cpus
     for a, b in zip(sorted(one.predictions, key=key), sorted(here.predictions, key=key)):
         assert key(a) == key(b) and torch.equal(a.frac_coords, b.frac_coords) and torch.equal(a.lengths, b.lengths)
     assert repr(one.summary) == repr(here.summary) and repr(one.per_crystal) == repr(here.per_crystal)
+    other_seed = evaluate_checkpoint(checkpoint, tiny_dataset, EvaluationSettings(num_samples=2, seed=6, workers=2),
                                      show_progress=False)
     assert not torch.equal(other_seed.predictions[0].frac_coords, one.predictions[0].frac_coords)
 
 
-def test_a_pool_handed_another_model_samples_with_it(ray_two_cpus, tiny_dataset, tmp_path):
 def test_an_evaluator_sampling_in_another_precision_than_asked_is_refused_before_sampling(tiny_dataset):
     config = make_config("smoke", "equicsp", FAST)
     evaluator = Evaluator.here(build_denoiser(config), precision="bf16")
@@ -78,6 +78,7 @@ def test_an_evaluator_sampling_in_another_precision_than_asked_is_refused_before
         evaluator.evaluate(config, tiny_dataset, EvaluationSettings(), show_progress=False)
 
 
+def test_a_pool_handed_another_model_samples_with_it(ray_two_cpus, tiny_dataset, tmp_path):
     """A sweep's final stage hands one pool each cell's model in turn: it samples what a pool of that model's own
     does (a pool made for one model went on sampling that model whatever checkpoint came with it)."""
     from equicsp.platform.ray_evaluation import SamplingPool
@@ -195,6 +196,7 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config, checkpoint_path = memorised_model
     trained_run = log_as_training_run(uri, checkpoint_path, config, "trained")
+    tracker = tracking.Tracker(uri)
     (tmp_path / "untrained_model").mkdir()  # not the --out folder below, which must start empty
     untrained_run = log_as_training_run(uri, untrained_checkpoint(config, tmp_path / "untrained_model" / "best.pt"),
                                         config, "untrained")
@@ -204,13 +206,13 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
                        "--out", str(tmp_path / name)])
         printed = capsys.readouterr().out
         assert "| match rate |" in printed and "child of" in printed and "| METRe (%) |" in printed
-        [child] = tracking.client(uri).search_runs(
-            [tracking.get_run(uri, run_id).info.experiment_id],
+        [child] = tracker.client.search_runs(
+            [tracker.get_run(run_id).info.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
         assert child.data.params["num_samples"] == "4" and float(child.data.params["step_lr"]) == \
             config.sampler.step_lr
         assert child.data.tags["equicsp.kind"] == "evaluation"
-        artifacts = {a.path for a in tracking.client(uri).list_artifacts(child.info.run_id)}
+        artifacts = {a.path for a in tracker.client.list_artifacts(child.info.run_id)}
         assert {"per_crystal.csv", "predictions.zip", "evaluation.png", "summary.json"} <= artifacts
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert child.data.metrics["match_rate"] == pytest.approx(summary["match_rate"])
@@ -220,14 +222,14 @@ def test_a_memorised_model_scores_high_an_untrained_one_near_zero_both_logged(ra
     assert scores["untrained"] <= 0.25
     # The same evaluation asked for again is answered from its run, not logged twice.
     evaluate_main(["--run-id", trained_run, "--tracking-uri", uri, "--num-samples", "4", "--workers", "2"])
-    runs = tracking.client(uri).search_runs([tracking.get_run(uri, trained_run).info.experiment_id],
-                                            filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
+    runs = tracker.client.search_runs([tracker.get_run(trained_run).info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
     assert len(runs) == 1
     # Once the scoring rules change, an earlier evaluation is not the answer any more.
     monkeypatch.setattr("equicsp.platform.logged_evaluation.SCORE_VERSION", SCORE_VERSION + 1)
     evaluate_main(["--run-id", trained_run, "--tracking-uri", uri, "--num-samples", "4", "--workers", "2"])
-    runs = tracking.client(uri).search_runs([tracking.get_run(uri, trained_run).info.experiment_id],
-                                            filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
+    runs = tracker.client.search_runs([tracker.get_run(trained_run).info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{trained_run}'")
     assert len(runs) == 2
 
 
@@ -281,8 +283,9 @@ def test_leakage_scores_are_reported_logged_and_in_the_per_crystal_table(ray_two
     with open(tmp_path / "eval" / "per_crystal.csv", newline="") as handle:
         assert {row["leaked"] for row in csv.DictReader(handle)} == {"True"}
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["leaked_fraction"] == 1.0
-    [logged] = tracking.client(uri).search_runs([tracking.get_run(uri, run_id).info.experiment_id],
-                                                "tags.`equicsp.kind` = 'evaluation'")
+    tracker = tracking.Tracker(uri)
+    [logged] = tracker.client.search_runs([tracker.get_run(run_id).info.experiment_id],
+                                          "tags.`equicsp.kind` = 'evaluation'")
     assert logged.data.metrics["leaked_fraction"] == 1.0 and logged.data.metrics["num_unleaked"] == 0
 
 
@@ -297,12 +300,13 @@ def test_a_checkpoint_carrying_a_tuned_step_size_is_sampled_with_it(ray_two_cpus
 
 def test_bad_requests_fail_clearly(tmp_path, tiny_data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.ensure_experiment(uri, "equicsp")
+    tracker = tracking.Tracker(uri)
+    tracker.ensure_experiment("equicsp")
     with pytest.raises(SystemExit, match="no run starts with f00"):
         evaluate_main(["--run-id", "f00", "--tracking-uri", uri])
     config = make_config("smoke", "equicsp", {**FAST, "data.path": str(tiny_data_dir)})
-    experiment = tracking.ensure_experiment(uri, "equicsp")
-    empty_run = tracking.start_training_run(uri, experiment, config, run_key="empty", run_name="empty")
+    experiment = tracker.ensure_experiment("equicsp")
+    empty_run = tracker.start_training_run(experiment, config, run_key="empty", run_name="empty")
     with pytest.raises(SystemExit, match="has no checkpoints/best.pt artifact"):
         evaluate_main(["--run-id", empty_run, "--tracking-uri", uri])
     with pytest.raises(SystemExit, match="must be >= 1, not 0"):
@@ -353,11 +357,12 @@ def test_a_report_folder_failing_late_loses_nothing_logged(ray_two_cpus, tiny_cs
                                          f"{out}.kept-.*logged as MLflow run") as raised:
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--data", str(tiny_csv), "--limit", "2",
                        "--out", str(out)])
-    [child] = tracking.client(uri).search_runs([tracking.get_run(uri, run_id).info.experiment_id],
-                                               filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    tracker = tracking.Tracker(uri)
+    [child] = tracker.client.search_runs([tracker.get_run(run_id).info.experiment_id],
+                                         filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
     assert child.info.run_id in str(raised.value) and child.info.status == "FINISHED"
     assert "match_rate" in child.data.metrics
-    assert {"per_crystal.csv", "summary.json"} <= {a.path for a in tracking.client(uri).list_artifacts(child.info.run_id)}
+    assert {"per_crystal.csv", "summary.json"} <= {a.path for a in tracker.client.list_artifacts(child.info.run_id)}
 
 
 def test_a_relative_data_path_resolves_from_another_working_folder(tiny_data_dir, tmp_path, tmp_path_factory,
@@ -464,7 +469,7 @@ def test_the_store_and_out_are_checked_before_any_work_and_a_report_mlflow_refus
     def store_fails(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tracking, "log_evaluation_run", store_fails)
+    monkeypatch.setattr(tracking.Tracker, "log_evaluation_run", store_fails)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="could not be logged to MLflow .*No space left on device.*its report is kept "
                                          f"in {tmp_path / 'unlogged'}/evaluation-{run_id}-"):

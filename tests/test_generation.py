@@ -208,9 +208,10 @@ def test_generate_checks_every_place_it_writes_before_sampling_and_keeps_its_fil
         command.main(generate_args(["--checkpoint", str(path)], ro / "out"))
     with full_disk(tmp_path / "store", "3m") as store:
         uri = f"sqlite:///{store / 'mlflow.db'}"
-        experiment = tracking.ensure_experiment(uri, "equicsp")
-        run = tracking.start_training_run(uri, experiment, generation_config(), run_key="gen", run_name="gen")
-        tracking.log_artifact(uri, run, path, "checkpoints")
+        tracker = tracking.Tracker(uri)
+        experiment = tracker.ensure_experiment("equicsp")
+        run = tracker.start_training_run(experiment, generation_config(), run_key="gen", run_name="gen")
+        tracker.log_artifact(run, path, "checkpoints")
         filler = store / "filler"
         with open(filler, "wb") as handle, pytest.raises(OSError):  # fill the disk to its last block
             while True:

@@ -42,15 +42,16 @@ def sweep_store(folder: Path) -> tuple[str, str, str, dict[str, str]]:
     """(uri, experiment id, parent run id, arm -> child run name) of a two-arm sweep's store."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     spec = SweepSpec(name="ablation-smoke", preset="smoke", arms=ARMS)
-    experiment = tracking.ensure_experiment(uri, "equicsp-sweeps")
-    parent = tracking.start_sweep_run(uri, experiment, "sweep", spec.name, {"sweep.name": spec.name})
+    tracker = tracking.Tracker(uri)
+    experiment = tracker.ensure_experiment("equicsp-sweeps")
+    parent = tracker.start_sweep_run(experiment, "sweep", spec.name, {"sweep.name": spec.name})
     cells, names = [], {}
     for number, arm in enumerate(ARMS):
         names[arm] = trial_run_name(spec, arm, 0, f"0000{number}")
-        run = tracking.start_training_run(uri, experiment, make_config("smoke", arm, FAST), f"key-{arm}", names[arm],
-                                          parent_run_id=parent, extra_tags={"arm": arm, "seed": "0"})
-        tracking.log_metrics(uri, run, {"val_match_rate": 0.2 + number / 10, "tuned_step_lr": 1e-4})
-        tracking.client(uri).set_terminated(run, "FINISHED")
+        run = tracker.start_training_run(experiment, make_config("smoke", arm, FAST), f"key-{arm}", names[arm],
+                                         parent_run_id=parent, extra_tags={"arm": arm, "seed": "0"})
+        tracker.log_metrics(run, {"val_match_rate": 0.2 + number / 10, "tuned_step_lr": 1e-4})
+        tracker.client.set_terminated(run, "FINISHED")
         cells.append(CellResult(arm, 0, run, "", 1e-4, 0.2, 0.1 * number, 0.2, model_of=arm))
     write_sweep_report(cells, ablation_table(cells, spec), spec, uri, parent)
     return uri, experiment, parent, names
@@ -190,7 +191,7 @@ def devtools(tmp_path):
 def test_the_parent_run_lists_its_report_and_the_runs_view_shows_the_children_by_arm(served, devtools, tmp_path):
     address, experiment, parent, names = served
     run_page = f"{address}/#/experiments/{experiment}/runs/{parent}"
-    # The printed address (tracking.run_url) opens the run on model training, its children listed by name.
+    # The printed address (Tracker.run_url) opens the run on model training, its children listed by name.
     page = rendered_text(run_page + "?workflowType=machine_learning", tmp_path / "p1", tmp_path / "parent_run.png")
     assert "Child runs" in page and all(name in page for name in names.values()), page[-2000:]
     artifacts = rendered_text(f"{run_page}/artifacts?workflowType=machine_learning", tmp_path / "p2",

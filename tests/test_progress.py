@@ -141,10 +141,11 @@ def test_the_search_tells_of_every_step_size_and_its_best_so_far(monkeypatch):
 
     config = make_config("smoke")
     rates = iter([0.2, 0.6, 0.4])
-    monkeypatch.setattr(step_size.tracking, "get_run", lambda uri, run: SimpleNamespace(data=SimpleNamespace(metrics={})))
-    monkeypatch.setattr(step_size.tracking, "read_logged_checkpoint", lambda uri, run: {"config": config.to_dict()})
-    monkeypatch.setattr(step_size.tracking, "log_metrics", lambda *args, **kwargs: None)
-    monkeypatch.setattr(step_size.tracking, "log_artifact", lambda *args, **kwargs: None)
+    tracker = step_size.tracking.Tracker
+    monkeypatch.setattr(tracker, "get_run", lambda self, run: SimpleNamespace(data=SimpleNamespace(metrics={})))
+    monkeypatch.setattr(tracker, "read_logged_checkpoint", lambda self, run: {"config": config.to_dict()})
+    monkeypatch.setattr(tracker, "log_metrics", lambda *args, **kwargs: None)
+    monkeypatch.setattr(tracker, "log_artifact", lambda *args, **kwargs: None)
     monkeypatch.setattr(step_size, "load_splits", lambda *args, **kwargs: {"val": None})
     monkeypatch.setattr(step_size, "connect_ray", lambda: None)
     monkeypatch.setattr(step_size, "SamplingPool", lambda *args: nullcontext())

@@ -152,10 +152,11 @@ def test_a_logged_run_samples_at_the_step_size_its_sweep_tuned(tmp_path, capsys,
     from equicsp.platform import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment = tracking.ensure_experiment(uri, "equicsp")
-    run = tracking.open_keyed_run(uri, experiment, "k", "equicsp-s0-smoke", "training", {}, {})
-    tracking.log_artifact(uri, run, checkpoint(tmp_path / "best.pt"), "checkpoints")
-    tracking.log_metrics(uri, run, {"tuned_step_lr": 1.23e-4})
+    tracker = tracking.Tracker(uri)
+    experiment = tracker.ensure_experiment("equicsp")
+    run = tracker.open_keyed_run(experiment, "k", "equicsp-s0-smoke", "training", {}, {})
+    tracker.log_artifact(run, checkpoint(tmp_path / "best.pt"), "checkpoints")
+    tracker.log_metrics(run, {"tuned_step_lr": 1.23e-4})
     monkeypatch.setattr("equicsp.cli.sample.Sampler", FakeSampler)
     arguments = ["--run-id", run[:8], "--tracking-uri", uri, "--formula", "SrTiO3", "--out", str(tmp_path / "cifs")]
     sample_main(arguments)  # the 8 digits a sweep's table prints

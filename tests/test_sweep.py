@@ -13,6 +13,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from equicsp.config import ARMS
 from equicsp.platform import tracking
@@ -23,6 +25,7 @@ from equicsp.sweep.search import SearchSpace, initial_points
 from equicsp.sweep.space import Choice, FloatRange
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
 from equicsp.sweep.step_size import search_metric
+from equicsp.sweep.trial_records import FinishedTrial, TrialParams
 
 ROOT = Path(__file__).parent.parent
 TINY = ["model.num_layers=1", "model.hidden_dim=16", "model.num_freqs=4", "model.time_dim=8", "optim.epochs=4",
@@ -73,11 +76,12 @@ def test_arms_that_differ_only_at_sampling_time_share_one_trained_model():
 
 def test_a_sharing_arm_picks_its_best_trial_by_its_own_step_size_search():
     spec = SweepSpec(name="s", preset="smoke", arms=("equicsp", "no_pm"), seeds=(0,))
-    trials = [{"config": {"arm": "equicsp", "run.seed": 0}, "training_run_id": run, "val_match_rate": own,
-               "no_pm/val_match_rate": shared, "tuned_step_lr": 1e-4, "no_pm/tuned_step_lr": 2e-4}
+    trials = [FinishedTrial.from_tune({"config": {"arm": "equicsp", "run.seed": 0}, "training_run_id": run,
+                                       "val_match_rate": own, "no_pm/val_match_rate": shared, "tuned_step_lr": 1e-4,
+                                       "no_pm/tuned_step_lr": 2e-4})
               for run, own, shared in (("a", 0.5, 0.1), ("b", 0.2, 0.4))]
     chosen = dict(best_per_cell(trials, spec))
-    assert chosen["equicsp"]["training_run_id"] == "a" and chosen["no_pm"]["training_run_id"] == "b"
+    assert chosen["equicsp"].training_run_id == "a" and chosen["no_pm"].training_run_id == "b"
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -141,14 +145,15 @@ def sweep_command(tmp_path, *extra):
 
 
 def runs_of_kind(uri, kind):
-    experiment = tracking.ensure_experiment(uri, "equicsp-sweeps")
-    return tracking.client(uri).search_runs([experiment], filter_string=f"tags.`equicsp.kind` = '{kind}'")
+    tracker = tracking.Tracker(uri)
+    experiment = tracker.ensure_experiment("equicsp-sweeps")
+    return tracker.client.search_runs([experiment], filter_string=f"tags.`equicsp.kind` = '{kind}'")
 
 
 def read_artifact_csv(uri, run_id, name):
     import mlflow.artifacts
 
-    text = mlflow.artifacts.load_text(f"{tracking.get_run(uri, run_id).info.artifact_uri}/{name}")
+    text = mlflow.artifacts.load_text(f"{tracking.Tracker(uri).get_run(run_id).info.artifact_uri}/{name}")
     return list(csv.DictReader(io.StringIO(text)))
 
 
@@ -171,7 +176,7 @@ def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_tab
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The store exists before the driver starts: this test polls it, and two processes creating a
     # fresh SQLite store at once race in MLflow's migrations.
-    tracking.ensure_experiment(uri, "equicsp-sweeps")
+    tracking.Tracker(uri).ensure_experiment("equicsp-sweeps")
     trained = SweepSpec(name="ablation-smoke", preset="smoke", arms=arms).trained_arms  # no_pm samples EquiCSP's
     log = tmp_path / "first_driver.log"
     with open(log, "w") as output:
@@ -206,11 +211,12 @@ def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_tab
     assert all(run.info.status == "FINISHED" for run in training)
     assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in training)
     assert all("val_total" in run.data.metrics and "tuned_step_lr" in run.data.metrics for run in training)
+    tracker = tracking.Tracker(uri)
     for run in training:  # one continuous history per run: every epoch logged once
-        steps = [step for step, _ in tracking.metric_history(uri, run.info.run_id, "train_total")]
+        steps = [step for step, _ in tracker.metric_history(run.info.run_id, "train_total")]
         assert sorted(steps) == [1, 2, 3, 4], run.data.tags["arm"]
     assert sorted(run.data.tags["arm"] for run in evaluations) == sorted(arms)
-    artifacts = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
     assert {"ablation_table.md", "ablation_table.csv", "ablation_cells.csv", "ablation_bars.png",
             "learning_curves.png"} <= artifacts
     table = {row["arm"]: row for row in read_artifact_csv(uri, parent.info.run_id, "ablation_table.csv")}
@@ -229,7 +235,7 @@ def test_the_smoke_ablation_sweep_killed_and_rerun_logs_every_arm_once_and_a_tab
         assert float(row["metre_mean"]) == pytest.approx(100 * evaluation.data.metrics["metre"])
         assert float(row["match_rate_low"]) <= float(row["match_rate_mean"]) <= float(row["match_rate_high"])
     assert table["equicsp"]["match_rate_diff"] == "nan" and table["diffcsp"]["match_rate_diff"] != "nan"
-    logged = tracking.get_run(uri, parent.info.run_id).data.metrics
+    logged = tracker.get_run(parent.info.run_id).data.metrics
     assert {"diffcsp/match_rate_low", "diffcsp/match_rate_diff_high", "equicsp/crmse"} <= set(logged)
     assert parent.info.status == "FINISHED"
 
@@ -395,10 +401,11 @@ def test_a_generation_sweep_sets_the_task_of_every_arm_and_picks_trials_by_valid
     assert SweepSpec(name="c", preset="smoke").config_for("equicsp", {}).diffusion.task == "csp"
     assert search_metric(spec) == ("val_denoise", "min") and search_metric(replace(spec, task="csp"))[1] == "max"
     assert spec.model_owner("no_pm") == "equicsp"  # the PM switch still acts at sampling time only
-    trials = [{"config": {"arm": "equicsp", "run.seed": 0}, "training_run_id": run, "val_denoise": loss}
+    trials = [FinishedTrial.from_tune({"config": {"arm": "equicsp", "run.seed": 0}, "training_run_id": run,
+                                       "val_denoise": loss})
               for run, loss in (("a", 0.9), ("b", 0.4))]
     chosen = dict(best_per_cell(trials, spec))
-    assert chosen["equicsp"]["training_run_id"] == chosen["no_pm"]["training_run_id"] == "b"
+    assert chosen["equicsp"].training_run_id == chosen["no_pm"].training_run_id == "b"
 
 
 def test_the_generation_table_shows_validity_coverage_and_distances_over_seeds():
@@ -450,7 +457,7 @@ def test_trials_that_each_need_the_whole_machine_run_one_after_the_other_and_ctr
     command = [sys.executable, "-c", ON_TWO_CPUS, *sweep_command(tmp_path, "--arms", "equicsp", "diffcsp",
                                                                  "--workers-per-trial", "2")[1:]]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.ensure_experiment(uri, "equicsp-sweeps")  # before the driver: two processes creating one store race
+    tracking.Tracker(uri).ensure_experiment("equicsp-sweeps")  # before the driver: two processes creating one store race
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=environment)
@@ -473,8 +480,9 @@ def test_trials_that_each_need_the_whole_machine_run_one_after_the_other_and_ctr
 
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
-    output = stdout + stderr + done.stdout + done.stderr
-    assert "WorkerGroupStartupTimeoutError" not in output and "Traceback" not in output
+    for run, output in (("interrupted", stdout + stderr), ("resumed", done.stdout + done.stderr)):
+        for word in ("WorkerGroupStartupTimeoutError", "Traceback"):
+            assert word not in output, f"{run} run: " + output[max(0, output.index(word) - 1500):][:4000]
     assert "| EquiCSP |" in done.stdout and "| DiffCSP |" in done.stdout
     first, second = sorted(runs_of_kind(uri, "training"), key=lambda run: run.info.start_time)
     assert second.info.start_time >= first.info.end_time, "the second trial started once the first had trained"
@@ -523,3 +531,45 @@ def test_the_time_estimate_counts_the_test_crystals_the_final_stage_samples(tmp_
     assert final_test_crystals(replace(spec, test_limit=25)) == 25
     missing = replace(spec, overrides={"data.path": str(tmp_path / "elsewhere")}, test_limit=None)
     assert final_test_crystals(missing) is None
+
+
+@given(arm=st.sampled_from(sorted(ARMS)), seed=st.integers(0, 2**31 - 1),
+       searched=st.dictionaries(st.sampled_from(["optim.lr", "objective.perm_loss_weight", "model.hidden_dim"]),
+                                st.one_of(st.floats(allow_nan=False), st.integers(1, 512))))
+def test_trial_params_go_to_tune_and_come_back_unchanged(arm, seed, searched):
+    params = TrialParams(arm, seed, searched)
+    assert TrialParams.from_tune(params.to_tune()) == params
+    assert params.config_values() == {"run.seed": seed, **searched}
+
+
+def test_a_finished_trial_keeps_tunes_numbers_and_its_cell_not_tunes_bookkeeping():
+    result = {"config": {"arm": "no_pm", "run.seed": "3", "optim.lr": 1e-3}, "training_run_id": "r1",
+              "val_match_rate": 0.25, "epoch": 7, "done": True, "trial_id": "abc", "date": "2026-12-06"}
+    trial = FinishedTrial.from_tune(result)
+    assert trial.params == TrialParams("no_pm", 3, {"optim.lr": 1e-3}) and trial.training_run_id == "r1"
+    assert trial.metrics == {"val_match_rate": 0.25, "epoch": 7.0}
+    assert trial.metric("val_denoise") != trial.metric("val_denoise") and trial.metric("epoch") == 7.0
+
+
+def test_the_early_stopping_check_asks_its_own_ray_not_another_one_running_on_the_machine(monkeypatch):
+    """With RAY_ADDRESS=local (what `--address local` sets) Ray's state API looked for a Ray on the machine and,
+    beside another one, failed with "Found multiple active Ray instances" (or asked the other one)."""
+    import ray
+
+    from equicsp.sweep.cluster import check_stopped_trials_are_freed
+
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False, "
+                              "logging_level='ERROR'); print('ready', flush=True); time.sleep(600)"],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": "local"})
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        monkeypatch.setenv("RAY_ADDRESS", "local")
+        ray.init(num_cpus=1, logging_level="ERROR", log_to_driver=False)
+        try:
+            check_stopped_trials_are_freed(SweepSpec(name="asha", preset="smoke", arms=("equicsp",), asha=True))
+        finally:
+            ray.shutdown()
+    finally:
+        other.send_signal(signal.SIGINT)  # its ray.shutdown at exit stops the Ray it started
+        other.wait(timeout=60)
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from equicsp.cli.options import HelpFormatter, add_verbose_argument, examples, show_library_output
 from equicsp.config import COMPILE_SETTINGS, PRECISIONS, ConfigError, config_from_dict
-from equicsp.data.crystals import DatasetError, load_crystals
+from equicsp.data.crystals import CrystalDataset, DatasetError, load_crystals
 from equicsp.data.outputs import OutputFolder, interrupted, output_path
 from equicsp.data.splits import find_data_folder, load_split, preprocess_options
 from equicsp.engine.checkpoint import CheckpointError, read_checkpoint
@@ -28,10 +28,10 @@ from equicsp.evaluation.cross_matching import METRE_PAIRS
 from equicsp.evaluation.csp import Evaluation, EvaluationSettings, add_leakage
 from equicsp.evaluation.report import write_report
 from equicsp.platform.logged_evaluation import evaluate_logged_run
-from equicsp.platform.mlflow_store import TRACKING_URI_HELP, check_reachable, resolve_tracking_uri
+from equicsp.platform.mlflow_store import TRACKING_URI_HELP, check_reachable
 from equicsp.platform.ray_cluster import ADDRESS_HELP, set_ray_address
 from equicsp.platform.ray_evaluation import evaluate_checkpoint
-from equicsp.platform.tracking import TrackingError, describe_run, resolve_run_id
+from equicsp.platform.tracking import Tracker, TrackingError
 from equicsp.task import TUNED_STEP_LR, task_of
 
 
@@ -114,7 +114,7 @@ def evaluate_file(args: argparse.Namespace, settings: EvaluationSettings, output
         settings = replace(settings, step_lr=float(checkpoint[TUNED_STEP_LR]))
         print(f"step_lr {settings.step_lr:g}: the step size a sweep tuned for this checkpoint")
 
-    def model_split(split: str):
+    def model_split(split: str) -> CrystalDataset:
         # A relative data.path is the training's working folder's: look for it under the checkpoint's folders too.
         above = [folder / config.data.path for folder in args.checkpoint.resolve().parents]
         root = find_data_folder(config.data.path, above)
@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         if output:
             output.open()  # checked and held before any work
         if args.run_id:
-            check_reachable(resolve_tracking_uri(args.tracking_uri))
-            args.run_id = resolve_run_id(resolve_tracking_uri(args.tracking_uri), args.run_id)
+            tracker = Tracker.resolve(args.tracking_uri)
+            check_reachable(tracker.uri)
+            args.run_id = tracker.resolve_run_id(args.run_id)
             evaluation = evaluate_logged_run(args.run_id, settings, args.data, args.tracking_uri, output)
         else:
             evaluation = evaluate_file(args, settings, output)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
               "sample(s), counted as not matched; the reason column of the per-crystal table says which",
               file=sys.stderr)
     if evaluation.run_id:
-        where = describe_run(resolve_tracking_uri(args.tracking_uri), evaluation.run_id)
+        where = Tracker.resolve(args.tracking_uri).describe_run(evaluation.run_id)
         print(f"{'the same evaluation is logged already' if evaluation.reused else 'evaluation logged'} "
               f"(a child of {args.run_id}) as {where}")
 

@@ -73,16 +73,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_checkpoint(args: argparse.Namespace) -> tuple[dict, str | None]:
-    """(the checkpoint, the tracking URI when it came from a run)."""
+def load_checkpoint(args: argparse.Namespace) -> tuple[dict, tracking.Tracker | None]:
+    """(the checkpoint, the MLflow store when it came from a run)."""
     if args.checkpoint:
         return read_checkpoint(args.checkpoint), None
-    uri = mlflow_store.resolve_tracking_uri(args.tracking_uri)
-    mlflow_store.check_reachable(uri)
-    args.run_id = tracking.resolve_run_id(uri, args.run_id)
+    tracker = tracking.Tracker.resolve(args.tracking_uri)
+    mlflow_store.check_reachable(tracker.uri)
+    args.run_id = tracker.resolve_run_id(args.run_id)
     # The scores are logged into the training run's experiment: a store that cannot take them fails now, not at the end.
-    mlflow_store.check_writable_store(uri, tracking.get_run(uri, args.run_id).info.experiment_id)
-    return tracking.read_logged_checkpoint(uri, args.run_id), uri
+    mlflow_store.check_writable_store(tracker.uri, tracker.get_run(args.run_id).info.experiment_id)
+    return tracker.read_logged_checkpoint(args.run_id), tracker
 
 
 def reference_set(args: argparse.Namespace, config):
@@ -110,7 +110,7 @@ def generate_into(args: argparse.Namespace, output: OutputFolder) -> None:
     """Check every place written to, generate and score, write the files into output at once, then log them."""
     try:
         output.open()  # checked and held before the sampling, whose results would be lost
-        checkpoint, uri = load_checkpoint(args)
+        checkpoint, tracker = load_checkpoint(args)
         histogram = num_atoms_distribution(checkpoint)
         device = resolve_device(args.device)
         config, model = model_from_checkpoint(checkpoint, device)
@@ -137,20 +137,20 @@ def generate_into(args: argparse.Namespace, output: OutputFolder) -> None:
         raise SystemExit(f"error: {error}") from None
     print(summary_table(report.metrics))
     print(f"CIFs in {files['cifs']}, per-sample table {files['samples']}, summary {files['summary']}", file=sys.stderr)
-    if uri is not None:
-        log_scores(uri, args, settings, report.metrics, files)
+    if tracker is not None:
+        log_scores(tracker, args, settings, report.metrics, files)
 
 
-def log_scores(uri: str, args: argparse.Namespace, settings: dict, metrics: dict[str, float],
+def log_scores(tracker: tracking.Tracker, args: argparse.Namespace, settings: dict, metrics: dict[str, float],
                files: dict[str, Path]) -> None:
     """The scores as a child run of the training run; when the store fails, one sentence saying the files are kept."""
     try:
-        run = log_generation_run(uri, args.run_id, settings, metrics, files)
+        run = log_generation_run(tracker, args.run_id, settings, metrics, files)
     except KeyboardInterrupt:
         raise interrupted(f"the files are in {args.out}, but the MLflow run was left unfinished; rerun with --force "
                           "to generate and log again") from None
     except Exception as error:  # MLflow and SQLAlchemy raise many types for a store that fails
-        raise SystemExit(f"error: the scores could not be logged to MLflow at {uri} ({type(error).__name__}: "
+        raise SystemExit(f"error: the scores could not be logged to MLflow at {tracker.uri} ({type(error).__name__}: "
                          f"{error}); the generated files are kept in {args.out}") from None
     print(f"generation metrics logged as MLflow run {run} (a child of {args.run_id})", file=sys.stderr)
 

@@ -102,12 +102,12 @@ def load_source(args: argparse.Namespace) -> tuple[dict, float | None, list[Path
         checkpoint = read_checkpoint(args.checkpoint)
         above = [folder / checkpoint["config"]["data"]["path"] for folder in args.checkpoint.resolve().parents]
         return checkpoint, checkpoint.get(TUNED_STEP_LR), above  # a sweep writes its tuned step into the checkpoint
-    uri = mlflow_store.resolve_tracking_uri(args.tracking_uri)
-    mlflow_store.check_reachable(uri)
-    args.run_id = tracking.resolve_run_id(uri, args.run_id)
-    run = tracking.get_run(uri, args.run_id)
-    checkpoint = tracking.read_logged_checkpoint(uri, args.run_id)
-    print(f"model of {tracking.describe_run(uri, args.run_id)}")
+    tracker = tracking.Tracker.resolve(args.tracking_uri)
+    mlflow_store.check_reachable(tracker.uri)
+    args.run_id = tracker.resolve_run_id(args.run_id)
+    run = tracker.get_run(args.run_id)
+    checkpoint = tracker.read_logged_checkpoint(args.run_id)
+    print(f"model of {tracker.describe_run(args.run_id)}")
     logged = run.data.tags.get(tracking.DATA_DIR_TAG)
     return checkpoint, run.data.metrics.get(TUNED_STEP_LR), [Path(logged)] if logged else []
 
@@ -123,16 +123,16 @@ def cells_to_sample(args: argparse.Namespace, config: Config, data_folders: list
             raise ValueError(f"--formula-units auto needs the model's training data, which is not reachable here "
                              f"({error}); give the units instead, e.g. --formula-units 1,2,4") from None
         training = None  # only the warning below is lost
-    for formula in args.formula if training is not None else ():
-        unseen = unseen_composition(formula, training)
-        if unseen:
-            print(f"warning: {unseen}", file=sys.stderr)
+    unseen = [unseen_composition(formula, training) for formula in args.formula] if training is not None else []
+    for warning in filter(None, unseen):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.formula_units is None:
         return [(formula, composition_of(formula)) for formula in args.formula]
     cells = []
     for formula in args.formula:
         counts = reduced_counts(formula)
         if units is None:
+            assert training is not None  # --formula-units auto without the training data was refused above
             chosen, reason = units_seen_in_training(formula, training, config.data.max_atoms)
             print(reason)
         else:

@@ -10,7 +10,7 @@ from equicsp.cli.options import add_verbose_argument, show_library_output
 from equicsp.config import DATASET_PRESETS, ConfigError
 from equicsp.platform.mlflow_store import TRACKING_URI_HELP
 from equicsp.platform.ray_cluster import ADDRESS_HELP, set_ray_address
-from equicsp.platform.tracking import TrackingError, describe_run
+from equicsp.platform.tracking import Tracker, TrackingError
 from equicsp.sweep.driver import SweepInterrupted, run_sweep
 from equicsp.sweep.report import table_markdown
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec
@@ -60,18 +60,13 @@ def apply_arguments(spec: SweepSpec, args: argparse.Namespace) -> SweepSpec:
     overrides = {**spec.overrides, **parse_overrides(args.set)}
     if args.data:
         overrides["data.path"] = args.data
-    changes = {"overrides": overrides}
-    for name, value in (("preset", args.preset), ("trials_per_cell", args.trials), ("test_samples", args.test_samples),
-                        ("name", args.name), ("task", args.task), ("num_generated", args.num_generated)):
-        if value is not None:
-            changes[name] = value
-    if args.seeds:
-        changes["seeds"] = tuple(args.seeds)
-    if args.asha:
-        changes["asha"] = True
-    if args.leakage:
-        changes["leakage"] = True
-    return replace(spec, **changes)
+    given = lambda value, default: default if value is None else value
+    return replace(spec, overrides=overrides, preset=given(args.preset, spec.preset),
+                   trials_per_cell=given(args.trials, spec.trials_per_cell),
+                   test_samples=given(args.test_samples, spec.test_samples), name=given(args.name, spec.name),
+                   task=given(args.task, spec.task), num_generated=given(args.num_generated, spec.num_generated),
+                   seeds=tuple(args.seeds) if args.seeds else spec.seeds, asha=True if args.asha else spec.asha,
+                   leakage=True if args.leakage else spec.leakage)
 
 
 def launch_from_arguments(args: argparse.Namespace) -> SweepLaunch:
@@ -96,4 +91,4 @@ def run_from_command_line(spec: SweepSpec, launch: SweepLaunch) -> None:
         raise SystemExit(130) from None
     print("\n" + table_markdown(result.table, spec))
     print("the sweep's parent run (its child runs are the training runs, named by arm and seed): "
-          f"{describe_run(result.tracking_uri, result.parent_run_id)}", file=sys.stderr)
+          f"{Tracker(result.tracking_uri).describe_run(result.parent_run_id)}", file=sys.stderr)

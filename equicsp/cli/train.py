@@ -17,7 +17,7 @@ from equicsp.engine.training import TrainingDiverged, train
 from equicsp.platform.mlflow_store import TRACKING_URI_HELP
 from equicsp.platform.ray_cluster import ADDRESS_HELP, set_ray_address
 from equicsp.platform.ray_train import LaunchOptions, TrainingInterrupted, TrainingResult, run_training
-from equicsp.platform.tracking import TrackingError, describe_run
+from equicsp.platform.tracking import Tracker, TrackingError
 
 
 def output_folder(text: str) -> Path:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     best = min((row["val_total"] for row in result.history), default=math.nan)
     print(f"done: {len(result.history)} epochs, best val loss {best:.4f}; "
-          f"{describe_run(result.tracking_uri, result.run_id)}")
+          f"{Tracker(result.tracking_uri).describe_run(result.run_id)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from equicsp.config import ARMS, Config, config_from_dict, with_sampling_switches
 from equicsp.data.cache import cache_key
@@ -30,6 +31,9 @@ from equicsp.platform import mlflow_store, tracking
 from equicsp.platform.ray_evaluation import SamplingPool, evaluate_checkpoint
 from equicsp.task import TUNED_STEP_LR, task_of
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 
 def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | None = None,
                         tracking_uri: str | None = None, out: OutputFolder | None = None,
@@ -47,11 +51,11 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     """
     began_ms = int(time.time() * 1000)
     settings.check()
-    uri = mlflow_store.resolve_tracking_uri(tracking_uri)
-    mlflow_store.check_reachable(uri)
-    training_run = tracking.get_run(uri, run_id)
-    mlflow_store.check_writable_store(uri, training_run.info.experiment_id)  # the result is logged there, at the end
-    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
+    tracker = tracking.Tracker.resolve(tracking_uri)
+    mlflow_store.check_reachable(tracker.uri)
+    training_run = tracker.get_run(run_id)
+    mlflow_store.check_writable_store(tracker.uri, training_run.info.experiment_id)  # the result is logged there, at the end
+    checkpoint = tracker.read_logged_checkpoint(run_id)
     tuned = training_run.data.metrics.get(TUNED_STEP_LR)
     if settings.step_lr is None and tuned is not None:  # a sweep searched this model's step size
         settings = replace(settings, step_lr=tuned)
@@ -59,7 +63,7 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
     task_of(model_config).check_predicts_structures()
 
     def model_split(split: str) -> CrystalDataset:
-        root = find_data_folder(model_config.data.path, logged_data_folders(uri, training_run, model_config.data.path))
+        root = find_data_folder(model_config.data.path, logged_data_folders(tracker.uri, training_run, model_config.data.path))
         return load_split(model_config, split, root, show_progress)
 
     dataset = (load_crystals(data, preprocess_options(model_config), show_progress=show_progress) if data
@@ -70,9 +74,9 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
                                       asdict(settings))[:16]
     params = {**asdict(settings), "data": data or f"{model_config.data.path} (test)",
               "training_run_id": run_id}
-    finished = tracking.find_finished_run(uri, run_id, run_key)
+    finished = tracker.find_finished_run(run_id, run_key)
     if finished is not None:
-        return _answer_from_run(uri, finished, model_config)
+        return _answer_from_run(tracker, finished, model_config)
     evaluation = evaluate_checkpoint(checkpoint, dataset, settings, show_progress, pool, label)
     if settings.leakage:
         add_leakage(evaluation, model_split("train"), dataset, show_progress=show_progress)
@@ -80,8 +84,8 @@ def evaluate_logged_run(run_id: str, settings: EvaluationSettings, data: str | N
                   batch_size=evaluation.config.sampler.batch_size, workers=evaluation.workers)
 
     def log(files: dict[str, Path]) -> str:
-        return tracking.log_evaluation_run(uri, run_id, run_key, params, summary_record(evaluation),
-                                           list(files.values()), extra_tags or {}, began_ms)
+        return tracker.log_evaluation_run(run_id, run_key, params, summary_record(evaluation), list(files.values()),
+                                          extra_tags or {}, began_ms)
 
     write = partial(write_report, evaluation, dataset, model=f"run {run_id[:8]}")  # as the sweep table prints it
     evaluation.run_id = _write_and_log(write, log, out) if out else _log_or_keep(write, log, f"evaluation-{run_id}")
@@ -103,7 +107,7 @@ def _write_and_log(write: Callable[[Path], dict[str, Path]], log: Callable[[dict
         also = f" (the evaluation is logged as MLflow run {logged})" if logged else \
             f"; it could not be logged to MLflow either ({_describe(failure)})"
         raise OSError(f"{error}{also}") from None
-    if failure is not None:
+    if failure is not None or logged is None:
         raise tracking.TrackingError(f"the evaluation could not be logged to MLflow ({_describe(failure)}); "
                                      f"its report is in {out.path}") from None
     return logged
@@ -138,7 +142,7 @@ def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
-def logged_data_folders(uri: str, training_run, data_path: str) -> list[Path]:
+def logged_data_folders(uri: str, training_run: Run, data_path: str) -> list[Path]:
     """Where a training run's relative data.path may be: the folder recorded at launch, else (runs logged
     before that tag, to the default store <working folder>/mlflow/mlflow.db) under the store's working folder."""
     folders = []
@@ -153,7 +157,7 @@ def logged_data_folders(uri: str, training_run, data_path: str) -> list[Path]:
 REUSED_SCORES = ("crmse", "metre", "metre_rmse", "metre_crmse")  # nan when not logged (METRe left out, nothing matched)
 
 
-def _answer_from_run(uri: str, run, model_config: Config) -> Evaluation:
+def _answer_from_run(tracker: tracking.Tracker, run: Run, model_config: Config) -> Evaluation:
     """An Evaluation rebuilt from a finished evaluation run's metrics and per-crystal table (no predictions kept)."""
     metrics = run.data.metrics
     summary = MatchSummary(match_rate=metrics["match_rate"], rmse=metrics.get("rmse", math.nan),
@@ -168,26 +172,26 @@ def _answer_from_run(uri: str, run, model_config: Config) -> Evaluation:
                                  unleaked_match_rate=metrics.get("unleaked_match_rate", math.nan),
                                  unleaked_rmse=metrics.get("unleaked_rmse", math.nan),
                                  num_unleaked=int(metrics["num_unleaked"]))
-    return Evaluation(summary=summary, per_crystal=logged_per_crystal(uri, run.info.run_id), predictions=[],
+    return Evaluation(summary=summary, per_crystal=logged_per_crystal(tracker, run.info.run_id), predictions=[],
                       sampling_s=metrics["sampling_s"], matching_s=metrics["matching_s"],
                       workers=int(run.data.params["workers"]), config=config,
                       run_id=run.info.run_id, reused=True, startup_s=metrics.get("startup_s", 0.0), leakage=leakage)
 
 
-def logged_per_crystal(uri: str, evaluation_run_id: str) -> list[CrystalResult]:
+def logged_per_crystal(tracker: tracking.Tracker, evaluation_run_id: str) -> list[CrystalResult]:
     """The per-crystal results an evaluation run logged (per_crystal.csv), in their order."""
     with tempfile.TemporaryDirectory(prefix="equicsp-per-crystal-") as folder:
-        return read_results_csv(tracking.download_checkpoint(uri, evaluation_run_id, Path(folder), "per_crystal.csv"))
+        return read_results_csv(tracker.download_checkpoint(evaluation_run_id, Path(folder), "per_crystal.csv"))
 
 
-def log_generation_run(uri: str, run_id: str, settings: dict, metrics: dict[str, float], files: dict[str, Path],
-                       extra_tags: dict[str, str] | None = None) -> str:
+def log_generation_run(tracker: tracking.Tracker, run_id: str, settings: dict, metrics: dict[str, float],
+                       files: dict[str, Path], extra_tags: dict[str, str] | None = None) -> str:
     """Generation scores as a child run of training run `run_id`, keyed by the settings (so a rerun finds it)."""
     params = {**settings, "num_samples": settings["num"], "task": "generation"}
     finite = {name: value for name, value in metrics.items() if value == value}  # MLflow rejects NaN
     paths = [files[name] for name in ("samples", "summary", "figure") if name in files]
-    return tracking.log_evaluation_run(uri, run_id, generation_run_key(settings), params, finite, paths,
-                                       {"equicsp.task": "generation", **(extra_tags or {})})
+    return tracker.log_evaluation_run(run_id, generation_run_key(settings), params, finite, paths,
+                                      {"equicsp.task": "generation", **(extra_tags or {})})
 
 
 def generation_run_key(settings: dict) -> str:
@@ -204,22 +208,22 @@ def generate_for_logged_run(run_id: str, num: int, seed: int = 0, step_lr: float
     With sampling_arm, the model is sampled with that arm's sampling-only switches (a model it shares).
     The same generation asked for again is answered from its finished run.
     """
-    uri = mlflow_store.resolve_tracking_uri(tracking_uri)
-    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
-    training_run = tracking.get_run(uri, run_id)
+    tracker = tracking.Tracker.resolve(tracking_uri)
+    checkpoint = tracker.read_logged_checkpoint(run_id)
+    training_run = tracker.get_run(run_id)
     device = resolve_device("auto")
     config, model = model_from_checkpoint(checkpoint, device)
     config = with_sampler_options(config, step_lr)
     if sampling_arm is not None:
         config = with_sampling_switches(config, ARMS[sampling_arm].objective)
     thresholds = thresholds_for(config.preset)
-    root = find_data_folder(config.data.path, logged_data_folders(uri, training_run, config.data.path))
+    root = find_data_folder(config.data.path, logged_data_folders(tracker.uri, training_run, config.data.path))
     test = load_split(config, "test", root, show_progress)
     settings = {"num": num, "seed": seed, "step_lr": config.sampler.step_lr, "num_steps": config.sampler.num_steps,
                 "precision": "fp32", "reference": "test split", "reference_content": test.content_key()[:16],
                 "struct_cutoff": thresholds.structure, "comp_cutoff": thresholds.composition,
                 "sampling_arm": sampling_arm or ""}
-    finished = tracking.find_finished_run(uri, run_id, generation_run_key(settings))
+    finished = tracker.find_finished_run(run_id, generation_run_key(settings))
     if finished is not None:
         return finished.info.run_id, dict(finished.data.metrics)
     crystals = generate(model, config, num_atoms_distribution(checkpoint), num, seed, device,
@@ -228,5 +232,5 @@ def generate_for_logged_run(run_id: str, num: int, seed: int = 0, step_lr: float
                              show_progress=show_progress)
     with tempfile.TemporaryDirectory(prefix="equicsp-generate-") as scratch:
         files = write_generated(crystals, report, Path(scratch), settings)
-        child = log_generation_run(uri, run_id, settings, report.metrics, files, extra_tags)
+        child = log_generation_run(tracker, run_id, settings, report.metrics, files, extra_tags)
     return child, report.metrics

@@ -9,8 +9,12 @@ import urllib.error
 import urllib.request
 from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from equicsp.data.outputs import check_writable
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 UI_PORT = 5000  # where `bash mlflow/serve.sh` serves the default store
 class TrackingError(RuntimeError):
@@ -121,7 +125,7 @@ def local_folder(location: str | None) -> Path | None:
     return Path(location) if "://" not in location and ":" not in location.split("/")[0] else None
 
 
-def client(uri: str):
+def client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

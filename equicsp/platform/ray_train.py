@@ -100,18 +100,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                   flush=True)
             if (Path(restored) / "best.pt").exists():
                 shutil.copy(Path(restored) / "best.pt", local / "best.pt")
-    uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+    tracker, run_id = tracking.Tracker(loop_config["tracking_uri"]), loop_config["run_id"]
     logged: set[int] = set()
     if rank == 0:
         import mlflow
 
-        mlflow.set_tracking_uri(uri)
+        mlflow.set_tracking_uri(tracker.uri)
         mlflow.set_system_metrics_sampling_interval(2)  # MLflow's 10 s would miss a short run altogether
         mlflow.start_run(run_id=run_id, log_system_metrics=loop_config["system_metrics"])  # CPU / memory / GPU
-        logged = {step for step, _ in tracking.metric_history(uri, run_id, "train_total")}
+        logged = {step for step, _ in tracker.metric_history(run_id, "train_total")}
         if checkpoint is not None:
-            tracking.client(uri).log_metric(run_id, "resumed_from_epoch", loop.state.epoch, step=loop.state.epoch)
-    epochs_to_log = tracking.EpochLog(uri, run_id)
+            tracker.client.log_metric(run_id, "resumed_from_epoch", loop.state.epoch, step=loop.state.epoch)
+    epochs_to_log = tracker.epoch_log(run_id)
     diverged = ""
     while loop.state.epoch < config.optim.epochs:
         try:
@@ -138,7 +138,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         epochs_to_log.flush(force=True)
         if diverged:
-            tracking.client(uri).set_tag(run_id, tracking.DIVERGED_TAG, diverged)
+            tracker.client.set_tag(run_id, tracking.DIVERGED_TAG, diverged)
         mlflow.end_run(status="FAILED" if diverged else "FINISHED")
 
 
@@ -186,10 +186,10 @@ def validate_launch(config: Config, options: LaunchOptions) -> tuple[str, str, d
     return uri, report, {split: dataset.content_key() for split, dataset in datasets.items()}
 
 
-def refuse_another_config(uri: str, experiment_id: str, run_key: str, config: Config,
+def refuse_another_config(tracker: tracking.Tracker, experiment_id: str, run_key: str, config: Config,
                           data_keys: dict[str, str] | None = None) -> None:
     """A ConfigError when run_key names an MLflow run trained with another config (its params) or other data."""
-    existing = tracking.find_run(uri, experiment_id, run_key)
+    existing = tracker.find_run(experiment_id, run_key)
     if existing is None:
         return
     source = f"MLflow run {existing.info.run_id} ({existing.info.run_name})"
@@ -202,9 +202,9 @@ def refuse_another_config(uri: str, experiment_id: str, run_key: str, config: Co
         refuse_other_data(source, json.loads(stored_keys), data_keys, "choose another --run-name")
 
 
-def resume_note(uri: str, run_id: str, run_name: str) -> str:
+def resume_note(tracker: tracking.Tracker, run_id: str, run_name: str) -> str:
     """'resuming ...' when the run has trained epochs already (a relaunch), else ''."""
-    logged = [step for step, _ in tracking.metric_history(uri, run_id, "train_total")]
+    logged = [step for step, _ in tracker.metric_history(run_id, "train_total")]
     if not logged:
         return ""
     return (f"resuming MLflow run {run_id[:8]} ({run_name}) from its last checkpoint; "
@@ -249,7 +249,7 @@ def fit_interruptibly(trainer: Any) -> Any:
     return outcome["result"]
 
 
-def fit_closing_the_run(trainer: Any, uri: str, run_id: str, checkpoints: str, in_sweep: bool) -> Any:
+def fit_closing_the_run(trainer: Any, tracker: tracking.Tracker, run_id: str, checkpoints: str, in_sweep: bool) -> Any:
     """The fit's result; a fit that fails leaves its MLflow run FAILED, a Ctrl-C leaves it KILLED (never RUNNING).
 
     In a sweep's trial the sweep closes its runs: a trial that early stopping ends raises here too,
@@ -257,11 +257,11 @@ def fit_closing_the_run(trainer: Any, uri: str, run_id: str, checkpoints: str, i
     try:
         return fit_interruptibly(trainer)
     except KeyboardInterrupt:
-        tracking.client(uri).set_terminated(run_id, "KILLED")
+        tracker.client.set_terminated(run_id, "KILLED")
         raise TrainingInterrupted(run_id, checkpoints) from None
     except Exception:
         if not in_sweep:
-            tracking.client(uri).set_terminated(run_id, "FAILED")
+            tracker.client.set_terminated(run_id, "FAILED")
         raise
 
 
@@ -276,32 +276,33 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions(),
 
 
     uri, data_report, data_keys = validate_launch(config, options)
+    tracker = tracking.Tracker(uri)
     if check_data is not None:
         check_data(data_keys)
-    callbacks = None
+    callbacks: list[Any] | None = None  # Ray Train's own callbacks; RunConfig's annotation names Tune's
     if options.report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks = [TuneReportCallback()]
     run_name = options.run_name or default_run_name(config)
     storage = resolve_storage(options.storage_path, "ray")
-    experiment_id = tracking.ensure_experiment(uri, options.experiment)
-    refuse_another_config(uri, experiment_id, f"{storage}/{run_name}", config, data_keys)
+    experiment_id = tracker.ensure_experiment(options.experiment)
+    refuse_another_config(tracker, experiment_id, f"{storage}/{run_name}", config, data_keys)
     connect_ray()
     check_workers_fit(options.num_workers, options.use_gpu)  # before the run opens: Ray Train would wait for ever
-    run_id = tracking.start_training_run(uri, experiment_id, config, run_key=f"{storage}/{run_name}",
-                                         run_name=run_name, parent_run_id=options.parent_run_id,
-                                         extra_tags={"num_workers": str(options.num_workers),
-                                                     "use_gpu": str(options.use_gpu), **options.extra_tags})
+    run_id = tracker.start_training_run(experiment_id, config, run_key=f"{storage}/{run_name}",
+                                        run_name=run_name, parent_run_id=options.parent_run_id,
+                                        extra_tags={"num_workers": str(options.num_workers),
+                                                    "use_gpu": str(options.use_gpu), **options.extra_tags})
     if not options.report_to_tune:  # a sweep's trials say what they do through its progress lines
-        resuming = resume_note(uri, run_id, run_name)
+        resuming = resume_note(tracker, run_id, run_name)
         if resuming:
             print(resuming, file=sys.stderr, flush=True)
-    tracking.client(uri).set_tag(run_id, tracking.DATA_KEYS_TAG, json.dumps(data_keys, sort_keys=True))
-    tracking.log_text(uri, run_id, config.to_yaml(), "config.yaml")
-    tracking.log_text(uri, run_id, data_report, "data_report.json")
-    if tracking.DIVERGED_TAG in tracking.get_run(uri, run_id).data.tags:  # from an earlier launch
-        tracking.client(uri).delete_tag(run_id, tracking.DIVERGED_TAG)
+    tracker.client.set_tag(run_id, tracking.DATA_KEYS_TAG, json.dumps(data_keys, sort_keys=True))
+    tracker.log_text(run_id, config.to_yaml(), "config.yaml")
+    tracker.log_text(run_id, data_report, "data_report.json")
+    if tracking.DIVERGED_TAG in tracker.get_run(run_id).data.tags:  # from an earlier launch
+        tracker.client.delete_tag(run_id, tracking.DIVERGED_TAG)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "tracking_uri": uri, "run_id": run_id,
@@ -314,10 +315,10 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks),
     )
-    result = fit_closing_the_run(trainer, uri, run_id, f"{storage}/{run_name}", in_sweep=options.report_to_tune)
-    diverged = tracking.get_run(uri, run_id).data.tags.get(tracking.DIVERGED_TAG)
+    result = fit_closing_the_run(trainer, tracker, run_id, f"{storage}/{run_name}", in_sweep=options.report_to_tune)
+    diverged = tracker.get_run(run_id).data.tags.get(tracking.DIVERGED_TAG)
     if diverged:
-        tracking.client(uri).set_terminated(run_id, "FAILED")
+        tracker.client.set_terminated(run_id, "FAILED")
         raise TrainingDiverged(diverged)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="equicsp-result-"))
     with result.checkpoint.as_directory() as directory:
@@ -329,9 +330,9 @@ def run_training(config: Config, options: LaunchOptions = LaunchOptions(),
     history = list(stored.get("history", []))
     for name in ("best.pt", "last.pt"):
         if (checkpoint_dir / name).exists():
-            tracking.log_artifact(uri, run_id, checkpoint_dir / name, "checkpoints")
-    tracking.log_text(uri, run_id, stored.get("tables_key", "") or "none (CoM-free noising off)", "von_mises_key.txt")
+            tracker.log_artifact(run_id, checkpoint_dir / name, "checkpoints")
+    tracker.log_text(run_id, stored.get("tables_key", "") or "none (CoM-free noising off)", "von_mises_key.txt")
     learning_curve(history, checkpoint_dir / "learning_curve.png", title=run_name)
-    tracking.log_artifact(uri, run_id, checkpoint_dir / "learning_curve.png")
-    tracking.client(uri).set_terminated(run_id, "FINISHED")
+    tracker.log_artifact(run_id, checkpoint_dir / "learning_curve.png")
+    tracker.client.set_terminated(run_id, "FINISHED")
     return TrainingResult(run_id, uri, checkpoint_dir, history)

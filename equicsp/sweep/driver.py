@@ -29,6 +29,7 @@ from equicsp.sweep.report import ablation_table, write_sweep_report
 from equicsp.sweep.search import FinalResultOptunaSearch, SearchSpace, initial_points
 from equicsp.sweep.spec import SweepError, SweepLaunch, SweepSpec, validate_spec
 from equicsp.sweep.step_size import search_metric
+from equicsp.sweep.trial_records import TRAINING_RUN_ID, FinishedTrial
 from equicsp.sweep.trials import TrialContext, sweep_trial
 
 
@@ -54,19 +55,20 @@ def run_sweep(spec: SweepSpec, launch: SweepLaunch = SweepLaunch(), show_progres
     launch = replace(launch, max_concurrent=concurrent_trials(launch))  # refuses a trial that cannot fit
     storage = resolve_storage(launch.storage_path, "sweeps")
     launch = replace(launch, storage_path=storage)  # the parent run's params record where the sweep lives
-    experiment_id = tracking.ensure_experiment(uri, launch.experiment)
-    note = rerun_note(tracking.find_run(uri, experiment_id, f"{storage}/{spec.name}"), spec.name)
+    tracker = tracking.Tracker(uri)
+    experiment_id = tracker.ensure_experiment(launch.experiment)
+    note = rerun_note(tracker.find_run(experiment_id, f"{storage}/{spec.name}"), spec.name)
     if note and show_progress:
         print(note, flush=True)
-    parent = tracking.start_sweep_run(uri, experiment_id, run_key=f"{storage}/{spec.name}", run_name=spec.name,
-                                      params=sweep_params(spec, launch))
+    parent = tracker.start_sweep_run(experiment_id, run_key=f"{storage}/{spec.name}", run_name=spec.name,
+                                     params=sweep_params(spec, launch))
     try:
         return _run_opened_sweep(spec, launch, uri, parent, storage, show_progress)
     except (KeyboardInterrupt, SweepInterrupted):
-        _close_parent(uri, parent, "KILLED")
+        _close_parent(tracker, parent, "KILLED")
         raise SweepInterrupted(parent) from None
     except Exception:
-        _close_parent(uri, parent, "FAILED")
+        _close_parent(tracker, parent, "FAILED")
         raise
 
 
@@ -92,7 +94,7 @@ class SweepInterrupted(Exception):
 # A trial function only drives its training run and its step-size search; their workers reserve the CPUs (GPUs).
 # It reserves a byte of memory, not a share of a CPU: n trials holding 0.01 CPU each leave no whole CPU for the last
 # worker group on a full machine, which then waits for ever (seen on 2 CPUs). Tune refuses an empty request.
-TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
+TRIAL_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 1}
 
 
 def _run_opened_sweep(spec: SweepSpec, launch: SweepLaunch, uri: str, parent: str, storage: str,
@@ -108,14 +110,15 @@ def _run_opened_sweep(spec: SweepSpec, launch: SweepLaunch, uri: str, parent: st
     else:
         tuner = _new_tuner(spec, launch, trainable, storage, show_progress)
     grid = tuner.fit()
-    tracking.mark_unfinished_children_killed(uri, parent)
+    results = [grid[index] for index in range(len(grid))]  # ResultGrid iterates through __getitem__ alone
+    tracking.Tracker(uri).mark_unfinished_children_killed(parent)
     if grid.num_terminated + grid.num_errors < len(initial_points(spec)):
         # Tune ends its run on Ctrl-C (saving its state) and returns the trials it has: some never finished.
         raise SweepInterrupted(parent)
-    trials = [result.metrics for result in grid if result.metrics and search_metric(spec)[0] in result.metrics
-              and "training_run_id" in result.metrics]
+    trials = [FinishedTrial.from_tune(result.metrics) for result in results
+              if result.metrics and search_metric(spec)[0] in result.metrics and TRAINING_RUN_ID in result.metrics]
     if not trials:
-        errors = [str(result.error) for result in grid if result.error is not None]
+        errors = [str(result.error) for result in results if result.error is not None]
         raise SweepError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
     chosen = best_per_cell(trials, spec)
     if show_progress:
@@ -126,10 +129,10 @@ def _run_opened_sweep(spec: SweepSpec, launch: SweepLaunch, uri: str, parent: st
     return SweepResult(parent, uri, cells, table, artifacts)
 
 
-def _close_parent(uri: str, parent: str, status: str) -> None:
+def _close_parent(tracker: tracking.Tracker, parent: str, status: str) -> None:
     """The parent run and the training runs left open under it end with status, never RUNNING."""
-    tracking.mark_unfinished_children_killed(uri, parent)
-    tracking.client(uri).set_terminated(parent, status)
+    tracker.mark_unfinished_children_killed(parent)
+    tracker.client.set_terminated(parent, status)
 
 
 def _new_tuner(spec: SweepSpec, launch: SweepLaunch, trainable, storage: str, show_progress: bool) -> tune.Tuner:

@@ -12,7 +12,8 @@ from equicsp.platform.logged_evaluation import evaluate_logged_run, generate_for
 from equicsp.platform.ray_evaluation import SamplingPool
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
 from equicsp.sweep.step_size import STEP_LR_METRIC
-from equicsp.task import TUNED_STEP_LR, task_of
+from equicsp.sweep.trial_records import FinishedTrial
+from equicsp.task import TUNED_STEP_LR, VAL_DENOISE, task_of
 
 
 @dataclass
@@ -47,7 +48,7 @@ def metric_name(arm: str, owner: str, name: str) -> str:
     return name if arm == owner else f"{arm}/{name}"
 
 
-def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+def best_per_cell(trials: list[FinishedTrial], spec: SweepSpec) -> list[tuple[str, FinishedTrial]]:
     """(arm, trial) for each (arm, seed): the trial of the arm's model with its highest validation match rate,
     then lowest validation loss. An arm that shares another's model picks among that arm's trials by its own
     step-size search. A generation sweep (no step-size search) picks the lowest validation loss."""
@@ -58,14 +59,15 @@ def best_per_cell(trials: list[dict[str, Any]], spec: SweepSpec) -> list[tuple[s
         score_name = metric_name(arm, owner, task.trial_metric) if task.searches_step_size else task.trial_metric
         sign = 1 if task.trial_mode == "max" else -1
         for seed in spec.seeds:
-            mine = [trial for trial in trials if trial["config"]["arm"] == owner
-                    and int(trial["config"]["run.seed"]) == seed and score_name in trial]
+            mine = [trial for trial in trials if trial.params.arm == owner and trial.params.seed == seed
+                    and score_name in trial.metrics]
             if mine:
-                chosen.append((arm, max(mine, key=lambda t: (sign * t[score_name], -t.get("val_denoise", math.inf)))))
+                chosen.append((arm, max(mine, key=lambda t: (sign * t.metrics[score_name],
+                                                             -t.metric(VAL_DENOISE, math.inf)))))
     return chosen
 
 
-def evaluate_cells(chosen: list[tuple[str, dict[str, Any]]], spec: SweepSpec, launch: SweepLaunch, uri: str,
+def evaluate_cells(chosen: list[tuple[str, FinishedTrial]], spec: SweepSpec, launch: SweepLaunch, uri: str,
                    show_progress: bool) -> list[CellResult]:
     """Every chosen cell's final evaluation. CSP cells share one sampling pool, each handing it its model: a pool
     per cell started new sampling actors, and new processes for its matching tasks, every time."""
@@ -82,21 +84,23 @@ def final_settings(spec: SweepSpec, launch: SweepLaunch) -> EvaluationSettings:
                               workers=launch.eval_workers, leakage=spec.leakage)
 
 
-def evaluate_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, launch: SweepLaunch, uri: str,
+def evaluate_cell(arm: str, trial: FinishedTrial, spec: SweepSpec, launch: SweepLaunch, uri: str,
                   show_progress: bool, pool: SamplingPool | None = None) -> CellResult:
     """The final test evaluation of one CSP cell's best model at its tuned step size (an MLflow child run)."""
-    params = trial["config"]
-    owner, seed = params["arm"], int(params["run.seed"])
-    step_lr = trial[metric_name(arm, owner, TUNED_STEP_LR)]
+    owner, seed = trial.params.arm, trial.params.seed
+    step_lr = trial.metrics[metric_name(arm, owner, TUNED_STEP_LR)]
     settings = replace(final_settings(spec, launch), step_lr=step_lr, sampling_arm=None if arm == owner else arm)
     tags = sharing_tags(arm, owner)
-    evaluation = evaluate_logged_run(trial["training_run_id"], settings, tracking_uri=uri, extra_tags=tags,
+    evaluation = evaluate_logged_run(trial.training_run_id, settings, tracking_uri=uri, extra_tags=tags,
                                      show_progress=show_progress, label=f"{ARMS[arm].label} (seed {seed})", pool=pool)
-    searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
     leakage, summary = evaluation.leakage, evaluation.summary
-    return CellResult(arm, seed, trial["training_run_id"], evaluation.run_id, step_lr,
-                      trial[metric_name(arm, owner, STEP_LR_METRIC)], summary.match_rate, summary.rmse, searched, owner,
-                      *((leakage.leaked_fraction, leakage.unleaked_match_rate, leakage.unleaked_rmse) if leakage else ()),
+    assert evaluation.run_id is not None  # evaluate_logged_run logs every evaluation it returns
+    return CellResult(arm=arm, seed=seed, training_run_id=trial.training_run_id, evaluation_run_id=evaluation.run_id,
+                      step_lr=step_lr, val_match_rate=trial.metrics[metric_name(arm, owner, STEP_LR_METRIC)],
+                      test_match_rate=summary.match_rate, test_rmse=summary.rmse, searched=trial.params.searched,
+                      model_of=owner, leaked_fraction=leakage.leaked_fraction if leakage else math.nan,
+                      unleaked_match_rate=leakage.unleaked_match_rate if leakage else math.nan,
+                      unleaked_rmse=leakage.unleaked_rmse if leakage else math.nan,
                       test_crmse=summary.crmse, test_metre=summary.metre, test_metre_rmse=summary.metre_rmse,
                       rms=tuple(result.rms if result.matched else math.nan for result in evaluation.per_crystal),
                       metre_rms=tuple(math.nan if result.metre_rms is None else result.metre_rms
@@ -109,15 +113,14 @@ def sharing_tags(arm: str, owner: str) -> dict[str, str]:
         f"switch.{name}": str(value) for name, value in asdict(ARMS[arm].objective).items()}}
 
 
-def generation_cell(arm: str, trial: dict[str, Any], spec: SweepSpec, uri: str, show_progress: bool) -> CellResult:
+def generation_cell(arm: str, trial: FinishedTrial, spec: SweepSpec, uri: str, show_progress: bool) -> CellResult:
     """A generation cell's final stage: spec.num_generated crystals from its best model at the config's step size,
     scored against the test split (validity, coverage, Wasserstein distances) in an MLflow child run."""
-    params = trial["config"]
-    owner, seed = params["arm"], int(params["run.seed"])
-    searched = {name: value for name, value in params.items() if name not in ("arm", "run.seed")}
+    owner, seed, searched = trial.params.arm, trial.params.seed, trial.params.searched
     step_lr = spec.config_for(owner, searched).sampler.step_lr
-    run_id, metrics = generate_for_logged_run(trial["training_run_id"], spec.num_generated, seed=0, step_lr=step_lr,
+    run_id, metrics = generate_for_logged_run(trial.training_run_id, spec.num_generated, seed=0, step_lr=step_lr,
                                               sampling_arm=None if arm == owner else arm, tracking_uri=uri,
                                               extra_tags=sharing_tags(arm, owner), show_progress=show_progress)
-    return CellResult(arm, seed, trial["training_run_id"], run_id, step_lr, math.nan, math.nan, math.nan, searched,
-                      owner, generation=metrics)
+    return CellResult(arm=arm, seed=seed, training_run_id=trial.training_run_id, evaluation_run_id=run_id,
+                      step_lr=step_lr, val_match_rate=math.nan, test_match_rate=math.nan, test_rmse=math.nan,
+                      searched=searched, model_of=owner, generation=metrics)

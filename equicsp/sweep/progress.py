@@ -24,6 +24,7 @@ from ray.tune import Callback
 from equicsp.engine.eta import Countdown, duration
 from equicsp.sweep.spec import SweepSpec
 from equicsp.sweep.step_size import SEARCH_PROGRESS
+from equicsp.sweep.trial_records import ARM, SEED, TrialParams
 from equicsp.task import TUNED_STEP_LR, task_of
 
 
@@ -82,7 +83,7 @@ class SweepClock:
     def seconds_per_epoch(self) -> float | None:
         """Between a trial's epoch reports, pooled over trials; before any trial reports twice, from its start."""
         spans = [(t.last_epoch[0] - t.first_epoch[0], t.last_epoch[1] - t.first_epoch[1]) for t in self.trials.values()
-                 if t.first_epoch and t.last_epoch[1] > t.first_epoch[1]]
+                 if t.first_epoch and t.last_epoch and t.last_epoch[1] > t.first_epoch[1]]
         if not spans:
             spans = [(t.first_epoch[0] - t.started, t.first_epoch[1]) for t in self.trials.values() if t.first_epoch]
         epochs = sum(count for _, count in spans)
@@ -200,21 +201,20 @@ class SweepProgress(Callback):
 
     def _epochs(self, trial) -> int:
         if trial.trial_id not in self.epochs_of:
-            params = dict(trial.config)
-            arm = params.pop("arm", self.spec.arms[0])
-            self.epochs_of[trial.trial_id] = self.spec.config_for(arm, params).optim.epochs
+            params = TrialParams.from_tune(trial.config)
+            self.epochs_of[trial.trial_id] = self.spec.config_for(params.arm, params.config_values()).optim.epochs
         return self.epochs_of[trial.trial_id]
 
     def _label(self, trials, trial) -> str:
         number = trials.index(trial) + 1 if trial in trials else len(trials)
         config = trial.config
-        return f"trial {number} of {self.total} ({config.get('arm', '?')}, seed {config.get('run.seed', '?')})"
+        return f"trial {number} of {self.total} ({config.get(ARM, '?')}, seed {config.get(SEED, '?')})"
 
     def _print(self, line: str, flush: bool = True) -> None:
         (self.print_fn or print)(line, flush=flush)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.clock.start(trial.trial_id, self._epochs(trial), self._step_sizes(trial.config.get("arm", self.spec.arms[0])))
+        self.clock.start(trial.trial_id, self._epochs(trial), self._step_sizes(TrialParams.from_tune(trial.config).arm))
         self._print(f"{self._label(trials, trial)}: started ({len(self.finished)} of {self.total} finished)", flush=True)
         self._say_who_waits(trials)
 

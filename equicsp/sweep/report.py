@@ -127,6 +127,7 @@ def _difference(row: dict[str, Any], name: str, spec: str) -> str:
 def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spec: SweepSpec, uri: str,
                        parent: str) -> dict[str, Path]:
     """The table (Markdown + CSV), the per-cell CSV, the bar chart and learning curves, logged to the parent."""
+    tracker = tracking.Tracker(uri)
     out = Path(tempfile.mkdtemp(prefix="equicsp-sweep-"))
     files = {"table_md": out / "ablation_table.md", "table_csv": out / "ablation_table.csv",
              "cells_csv": out / "ablation_cells.csv", "bars": out / "ablation_bars.png",
@@ -141,10 +142,10 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
         generation_bars(table, files["bars"], title=title)
     else:
         ablation_bars(table, files["bars"], title=title)
-    curves = {cell.arm: [] for cell in cells}
+    curves: dict[str, list[tuple[int, list[tuple[int, float]], list[tuple[int, float]]]]] = {cell.arm: [] for cell in cells}
     for cell in cells:
-        curves[cell.arm].append((cell.seed, tracking.metric_history(uri, cell.training_run_id, "val_total"),
-                                 tracking.metric_history(uri, cell.training_run_id, "train_total")))
+        curves[cell.arm].append((cell.seed, tracker.metric_history(cell.training_run_id, "val_total"),
+                                 tracker.metric_history(cell.training_run_id, "train_total")))
     arm_learning_curves(curves, files["curves"], labels={name: arm.label for name, arm in ARMS.items()})
     metrics = {}
     for row in table if generates(spec) else ():
@@ -157,10 +158,10 @@ def write_sweep_report(cells: list[CellResult], table: list[dict[str, Any]], spe
         if not math.isnan(row["unleaked_match_rate_mean"]):
             metrics[f"{row['arm']}/unleaked_match_rate"] = row["unleaked_match_rate_mean"] / 100
         metrics.update(interval_metrics(row))
-    tracking.log_metrics(uri, parent, metrics)
+    tracker.log_metrics(parent, metrics)
     for path in files.values():
-        tracking.log_artifact(uri, parent, path)
-    tracking.client(uri).set_terminated(parent, "FINISHED")
+        tracker.log_artifact(parent, path)
+    tracker.client.set_terminated(parent, "FINISHED")
     return files
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.search.optuna import OptunaSearch
 
 from equicsp.sweep.space import domain_contains, suggest
 from equicsp.sweep.spec import SweepSpec
+from equicsp.sweep.trial_records import ARM, SEED, TrialParams
+
+if TYPE_CHECKING:
+    import optuna
 
 
 class SearchSpace:
@@ -20,9 +24,9 @@ class SearchSpace:
     def __init__(self, spec: SweepSpec):
         self.spec = spec
 
-    def __call__(self, trial) -> None:
-        arm = trial.suggest_categorical("arm", list(self.spec.trained_arms))
-        trial.suggest_categorical("run.seed", list(self.spec.seeds))
+    def __call__(self, trial: optuna.Trial) -> None:
+        arm = trial.suggest_categorical(ARM, list(self.spec.trained_arms))
+        trial.suggest_categorical(SEED, list(self.spec.seeds))
         for name, domain in self.spec.arm_space(arm).items():
             suggest(trial, name, domain)
 
@@ -32,13 +36,11 @@ def initial_points(spec: SweepSpec) -> list[dict[str, Any]]:
     points = []
     for arm in spec.trained_arms:
         defaults = spec.config_for(arm, {}).flat()
+        own = {name: defaults[name] for name, domain in spec.arm_space(arm).items()
+               if domain_contains(domain, defaults[name])}
         for seed in spec.seeds:
             for trial in range(spec.trials_per_cell):
-                point: dict[str, Any] = {"arm": arm, "run.seed": seed}
-                if trial == 0:
-                    point.update({name: defaults[name] for name, domain in spec.arm_space(arm).items()
-                                  if domain_contains(domain, defaults[name])})
-                points.append(point)
+                points.append(TrialParams(arm, seed, own if trial == 0 else {}).to_tune())
     return points
 
 

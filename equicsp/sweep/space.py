@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def example_value(domain: Domain) -> Any:
     return domain.options[0] if isinstance(domain, Choice) else domain.low
 
 
-def suggest(trial, name: str, domain: Domain) -> Any:
+def suggest(trial: optuna.Trial, name: str, domain: Domain) -> Any:
     if isinstance(domain, FloatRange):
         return trial.suggest_float(name, domain.low, domain.high, log=domain.log)
     if isinstance(domain, IntRange):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from equicsp.config import ARMS, ConfigError, apply_overrides, make_config, trains_the_same
+from equicsp.config import ARMS, Config, ConfigError, apply_overrides, make_config, trains_the_same
 from equicsp.sweep.space import Domain, FloatRange, domain_problem, example_value
 from equicsp.task import TASKS, task_of
 
@@ -43,7 +43,7 @@ class SweepSpec:
         return {name: domain for name, domain in self.space.items()
                 if name != "objective.perm_loss_weight" or has_perm_loss}
 
-    def config_for(self, arm: str, values: dict[str, Any]):
+    def config_for(self, arm: str, values: dict[str, Any]) -> Config:
         return make_config(self.preset, arm, {"diffusion.task": self.task, **self.overrides, **values})
 
     def model_owner(self, arm: str) -> str:

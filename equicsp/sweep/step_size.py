@@ -75,13 +75,13 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, workers: int
     (sweep.cluster.concurrent_trials counts on it: more would take another trial's share).
     on_progress: told of every step size tried (with the paper's profile a search runs for minutes).
     """
-    uri = tracking_uri
+    tracker = tracking.Tracker(tracking_uri)
     prefix = f"{sampling_arm}/" if sampling_arm else ""
-    logged = tracking.get_run(uri, run_id).data.metrics
+    logged = tracker.get_run(run_id).data.metrics
     if f"{prefix}tuned_step_lr" in logged:
         return {prefix + key: logged[prefix + key] for key in (TUNED_STEP_LR, STEP_LR_METRIC, "val_rmse")
                 if prefix + key in logged}
-    checkpoint = tracking.read_logged_checkpoint(uri, run_id)
+    checkpoint = tracker.read_logged_checkpoint(run_id)
     config = config_from_dict(checkpoint["config"])
     validation = load_splits(config, ("val",), show_progress=False)["val"]
     connect_ray()
@@ -94,9 +94,9 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, workers: int
         evaluation = evaluate_checkpoint(checkpoint, validation, replace(settings, step_lr=step_lr),
                                          show_progress=False, pool=pool)
         trial.set_user_attr("rmse", evaluation.summary.rmse)
-        tracking.log_metrics(uri, run_id, {f"{prefix}step_lr_search/step_lr": step_lr,
-                                           f"{prefix}step_lr_search/match_rate": evaluation.summary.match_rate},
-                             step=trial.number)
+        tracker.log_metrics(run_id, {f"{prefix}step_lr_search/step_lr": step_lr,
+                                     f"{prefix}step_lr_search/match_rate": evaluation.summary.match_rate},
+                            step=trial.number)
         if on_progress is not None:
             tried = [(done.value, done.params["step_lr"]) for done in study.trials if done.value is not None]
             best_rate, best_step_lr = max(tried + [(evaluation.summary.match_rate, step_lr)], key=lambda pair: pair[0])
@@ -115,10 +115,10 @@ def search_step_lr(run_id: str, spec: SweepSpec, tracking_uri: str, workers: int
     result = {f"{prefix}{TUNED_STEP_LR}": best.params["step_lr"], f"{prefix}{STEP_LR_METRIC}": best.value}
     if not math.isnan(best.user_attrs["rmse"]):
         result[f"{prefix}val_rmse"] = best.user_attrs["rmse"]
-    tracking.log_metrics(uri, run_id, result)
+    tracker.log_metrics(run_id, result)
     if sampling_arm is None:  # the best checkpoint carries its step size, for `evaluate --checkpoint` and `sample`
         with tempfile.TemporaryDirectory(prefix="equicsp-tuned-") as folder:
             path = Path(folder) / Path(tracking.CHECKPOINT_ARTIFACT).name
             save_atomically({**checkpoint, TUNED_STEP_LR: best.params["step_lr"]}, path)
-            tracking.log_artifact(uri, run_id, path, str(Path(tracking.CHECKPOINT_ARTIFACT).parent))
+            tracker.log_artifact(run_id, path, str(Path(tracking.CHECKPOINT_ARTIFACT).parent))
     return result

@@ -11,6 +11,7 @@ import ray.tune
 from equicsp.platform.ray_train import LaunchOptions, run_training
 from equicsp.sweep.spec import SweepLaunch, SweepSpec
 from equicsp.sweep.step_size import SearchProgress, progress_metrics, search_step_lr
+from equicsp.sweep.trial_records import TRAINING_RUN_ID, TrialParams
 from equicsp.task import task_of
 
 
@@ -44,13 +45,12 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
     it, reported as `<arm>/tuned_step_lr` and `<arm>/val_match_rate`. A generation sweep has no search.
     """
     spec, launch = context.spec, context.launch
-    arm = params["arm"]
-    values = {name: value for name, value in params.items() if name != "arm"}
-    config = spec.config_for(arm, values)
+    trial = TrialParams.from_tune(params)
+    arm, config = trial.arm, spec.config_for(trial.arm, trial.config_values())
     trial_id = ray.tune.get_context().get_trial_id()
     tags = {"arm": arm, "seed": str(config.run.seed), "equicsp.sweep": context.parent_run_id, "trial_id": trial_id,
             **{f"switch.{name}": str(value) for name, value in asdict(config.objective).items()}}
-    options = LaunchOptions(num_workers=launch.workers_per_trial, use_gpu=launch.use_gpu,
+    options = LaunchOptions(num_workers=launch.workers_per_trial, use_gpu=bool(launch.use_gpu),
                             tracking_uri=context.tracking_uri, experiment=context.experiment,
                             run_name=trial_run_name(spec, arm, config.run.seed, trial_id),
                             storage_path=f"{context.storage}/train", max_failures=launch.max_failures,
@@ -66,7 +66,7 @@ def sweep_trial(params: dict[str, Any], context: TrialContext) -> None:
         for number, other in enumerate(spec.sharing_arms(arm), start=1):
             search.update(search_step_lr(result.run_id, spec, context.tracking_uri, launch.workers_per_trial,
                                          sampling_arm=other, on_progress=reporter(number * spec.step_lr_trials, total)))
-    final = {**result.history[-1], **search, "training_run_id": result.run_id}
+    final = {**result.history[-1], **search, TRAINING_RUN_ID: result.run_id}
     if not task.searches_step_size:  # the logged model is the best epoch's: compare trials by that epoch
         final[task.trial_metric] = min(row[task.trial_metric] for row in result.history)
     ray.tune.report(final)
