@@ -27,7 +27,7 @@ from pymatgen.core import Lattice, Structure
 
 from equicsp.evaluation.matching import reduce_for_matching, rms_dist
 
-TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)  # metrics.MATCHER_TOLERANCES
+TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)  # matching.MATCHER_TOLERANCES
 
 
 def read_structures(path: Path, limit: int) -> list[Structure]:

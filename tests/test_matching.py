@@ -12,7 +12,7 @@ from pymatgen.core import Lattice, Structure
 from equicsp.evaluation.matching import best_of_k, reduce_for_matching, rms_dist
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)  # metrics.MATCHER_TOLERANCES
+TOLERANCES = dict(stol=0.5, angle_tol=10, ltol=0.3)  # matching.MATCHER_TOLERANCES
 
 
 def read_structures(name: str) -> list[Structure]:

@@ -29,10 +29,9 @@ from typing import Any
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
 from equicsp.data.cells import reduced_composition
-from equicsp.evaluation.matching import ReducedStructure, reduce_for_matching, rms_dist
+from equicsp.evaluation.matching import MATCHER_TOLERANCES, ReducedStructure, reduce_for_matching, rms_dist
 from equicsp.evaluation.metrics import (
     MATCH_TIMEOUT_S,
-    MATCHER_TOLERANCES,
     CrystalArrays,
     CrystalResult,
     match_one,

@@ -21,7 +21,8 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from equicsp.data.cache import cache_dir, cache_key, store_cached_text
 from equicsp.data.cells import reduced_composition
 from equicsp.data.crystals import CrystalDataset
-from equicsp.evaluation.metrics import MATCH_TIMEOUT_S, MATCHER_TOLERANCES, CrystalArrays, CrystalResult, parallel_map, time_limit
+from equicsp.evaluation.matching import MATCHER_TOLERANCES
+from equicsp.evaluation.metrics import MATCH_TIMEOUT_S, CrystalArrays, CrystalResult, parallel_map, time_limit
 
 LEAKAGE_VERSION = 2  # 2: a match is get_rms_dist's answer, as in the CSP score (1 asked fit, which is stricter)
 

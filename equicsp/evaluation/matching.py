@@ -19,9 +19,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
+
+
+class MatcherTolerances(TypedDict):
+    """StructureMatcher's tolerance keyword arguments."""
+
+    stol: float
+    angle_tol: float
+    ltol: float
+
+
+# The published evaluation's (CDVAE's and DiffCSP's compute_metrics).
+MATCHER_TOLERANCES = MatcherTolerances(stol=0.5, angle_tol=10, ltol=0.3)
 
 
 @dataclass(frozen=True, eq=False)

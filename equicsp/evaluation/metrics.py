@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TypedDict
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -29,21 +28,11 @@ from smact import Element as SmactElement
 from smact import metals, neutral_ratios
 from tqdm.auto import tqdm
 
-from equicsp.evaluation.matching import ReducedStructure, reduce_for_matching, rms_dist
+from equicsp.evaluation.matching import MATCHER_TOLERANCES, ReducedStructure, reduce_for_matching, rms_dist
 from equicsp.evaluation.scores import corrected_rmse
-
-
-class MatcherTolerances(TypedDict):
-    """StructureMatcher's tolerance keyword arguments."""
-
-    stol: float
-    angle_tol: float
-    ltol: float
-
 
 MIN_DISTANCE = 0.5  # Angstrom
 MIN_VOLUME = 0.1  # Angstrom^3
-MATCHER_TOLERANCES = MatcherTolerances(stol=0.5, angle_tol=10, ltol=0.3)
 # Raised whenever a change to the scoring rules can change a score: evaluations logged under an earlier version
 # are not reused (2: the published evaluation's SMACT test and cut-offs, best of k without the ground truth's validity;
 # generation: CDVAE's Magpie statistics, CrystalNN failures invalid; 3: corrected RMSE and METRe added).
@@ -215,10 +204,9 @@ def structural_problem(crystal: CrystalArrays) -> str:
 def extreme_lattice_problem(crystal: CrystalArrays) -> str:
     """Why a valid crystal's cell is too degenerate to hand to StructureMatcher, or "".
 
-    pymatgen's Niggli reduction can run for hours (inside numpy, where no signal interrupts
-    it) on a very long or very flat sampled cell. Such a cell (over 1000 A, or a hundred times
-    longer or a thousand times flatter than its atoms' spacing) is reported as not matched
-    without asking the matcher.
+    pymatgen's Niggli reduction can run for hours (inside numpy, where no signal interrupts it) on a very long or very
+    flat sampled cell. Such a cell (over 1000 A, or a hundred times longer or a thousand times flatter than its atoms'
+    spacing) is reported as not matched without asking the matcher.
     """
     a, b, c = crystal.lengths
     alpha, beta, gamma = np.radians(crystal.angles)

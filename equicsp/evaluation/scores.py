@@ -13,7 +13,7 @@ and `metre_rmsds`) and are argued for in "All that structure matches does not gl
   composition and keeps the best rms.
 
 The matcher is a configured pymatgen StructureMatcher: the project's is
-StructureMatcher(**metrics.MATCHER_TOLERANCES), stol=0.5, angle_tol=10, ltol=0.3, as the published
+StructureMatcher(**matching.MATCHER_TOLERANCES), stol=0.5, angle_tol=10, ltol=0.3, as the published
 evaluation and OMatG's CSP runs use. Like OMatG's `valid` scores, a structure the caller found invalid
 is passed as None: a None test crystal is a test crystal without a match, a None generated crystal
 matches nothing. Structures are handed to pymatgen as they are; screen extreme cells first

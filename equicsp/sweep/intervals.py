@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from equicsp.evaluation.metrics import MATCHER_TOLERANCES
+from equicsp.evaluation.matching import MATCHER_TOLERANCES
 from equicsp.evaluation.uncertainty import Interval, bootstrap_interval, crmse, match_rate, paired_difference, rmse
 from equicsp.sweep.final import CellResult
 
