@@ -176,8 +176,8 @@ class Evaluator:
         predictions = self.sampling.sample(config, [dataset[i].atom_types for i in indices], indices,
                                            settings.num_samples, settings.seed, show_progress, label)
         sampled = time.perf_counter()
-        work = matching_work(matching_jobs(dataset, indices, predictions), settings.metre_pairs)
-        per_crystal = work.results(self.matching.match(work.jobs, show_progress, label))
+        per_crystal = match_predictions(self.matching, dataset, indices, predictions, settings.metre_pairs,
+                                        show_progress, label)
         if settings.limit is None:
             per_crystal += unusable_rows(dataset.report, settings.num_samples)
         return Evaluation(summary=summarise(per_crystal), per_crystal=per_crystal, predictions=predictions,
@@ -190,9 +190,17 @@ def score(dataset: CrystalDataset, indices: list[int], predictions: list[Sampled
           metre_pairs: int = METRE_PAIRS) -> tuple[MatchSummary, list[CrystalResult]]:
     """Match predictions of dataset[indices] sampled elsewhere (e.g. on a GPU machine without pymatgen), in
     worker processes, METRe's cross pairs among them when there are at most metre_pairs."""
-    work = matching_work(matching_jobs(dataset, indices, predictions), metre_pairs)
-    results = work.results(MatchingHere(processes).match(work.jobs, show_progress))
+    results = match_predictions(MatchingHere(processes), dataset, indices, predictions, metre_pairs, show_progress)
     return summarise(results), results
+
+
+def match_predictions(matching: MatchingBackend, dataset: CrystalDataset, indices: list[int],
+                      predictions: list[SampledCrystal], metre_pairs: int, show_progress: bool = True,
+                      label: str = "") -> list[CrystalResult]:
+    """Each of dataset[indices] matched against its predictions on `matching`, METRe's cross pairs among them
+    when there are at most metre_pairs."""
+    work = matching_work(matching_jobs(dataset, indices, predictions), metre_pairs)
+    return work.results(matching.match(work.jobs, show_progress, label))
 
 
 def add_leakage(evaluation: Evaluation, train: CrystalDataset, test: CrystalDataset, processes: int | None = None,
